@@ -1,0 +1,346 @@
+"""Train and load tokenizers (WordPiece or SentencePiece), always as a HF `tokenizer.json`.
+
+Both kinds end up as one `tokenizers.Tokenizer`, so a single code path encodes the corpus and
+the exported model's tokenizer gives the same ids. The special tokens are ids 0..4 in the
+order of SPECIAL_TOKENS; the trainer relies on that.
+
+Files written to the tokenizer directory:
+- tokenizer.json         the HF tokenizers pipeline (our encoder; transformers loads it too)
+- tokenizer_config.json  + special_tokens_map.json: `AutoTokenizer.from_pretrained(DIR)` works
+- vocab.txt              WordPiece only (BERT's classic vocabulary file)
+- sentencepiece.model    SentencePiece only (the trained model, kept for reference)
+- bert_tokenizer.json    our metadata: kind, vocab_size, lowercase, special ids, hash
+
+Japanese: BERT's uncased normalisation strips accents, which turns ガ into カ, so a Japanese
+tokenizer is never lowercased/accent-stripped, and SentencePiece never strips accents at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE, Unigram, WordPiece
+from tokenizers.trainers import WordPieceTrainer
+
+from data_prep.errors import PrepError
+from data_prep.sentences import detect_lang, split_sentences
+from data_prep.sources import expand_inputs, iter_file_documents
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+"""Ids 0..4 in this order."""
+SPECIAL_NAMES = ["pad", "unk", "cls", "sep", "mask"]
+KINDS = ("wordpiece", "sentencepiece")
+SP_MODEL_TYPES = ("unigram", "bpe")
+MIN_VOCAB_SIZE = 10
+META_FILE = "bert_tokenizer.json"
+SP_MODEL_FILE = "sentencepiece.model"
+MODEL_MAX_LENGTH = 512
+"""Written to tokenizer_config.json; the exporter should overwrite it with model.max_seq_len."""
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks (shards can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training sample
+
+
+def write_sample(
+    inputs: Sequence[str | Path],
+    out_file: Path,
+    *,
+    sample_bytes: int,
+    lang: str,
+    doc_sep: str,
+    text_field: str,
+) -> str:
+    """Write up to `sample_bytes` of sentences (one per line) from the inputs; return the lang.
+
+    Each file contributes in proportion to its size on disk, taking its first documents, so a
+    sample of a many-file corpus is not just the first file and nothing is loaded whole.
+    A resolved 'auto' language is decided on the sample itself.
+    """
+    files = expand_inputs(inputs)
+    sizes = [max(1, p.stat().st_size) for p in files]
+    total = sum(sizes)
+    written = 0
+    lang_probe: list[str] = []
+    with open(out_file, "w", encoding="utf-8") as out:
+        for path, size in zip(files, sizes, strict=True):
+            budget = max(1, sample_bytes * size // total)
+            used = 0
+            for doc in iter_file_documents(path, doc_sep=doc_sep, text_field=text_field):
+                if sum(len(x) for x in lang_probe) < 20_000:
+                    lang_probe.append(doc[:2000])
+                for sentence in split_sentences(doc, lang):
+                    line = sentence.replace("\n", " ") + "\n"
+                    out.write(line)
+                    used += len(line.encode("utf-8"))
+                if used >= budget:
+                    break
+            written += used
+    if written == 0:
+        raise PrepError("the inputs hold no sentences to train a tokenizer on; check --input")
+    return detect_lang("\n".join(lang_probe)) if lang == "auto" else lang
+
+
+def _sample_lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the two kinds
+
+
+def _post_processor() -> processors.TemplateProcessing:
+    """[CLS] A [SEP] (B [SEP]) for transformers users; our encoder passes
+    add_special_tokens=False and adds them itself when building samples."""
+    return processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+
+
+def _train_wordpiece(sample: Path, vocab_size: int, lowercase: bool) -> Tokenizer:
+    tok = Tokenizer(WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    # strip_accents=None follows lowercase, exactly like transformers' BertTokenizer, so the
+    # exported tokenizer_config (do_lower_case only) rebuilds the same normaliser.
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tok.train_from_iterator(_sample_lines(sample), trainer=trainer)
+    return tok
+
+
+def _spm_normalizer() -> normalizers.Normalizer:
+    """Mirror of SentencePiece's 'nfkc' rule + remove_extra_whitespaces (strip, collapse)."""
+    return normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    )
+
+
+def _bpe_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Recover BPE merges from a SentencePiece BPE vocabulary: a piece's rank is its merge
+    priority, and every split of it into two known pieces is a merge (as transformers does)."""
+    merges: list[tuple[int, int, int, str, str]] = []
+    for piece, rank in vocab.items():
+        for i in range(1, len(piece)):
+            left, right = piece[:i], piece[i:]
+            if left in vocab and right in vocab:
+                merges.append((rank, vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [(left, right) for _, _, _, left, right in merges]
+
+
+def _train_sentencepiece(sample: Path, out_dir: Path, vocab_size: int, model_type: str, lang: str):
+    import sentencepiece as spm
+
+    prefix = out_dir / Path(SP_MODEL_FILE).stem
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(sample),
+            model_prefix=str(prefix),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            # SentencePiece's recommendation: 0.9995 for CJK (rare kanji become [UNK]),
+            # 1.0 for small alphabets.
+            character_coverage=0.9995 if lang == "ja" else 1.0,
+            normalization_rule_name="nfkc",  # plain NFKC: reproducible in tokenizers, no case
+            pad_id=0,
+            unk_id=1,
+            bos_id=-1,
+            eos_id=-1,
+            pad_piece="[PAD]",
+            unk_piece="[UNK]",
+            user_defined_symbols=SPECIAL_TOKENS[2:],  # ids 2, 3, 4
+            hard_vocab_limit=False,  # a small corpus gives a smaller vocabulary, not a crash
+            input_sentence_size=10_000_000,
+            shuffle_input_sentence=True,
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise PrepError(f"sentencepiece training failed: {exc}; try a smaller --vocab-size") from exc
+    sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    if [p for p, _ in pieces[:5]] != SPECIAL_TOKENS:
+        raise RuntimeError(f"sentencepiece put special tokens at wrong ids: {pieces[:5]}")
+    if model_type == "unigram":
+        model = Unigram(pieces, unk_id=1, byte_fallback=False)
+    else:
+        vocab = {p: i for i, (p, _) in enumerate(pieces)}
+        model = BPE(vocab, _bpe_merges(vocab), unk_token="[UNK]", fuse_unk=True)
+    tok = Tokenizer(model)
+    tok.normalizer = _spm_normalizer()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def train_tokenizer(
+    files: Sequence[str | Path],
+    out_dir: str | Path,
+    kind: str = "wordpiece",
+    vocab_size: int = 30522,
+    *,
+    cased: bool = False,
+    lang: str = "auto",
+    sp_model_type: str = "unigram",
+    sample_bytes: int = 100_000_000,
+    doc_sep: str = "blank",
+    text_field: str = "text",
+) -> Path:
+    """Train a tokenizer on a sample of `files` and write the directory; returns it.
+
+    WordPiece is lowercased and accent-stripped (BERT uncased) unless `cased` or the text is
+    Japanese; SentencePiece (unigram or bpe) is always cased and never strips accents.
+    The vocabulary may come out smaller than `vocab_size` on a small corpus; the actual size
+    is in bert_tokenizer.json.
+    """
+    if kind not in KINDS:
+        raise PrepError(f"unknown --kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if sp_model_type not in SP_MODEL_TYPES:
+        raise PrepError(f"unknown --sp-model-type {sp_model_type!r}; choose unigram or bpe")
+    if vocab_size < max(MIN_VOCAB_SIZE, len(SPECIAL_TOKENS)):
+        raise PrepError(
+            f"--vocab-size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE} "
+            "(real models use 8000-64000)"
+        )
+    if sample_bytes <= 0:
+        raise PrepError(f"--sample-bytes must be positive, got {sample_bytes}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bert-prep-sample-") as tmp:
+        sample = Path(tmp) / "sample.txt"
+        lang = write_sample(
+            files, sample, sample_bytes=sample_bytes, lang=lang, doc_sep=doc_sep,
+            text_field=text_field,
+        )
+        if kind == "wordpiece":
+            lowercase = not cased and lang != "ja"
+            tok = _train_wordpiece(sample, vocab_size, lowercase)
+        else:
+            lowercase = False
+            tok = _train_sentencepiece(sample, out, vocab_size, sp_model_type, lang)
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(token) != token_id:
+            raise RuntimeError(f"{token} got id {tok.token_to_id(token)}, expected {token_id}")
+    tok.add_special_tokens(SPECIAL_TOKENS)  # never split, never normalised
+    tok.post_processor = _post_processor()
+    tok.save(str(out / "tokenizer.json"))
+    _write_hf_files(out, tok, kind, lowercase)
+    meta = {
+        "kind": kind,
+        "vocab_size": tok.get_vocab_size(),
+        "lowercase": lowercase,
+        "lang": lang,
+        "sp_model_type": sp_model_type if kind == "sentencepiece" else None,
+        "special_tokens": dict(zip(SPECIAL_NAMES, SPECIAL_TOKENS, strict=True)),
+        "special_ids": {name: i for i, name in enumerate(SPECIAL_NAMES)},
+        "hash": file_sha256(out / "tokenizer.json"),
+    }
+    _write_json(out / META_FILE, meta)
+    return out
+
+
+def _write_hf_files(out: Path, tok: Tokenizer, kind: str, lowercase: bool) -> None:
+    """tokenizer_config.json + special_tokens_map.json (+ vocab.txt) for transformers."""
+    special_map = {f"{name}_token": token for name, token in zip(SPECIAL_NAMES, SPECIAL_TOKENS)}
+    config: dict = {
+        **special_map,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+        "clean_up_tokenization_spaces": False,
+    }
+    if kind == "wordpiece":
+        # transformers 5 rebuilds BERT's pipeline from these flags plus the vocabulary.
+        config.update(
+            tokenizer_class="BertTokenizerFast",
+            do_lower_case=lowercase,
+            strip_accents=None,
+            tokenize_chinese_chars=True,
+        )
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        with open(out / "vocab.txt", "w", encoding="utf-8") as f:
+            f.writelines(token + "\n" for token, _ in vocab)
+    else:
+        # The generic class loads tokenizer.json as is; sentencepiece-specific classes
+        # (Albert, XLNet, ...) rebuild their own normaliser and would lowercase/strip accents.
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", special_map)
+
+
+def tokenizer_info(tokenizer_dir: str | Path) -> dict:
+    """Contents of bert_tokenizer.json (kind, vocab_size, lowercase, special_ids, hash, ...)."""
+    path = Path(tokenizer_dir) / META_FILE
+    if not path.is_file():
+        raise PrepError(
+            f"{path}: missing; pass a directory written by `bert-prep tokenizer` to --tokenizer"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
+    """The `tokenizers.Tokenizer`; checks tokenizer.json against the hash in our metadata so a
+    hand-edited tokenizer cannot silently produce ids that disagree with existing shards."""
+    directory = Path(tokenizer_dir)
+    info = tokenizer_info(directory)
+    path = directory / "tokenizer.json"
+    if not path.is_file() or file_sha256(path) != info["hash"]:
+        raise PrepError(
+            f"{path}: missing or changed since training (hash mismatch); retrain with "
+            "`bert-prep tokenizer`"
+        )
+    return Tokenizer.from_file(str(path))
+
+
+def continuation_mask(tokenizer_dir: str | Path) -> np.ndarray:
+    """bool[vocab_size]: True for tokens that continue a word (for whole-word masking).
+
+    WordPiece: tokens starting with '##'. SentencePiece: pieces not starting with '▁'
+    (specials excluded). Note that Japanese has no spaces, so for SentencePiece a "word" is
+    everything between spaces: often a whole sentence.
+    """
+    info = tokenizer_info(tokenizer_dir)
+    vocab = load_tokenizer(tokenizer_dir).get_vocab()
+    mask = np.zeros(info["vocab_size"], dtype=bool)
+    for token, token_id in vocab.items():
+        if token_id < len(SPECIAL_TOKENS):
+            continue
+        if info["kind"] == "wordpiece":
+            mask[token_id] = token.startswith("##")
+        else:
+            mask[token_id] = not token.startswith("▁")
+    return mask

@@ -1,0 +1,1 @@
+"""Launcher support: environment detection, rendezvous, job scripts and stop signals."""

@@ -1,0 +1,1 @@
+"""BERT pre-training: config, model, objectives, data, optimizers, trainer, checkpoints, export."""

@@ -1,0 +1,57 @@
+"""`bert-train --config FILE [section.key=value ...]` (also `python -m pretrain`).
+
+Examples:
+    bert-train --config configs/tiny.yaml data.path=runs/demo/data train.steps=200
+    bert-train --config configs/base.yaml train.precision=bf16 train.resume=auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep.errors import PrepError
+from pretrain.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bert-train",
+        description="Pre-train BERT (dense or sparse MLM) from data prepared by bert-prep.",
+        epilog=(
+            "Every config key can be overridden as section.key=value, e.g. train.steps=1000 "
+            "mlm.mode=sparse optim.lr=2e-3. Keys: see DESIGN.md or --print-config. "
+            "Exit code 75 means: checkpointed and stopped on request, resubmit to continue."
+        ),
+    )
+    parser.add_argument("--config", help="YAML config file (e.g. configs/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+            return 0
+        from pretrain.trainer import main_train
+
+        return main_train(config)
+    except (ConfigError, PrepError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"bert-train: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bert-train: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

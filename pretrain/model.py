@@ -1,0 +1,203 @@
+"""BERT encoder with the MLM (and optional NSP/SOP) heads.
+
+Shape legend: B batch, S sequence, H hidden, F MLP width, V vocabulary, N scored positions,
+h heads (of this rank), d head width = H / heads.
+
+Two LayerNorm arrangements, chosen by `ModelShape.norm`:
+- post: original BERT (LayerNorm after each residual add, and after the embeddings);
+- pre:  Megatron's rearrangement (LayerNorm before attention and before the MLP, none after
+        the embeddings, a final LayerNorm), what keeps xlarge and 3.9B stable.
+The two match `transformers`' BertForPreTraining and MegatronBertForPreTraining, so export is a
+key-mapping table (see export_hf.py).
+
+The model knows nothing of process groups. Tensor parallelism replaces its Linear/Embedding
+modules from outside; the only concession is `view(B, S, -1, 3, d)` below, which works whatever
+number of heads a rank holds. The fused QKV weight is laid out per head ([h, 3, d] rows), so a
+contiguous split of its rows gives each rank whole heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import ModelShape
+
+SPECIAL_TOKEN_COUNT = 5  # [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0..4 (data_prep contract)
+LAYER_NORM_EPS = 1e-12
+
+
+class Embeddings(nn.Module):
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.word = nn.Embedding(shape.vocab_size, shape.hidden)
+        self.position = nn.Embedding(shape.max_seq_len, shape.hidden)
+        self.token_type = nn.Embedding(2, shape.hidden)
+        # Pre-LN models normalise at the start of each layer instead (MegatronBertEmbeddings).
+        self.norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "post" else None
+        self.dropout = nn.Dropout(shape.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        positions = torch.arange(seq_len, device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)  # [B, S, H]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.head_dim = shape.hidden // shape.heads
+        self.qkv = nn.Linear(shape.hidden, 3 * shape.hidden)  # rows: [heads, 3, d]
+        self.out = nn.Linear(shape.hidden, shape.hidden)
+        self.dropout_p = shape.dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        qkv = self.qkv(x).view(batch, seq_len, -1, 3, self.head_dim)  # [B, S, h, 3, d]
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, h, S, d]
+        dropout_p = self.dropout_p if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        context = context.transpose(1, 2).reshape(batch, seq_len, -1)  # [B, S, h*d]
+        return self.out(context)
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(shape.hidden, shape.ffn_hidden)
+        self.fc_out = nn.Linear(shape.ffn_hidden, shape.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.pre_norm = shape.norm == "pre"
+        self.attention = SelfAttention(shape)
+        self.attention_norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS)
+        self.mlp = MLP(shape)
+        self.mlp_norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS)
+        self.dropout = nn.Dropout(shape.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.attention(self.attention_norm(x), attn_mask))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+
+
+class MLMHead(nn.Module):
+    """Transform (dense, GELU, LayerNorm); the decoder is the tied word embedding + `bias`."""
+
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.dense = nn.Linear(shape.hidden, shape.hidden)
+        self.norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS)
+        self.bias = nn.Parameter(torch.zeros(shape.vocab_size))
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(hidden)))
+
+
+class Bert(nn.Module):
+    """BERT for pre-training: `forward` gives hidden states; objectives.py applies the heads.
+
+    The MLM loss lives outside `forward` so that sparse MLM can gather the masked positions
+    before the head, and dense MLM can score every position without materialising all logits.
+    """
+
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.shape = shape
+        self.embeddings = Embeddings(shape)
+        self.layers = nn.ModuleList(TransformerLayer(shape) for _ in range(shape.layers))
+        self.final_norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "pre" else None
+        self.pooler = nn.Linear(shape.hidden, shape.hidden)
+        self.mlm_head = MLMHead(shape)
+        self.pair_head = nn.Linear(shape.hidden, 2) if shape.pair_head else None
+        self.apply(_init_weights)
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:
+        return self.embeddings.word.weight  # [V, H], tied
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, token_type_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding)."""
+        attn_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):  # CPU-GPU sync point
+            attn_mask = attention_mask[:, None, None, :].bool()  # [B, 1, 1, S]
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x  # [B, S, H]
+
+    def pair_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """NSP/SOP logits [B, 2] from the pooled [CLS] state."""
+        if self.pair_head is None:
+            raise RuntimeError("this model was built without a sentence-pair head")
+        return self.pair_head(torch.tanh(self.pooler(hidden[:, 0])))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """BERT's initialisation: N(0, 0.02) for weights, zeros for biases, ones for LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def build_model(shape: ModelShape, device: torch.device | str = "cpu") -> Bert:
+    with torch.device(device):
+        return Bert(shape)
+
+
+def count_parameters(model: nn.Module, *, non_embedding: bool = False) -> int:
+    """Parameters counted once (tied weights once); `non_embedding` drops embedding tables."""
+    total = 0
+    for name, param in model.named_parameters():
+        if non_embedding and name.startswith("embeddings."):
+            continue
+        total += param.numel()
+    return total
+
+
+def flops_per_token(shape: ModelShape, seq_len: int, scored_fraction: float) -> float:
+    """Model FLOPs per token for forward + backward (DESIGN.md's metrics definition).
+
+    6 x non-embedding parameters of the encoder, attention scores 12 * L * H * S, plus the MLM
+    head (transform and decoder, 6 * (H*H + H*V)) on the fraction of positions scored.
+    """
+    h, f, layers = shape.hidden, shape.ffn_hidden, shape.layers
+    per_layer = 4 * h * h + 2 * h * f
+    encoder = 6 * layers * per_layer
+    attention = 12 * layers * h * seq_len
+    head = 6 * (h * h + h * shape.vocab_size) * scored_fraction
+    return float(encoder + attention + head)
+
+
+def param_count_formula(shape: ModelShape) -> int:
+    """Closed-form parameter count, used to check the DESIGN.md sizes on the meta device."""
+    h, f, v = shape.hidden, shape.ffn_hidden, shape.vocab_size
+    embeddings = (v + shape.max_seq_len + 2) * h + (2 * h if shape.norm == "post" else 0)
+    layer = (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 4 * h
+    final = 2 * h if shape.norm == "pre" else 0
+    heads = (h * h + h) + (h * h + h + 2 * h + v) + ((2 * h + 2) if shape.pair_head else 0)
+    return embeddings + shape.layers * layer + final + heads
+

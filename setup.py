@@ -1,0 +1,42 @@
+"""Installs the four project packages and their console scripts.
+
+torch is declared loosely (cluster users bring their own CUDA build); the Makefile installs
+torch==2.13.0 first and everything else under constraints.txt so nothing replaces it here.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bert-pretrain",
+    # Kept outside [0.18.2, 0.19.0): transformers probes any installed `kernels` package in that
+    # window as Hugging Face's own `kernels` library (see README).
+    version="0.1.0",
+    description="Distributed BERT pre-training: data prep, dense MLM, tensor parallel, HF export",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pretrain*", "launch*", "kernels*", "data_prep*"]),
+    package_data={"launch": ["templates/*"], "data_prep": ["corpus/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "tokenizers>=0.15",
+        "sentencepiece>=0.1.99",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.40"],
+        "ja": ["fugashi>=1.3", "unidic-lite>=1.0.8"],
+        "mpi": ["mpi4py>=3.1"],
+        "tensorboard": ["tensorboard>=2.10"],
+        "triton": ["triton>=3.0"],
+        "dev": ["pytest>=7", "ruff>=0.5", "transformers>=4.40"],
+    },
+    entry_points={
+        "console_scripts": [
+            "bert-prep=data_prep.cli:main",
+            "bert-train=pretrain.__main__:main",
+            "bert-export=pretrain.export_hf:main",
+        ]
+    },
+)
