@@ -28,25 +28,22 @@ _JA_CLOSE = "」』）)】〉》"
 _JA_TRAILERS = _JA_TERMINALS + _JA_CLOSE + "”’"
 
 
-def is_cjk(ch: str) -> bool:
-    """Hiragana, katakana, CJK ideographs and full-width punctuation."""
-    code = ord(ch)
-    return (
-        0x3000 <= code <= 0x30FF  # CJK punctuation, hiragana, katakana
-        or 0x3400 <= code <= 0x4DBF
-        or 0x4E00 <= code <= 0x9FFF
-        or 0xF900 <= code <= 0xFAFF
-        or 0xFF00 <= code <= 0xFFEF  # full-width forms
-    )
+_CJK = re.compile("[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+"""CJK punctuation, hiragana, katakana, CJK ideographs, full-width forms."""
+_KANA = re.compile("[\u3040-\u30ff]")
+_SPACE = re.compile(r"\s+")
 
 
-def detect_lang(text: str, sample_chars: int = 2000) -> str:
-    """'ja' if at least 30% of the first non-space characters are CJK, else 'en'."""
-    chars = [c for c in text[: sample_chars * 2] if not c.isspace()][:sample_chars]
-    if not chars:
-        return "en"
-    cjk = sum(1 for c in chars if is_cjk(c))
-    return "ja" if cjk >= 0.3 * len(chars) else "en"
+def char_counts(text: str) -> tuple[int, int, int]:
+    """(non-space characters, CJK characters, kana characters), counted with C-speed regexes."""
+    text = _SPACE.sub("", text)
+    return len(text), len(text) - len(_CJK.sub("", text)), len(text) - len(_KANA.sub("", text))
+
+
+def detect_lang(text: str, sample_chars: int = 4000) -> str:
+    """'ja' if at least 30% of the non-space characters (of the first few thousand) are CJK."""
+    chars, cjk, _ = char_counts(text[:sample_chars])
+    return "ja" if chars and cjk >= 0.3 * chars else "en"
 
 
 def _paragraphs(text: str, joiner: str) -> list[str]:

@@ -29,6 +29,7 @@ CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 _OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _SNIFF_BYTES = 8192
+_BUFFER = 1 << 16
 
 
 @dataclass
@@ -57,7 +58,8 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
                 raise PrepError(f"{path}: directory holds no files; pass a folder with text files")
@@ -74,8 +76,10 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
 def open_binary(path: Path) -> BinaryIO:
     """Open a file for binary reading, decompressing .gz/.xz/.bz2 transparently."""
     opener = _OPENERS.get(path.suffix.lower())
-    stream = opener(path, "rb") if opener else open(path, "rb")  # noqa: SIM115
-    return io.BufferedReader(stream) if not isinstance(stream, io.BufferedReader) else stream
+    if opener is None:
+        return open(path, "rb", buffering=_BUFFER)  # the caller closes it
+    # BufferedReader gives every kind the same peek() for the binary sniff.
+    return io.BufferedReader(opener(path, "rb"), buffer_size=_BUFFER)
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -115,7 +119,9 @@ def _text_lines(path: Path, stats: SourceStats) -> Iterator[str]:
                     first = False
                 yield line.rstrip("\r\n")
         except (OSError, EOFError, lzma.LZMAError) as exc:
-            raise PrepError(f"{path}: corrupt or truncated ({exc}); re-download or re-compress it") from exc
+            raise PrepError(
+                f"{path}: corrupt or truncated ({exc}); re-download or re-compress it"
+            ) from exc
 
 
 def _is_formfeed(line: str) -> bool:
@@ -172,7 +178,11 @@ def _jsonl_documents(
 
 
 def iter_file_documents(
-    path: Path, *, doc_sep: str = "blank", text_field: str = "text", stats: SourceStats | None = None
+    path: Path,
+    *,
+    doc_sep: str = "blank",
+    text_field: str = "text",
+    stats: SourceStats | None = None,
 ) -> Iterator[str]:
     """Stream the documents of one file (an empty file simply yields nothing)."""
     if doc_sep not in DOC_SEPS:

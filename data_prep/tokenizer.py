@@ -17,10 +17,10 @@ tokenizer is never lowercased/accent-stripped, and SentencePiece never strips ac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ from tokenizers.models import BPE, Unigram, WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
 from data_prep.errors import PrepError
-from data_prep.sentences import detect_lang, split_sentences
+from data_prep.sentences import char_counts, split_sentences
+from data_prep.shard_format import file_sha256
 from data_prep.sources import expand_inputs, iter_file_documents
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -40,17 +41,10 @@ SP_MODEL_TYPES = ("unigram", "bpe")
 MIN_VOCAB_SIZE = 10
 META_FILE = "bert_tokenizer.json"
 SP_MODEL_FILE = "sentencepiece.model"
+KANA_LIMIT = 0.001
+"""Above this share of kana characters in the sample, WordPiece defaults to cased."""
 MODEL_MAX_LENGTH = 512
 """Written to tokenizer_config.json; the exporter should overwrite it with model.max_seq_len."""
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks (shards can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -61,6 +55,16 @@ def _write_json(path: Path, obj: dict) -> None:
 # Training sample
 
 
+@dataclass
+class SampleInfo:
+    """What the training sample looked like; decides the defaults a user did not set."""
+
+    lang: str
+    """'en' or 'ja' ('auto' resolved on the sample)."""
+    kana_fraction: float
+    """Share of kana among non-space characters: any real amount forbids accent stripping."""
+
+
 def write_sample(
     inputs: Sequence[str | Path],
     out_file: Path,
@@ -69,25 +73,24 @@ def write_sample(
     lang: str,
     doc_sep: str,
     text_field: str,
-) -> str:
-    """Write up to `sample_bytes` of sentences (one per line) from the inputs; return the lang.
+) -> SampleInfo:
+    """Write up to `sample_bytes` of sentences (one per line) from the inputs.
 
     Each file contributes in proportion to its size on disk, taking its first documents, so a
     sample of a many-file corpus is not just the first file and nothing is loaded whole.
-    A resolved 'auto' language is decided on the sample itself.
     """
     files = expand_inputs(inputs)
     sizes = [max(1, p.stat().st_size) for p in files]
     total = sum(sizes)
     written = 0
-    lang_probe: list[str] = []
+    chars = cjk = kana = 0
     with open(out_file, "w", encoding="utf-8") as out:
         for path, size in zip(files, sizes, strict=True):
             budget = max(1, sample_bytes * size // total)
             used = 0
             for doc in iter_file_documents(path, doc_sep=doc_sep, text_field=text_field):
-                if sum(len(x) for x in lang_probe) < 20_000:
-                    lang_probe.append(doc[:2000])
+                counts = char_counts(doc[:1000])  # the head of every document: cheap, spread
+                chars, cjk, kana = chars + counts[0], cjk + counts[1], kana + counts[2]
                 for sentence in split_sentences(doc, lang):
                     line = sentence.replace("\n", " ") + "\n"
                     out.write(line)
@@ -97,7 +100,9 @@ def write_sample(
             written += used
     if written == 0:
         raise PrepError("the inputs hold no sentences to train a tokenizer on; check --input")
-    return detect_lang("\n".join(lang_probe)) if lang == "auto" else lang
+    if lang == "auto":
+        lang = "ja" if cjk >= 0.3 * chars else "en"
+    return SampleInfo(lang=lang, kana_fraction=kana / max(1, chars))
 
 
 def _sample_lines(path: Path) -> Iterator[str]:
@@ -187,7 +192,9 @@ def _train_sentencepiece(sample: Path, out_dir: Path, vocab_size: int, model_typ
             minloglevel=2,
         )
     except RuntimeError as exc:
-        raise PrepError(f"sentencepiece training failed: {exc}; try a smaller --vocab-size") from exc
+        raise PrepError(
+            f"sentencepiece training failed: {exc}; try a smaller --vocab-size"
+        ) from exc
     sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
     pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     if [p for p, _ in pieces[:5]] != SPECIAL_TOKENS:
@@ -223,10 +230,10 @@ def train_tokenizer(
 ) -> Path:
     """Train a tokenizer on a sample of `files` and write the directory; returns it.
 
-    WordPiece is lowercased and accent-stripped (BERT uncased) unless `cased` or the text is
-    Japanese; SentencePiece (unigram or bpe) is always cased and never strips accents.
-    The vocabulary may come out smaller than `vocab_size` on a small corpus; the actual size
-    is in bert_tokenizer.json.
+    WordPiece is lowercased and accent-stripped (BERT uncased) unless `cased` or the sample
+    holds Japanese kana (more than KANA_LIMIT of its characters); SentencePiece (unigram or
+    bpe) is always cased and never strips accents. The vocabulary may come out smaller than
+    `vocab_size` on a small corpus; the actual size is in bert_tokenizer.json.
     """
     if kind not in KINDS:
         raise PrepError(f"unknown --kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -243,12 +250,18 @@ def train_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bert-prep-sample-") as tmp:
         sample = Path(tmp) / "sample.txt"
-        lang = write_sample(
-            files, sample, sample_bytes=sample_bytes, lang=lang, doc_sep=doc_sep,
+        sample_info = write_sample(
+            files,
+            sample,
+            sample_bytes=sample_bytes,
+            lang=lang,
+            doc_sep=doc_sep,
             text_field=text_field,
         )
+        lang = sample_info.lang
         if kind == "wordpiece":
-            lowercase = not cased and lang != "ja"
+            # Uncased = accent stripping, which turns ガ into カ: only for text without kana.
+            lowercase = not cased and lang == "en" and sample_info.kana_fraction < KANA_LIMIT
             tok = _train_wordpiece(sample, vocab_size, lowercase)
         else:
             lowercase = False
@@ -276,7 +289,9 @@ def train_tokenizer(
 
 def _write_hf_files(out: Path, tok: Tokenizer, kind: str, lowercase: bool) -> None:
     """tokenizer_config.json + special_tokens_map.json (+ vocab.txt) for transformers."""
-    special_map = {f"{name}_token": token for name, token in zip(SPECIAL_NAMES, SPECIAL_TOKENS)}
+    special_map = {
+        f"{name}_token": token for name, token in zip(SPECIAL_NAMES, SPECIAL_TOKENS, strict=True)
+    }
     config: dict = {
         **special_map,
         "model_max_length": MODEL_MAX_LENGTH,

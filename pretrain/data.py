@@ -65,9 +65,7 @@ def _split_sentences(
     return sentences, doc_start, counts
 
 
-def build_split(
-    dataset: IndexedDataset, docs: np.ndarray, seq_len: int, pairs: bool
-) -> Split:
+def build_split(dataset: IndexedDataset, docs: np.ndarray, seq_len: int, pairs: bool) -> Split:
     """Greedy packing of whole sentences into samples of at most `seq_len` tokens."""
     sentences, doc_start, _ = _split_sentences(dataset, docs)
     if len(sentences) == 0:
@@ -292,7 +290,9 @@ def open_training_data(
 ) -> TrainingData:
     """Open a prepared dataset and build the train/valid samples; user errors → ConfigError."""
     if not path:
-        raise ConfigError("data.path is not set: point it at a directory made by `bert-prep encode`")
+        raise ConfigError(
+            "data.path is not set: point it at a directory made by `bert-prep encode`"
+        )
     root = Path(path)
     if not (root / "manifest.json").is_file():
         raise ConfigError(

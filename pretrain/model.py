@@ -118,7 +118,9 @@ class Bert(nn.Module):
         self.shape = shape
         self.embeddings = Embeddings(shape)
         self.layers = nn.ModuleList(TransformerLayer(shape) for _ in range(shape.layers))
-        self.final_norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "pre" else None
+        self.final_norm = (
+            nn.LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "pre" else None
+        )
         self.pooler = nn.Linear(shape.hidden, shape.hidden)
         self.mlm_head = MLMHead(shape)
         self.pair_head = nn.Linear(shape.hidden, 2) if shape.pair_head else None
@@ -200,4 +202,3 @@ def param_count_formula(shape: ModelShape) -> int:
     final = 2 * h if shape.norm == "pre" else 0
     heads = (h * h + h) + (h * h + h + 2 * h + v) + ((2 * h + 2) if shape.pair_head else 0)
     return embeddings + shape.layers * layer + final + heads
-

@@ -182,15 +182,16 @@ def lr_at(
 
     Warm-up: lr = base_lr * (step + 1) / warmup_steps for step < warmup_steps, so the first step
     already moves (base_lr / warmup_steps) and step warmup_steps - 1 runs at base_lr; with
-    warmup_steps = 0 the first step runs at base_lr. Then decay over p = (step - warmup_steps) /
-    (total_steps - warmup_steps), clamped to [0, 1], from base_lr to min_lr = min_lr_ratio * base_lr:
+    warmup_steps = 0 the first step runs at base_lr. Then decay over
+    p = (step - warmup_steps) / (total_steps - warmup_steps), clamped to [0, 1], from base_lr to
+    min_lr = min_lr_ratio * base_lr:
         poly:   min_lr + (base_lr - min_lr) (1 - p)^power
         linear: poly with power 1
         cosine: min_lr + (base_lr - min_lr) (1 + cos(pi p)) / 2
     Steps at or beyond total_steps get min_lr.
     """
     if warmup_steps < 0 or total_steps < 0:
-        raise ValueError(f"warmup_steps and total_steps must be >= 0: {warmup_steps}, {total_steps}")
+        raise ValueError(f"warmup_steps, total_steps must be >= 0: {warmup_steps}, {total_steps}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if step < warmup_steps:
@@ -237,7 +238,7 @@ def clip_grad_norm_(
     square_of: dict[int, Tensor] = {}
     for device_grads in by_device.values():
         norms = torch._foreach_norm(device_grads, 2, dtype=torch.float32)
-        for g, sq in zip(device_grads, torch._foreach_mul(norms, norms)):
+        for g, sq in zip(device_grads, torch._foreach_mul(norms, norms), strict=True):
             square_of[id(g)] = sq.to(grads[0].device)
     per_tensor = torch.stack([square_of[id(g)] for g in grads])
     total_sq = norm_fn(per_tensor) if norm_fn is not None else per_tensor.sum()

@@ -23,7 +23,13 @@ from pretrain.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from pretrain.config import Config, ConfigError, check_batch_layout, resolve_model_shape, save_config
+from pretrain.config import (
+    Config,
+    ConfigError,
+    check_batch_layout,
+    resolve_model_shape,
+    save_config,
+)
 from pretrain.data import (
     EVAL_MLM,
     StreamBatches,
@@ -175,7 +181,9 @@ def train(config: Config) -> TrainResult:
 
     loader = build_loader(
         data.train,
-        StreamBatches(consumed, config.train.global_batch, config.train.micro_batch, dp_rank, dp_size),
+        StreamBatches(
+            consumed, config.train.global_batch, config.train.micro_batch, dp_rank, dp_size
+        ),
         config.data.workers,
     )
     batches = iter(loader)
@@ -196,8 +204,8 @@ def train(config: Config) -> TrainResult:
             "model_shape": asdict(shape),
             "layout": {"tp": 1, "dp": dp_size, "world_size": 1},
             "tokenizer_hash": data.dataset.tokenizer_hash,
-            "data_path": str(config.data.path),
-            "tokenizer_dir": str(data.tokenizer_dir),
+            "data_path": str(Path(config.data.path).resolve()),
+            "tokenizer_dir": str(data.tokenizer_dir.resolve()),
         }
 
     def checkpoint() -> Path:
@@ -227,7 +235,7 @@ def train(config: Config) -> TrainResult:
             with autocast_context(config.train.precision, device.type):
                 out = pretraining_loss(model, batch, config.mlm)
             scaler.scale_loss(out.loss / accumulation).backward()
-            step_loss += float(out.loss) / accumulation  # CPU-GPU sync point, once per micro
+            step_loss += float(out.loss.detach()) / accumulation  # CPU-GPU sync point
             interval.add(out, int(batch["attention_mask"].sum()))
         found_inf = scaler.unscale_and_check(params)
         grad_norm = clip_grad_norm_(params, config.optim.clip_grad)
@@ -241,7 +249,9 @@ def train(config: Config) -> TrainResult:
         interval.end_step(step_loss, found_inf)
 
         if step % config.train.log_every == 0 or step == config.train.steps:
-            record = interval.record(step, consumed, lr, float(grad_norm), loss_scale, shape, config)
+            record = interval.record(
+                step, consumed, lr, float(grad_norm), loss_scale, shape, config
+            )
             metrics.write(record)
             result.history.append(record)
             log(format_line(record))
@@ -290,7 +300,14 @@ class _Interval:
         self.skipped = self.skipped or skipped
 
     def record(
-        self, step: int, consumed: int, lr: float, grad_norm: float, loss_scale: float, shape, config
+        self,
+        step: int,
+        consumed: int,
+        lr: float,
+        grad_norm: float,
+        loss_scale: float,
+        shape,
+        config,
     ) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.start
         scored_fraction = self.scored / max(self.tokens, 1)

@@ -58,7 +58,7 @@ def reference_lamb_step(
 ) -> None:
     """You et al. 2019, Algorithm 2, one tensor at a time in float64 (phi = identity)."""
     b1, b2 = betas
-    for i, (p, wd) in enumerate(zip(params, weight_decays)):
+    for i, (p, wd) in enumerate(zip(params, weight_decays, strict=True)):
         if p.grad is None:
             continue
         g = p.grad.double()
@@ -83,9 +83,10 @@ def test_lamb_matches_reference_over_five_steps() -> None:
     ref_model = copy.deepcopy(model)
     opt = build_optimizer(model, "lamb", lr=0.01, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-6)
     assert isinstance(opt, Lamb)
-    names = [n for n, _ in ref_model.named_parameters()]
     ref_params = list(ref_model.parameters())
-    decays = [0.0 if p.ndim < 2 or "norm" in n.lower() else 0.1 for n, p in zip(names, ref_params)]
+    decays = [
+        0.0 if p.ndim < 2 or "norm" in n.lower() else 0.1 for n, p in ref_model.named_parameters()
+    ]
     ref_state: dict[int, dict] = {}
     for step in range(5):
         _set_grads(model, step)
@@ -94,7 +95,7 @@ def test_lamb_matches_reference_over_five_steps() -> None:
         reference_lamb_step(
             ref_params, ref_state, lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decays=decays
         )
-        for (name, p), q in zip(model.named_parameters(), ref_params):
+        for (name, p), q in zip(model.named_parameters(), ref_params, strict=True):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6, msg=f"{name} at step {step}")
     assert torch.equal(model.unused, torch.ones(2, 2))
     assert model.unused not in opt.state
@@ -130,7 +131,7 @@ def test_adamw_matches_torch_adamw() -> None:
         _set_grads(ref_model, step)
         opt.step()
         ref.step()
-    for p, q in zip(model.parameters(), ref_model.parameters()):
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
 
 
@@ -169,7 +170,7 @@ def test_state_dict_resume_is_bitwise(name: str) -> None:
         set_lr(opt, 0.01 / (step + 1))
         _set_grads(model, step)
         opt.step()
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         assert torch.equal(p, e)
 
 
@@ -220,7 +221,7 @@ def test_clip_matches_torch(max_norm: float) -> None:
     total = clip_grad_norm_(model.parameters(), max_norm)
     ref_total = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm)
     torch.testing.assert_close(total, ref_total)
-    for p, q in zip(model.parameters(), ref_model.parameters()):
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         if q.grad is None:
             assert p.grad is None
         else:

@@ -1,0 +1,310 @@
+"""Linear + cross-entropy without the full logits: the chunked PyTorch reference and its dispatcher.
+
+The MLM head's logits are [N, V] (N scored positions, V ~ 30k): for dense MLM at N = 64k that is
+8 GB in fp32, far more than the activations of the rest of the model. The reference computes the
+logits of `chunk_rows` rows at a time in fp32, turns each chunk into its loss AND its gradients
+right away (softmax - onehot is all backward needs), and keeps only grad_hidden [N, H],
+grad_weight [V, H] and grad_bias [V]. Peak extra memory is one [chunk_rows, V] fp32 buffer.
+
+Tensor parallelism (a later issue) splits V across ranks: each rank holds weight[V_tp, H]. The
+row max, the row sums (sum-exp, target logit, logit sum), the argmax and grad_hidden are then
+partial per rank and need an all-reduce; each is computed in one small helper below (`_row_max`,
+`_row_sum`, `_target_logit`, `_row_argmax`) so the collectives slot in there.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# One chunk's fp32 logits are at most 2**24 elements = 64 MB.
+_CHUNK_ELEMENTS = 2**24
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    position_weight: Tensor | None = None,
+    tp_group: Any = None,
+    return_stats: bool = False,
+    label_smoothing: float = 0.0,
+    chunk_rows: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Mean cross-entropy of `hidden @ weight.T (+ bias)` vs `target`, never holding all logits.
+
+    hidden [..., H] (any float dtype), weight [V, H], bias [V], target [...] int (positions equal
+    to `ignore_index` are not scored), position_weight [...] (optional, not differentiated).
+    Returns the fp32 scalar loss sum(w_i CE_i) / sum(w_i) over scored positions (w_i = 1 without
+    `position_weight`), 0 with zero gradients when nothing is scored. With `return_stats`, also
+    (per-row CE [N] fp32 without label smoothing and 0 on ignored rows, argmax [N] int64) for the
+    N = prod(leading dims) rows, from the same pass. `label_smoothing` is as in F.cross_entropy.
+    `chunk_rows` defaults to 2**24 // V (64 MB of fp32 logits). `tp_group` must be None or of
+    size 1 until vocabulary-parallel support lands.
+    """
+    impl = _pick_impl(hidden)
+    return impl(
+        hidden,
+        weight,
+        target,
+        bias=bias,
+        ignore_index=ignore_index,
+        position_weight=position_weight,
+        tp_group=tp_group,
+        return_stats=return_stats,
+        label_smoothing=label_smoothing,
+        chunk_rows=chunk_rows,
+    )
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(t: Tensor) -> bool:
+    """Whether a Triton kernel may run on `t`: CUDA, triton installed, compute capability >= 8.0
+    (Triton's official floor; V100 is 7.0 and keeps the chunked reference)."""
+    if not t.is_cuda or not _triton_available():
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 8
+
+
+# The Triton implementation (a later issue) registers itself here with the same signature.
+_triton_impl: Callable[..., Any] | None = None
+
+
+def _pick_impl(hidden: Tensor) -> Callable[..., Any]:
+    if _triton_impl is not None and _use_triton(hidden):
+        return _triton_impl
+    return linear_cross_entropy_reference
+
+
+def linear_cross_entropy_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    position_weight: Tensor | None = None,
+    tp_group: Any = None,
+    return_stats: bool = False,
+    label_smoothing: float = 0.0,
+    chunk_rows: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """The chunked PyTorch implementation of `linear_cross_entropy` (same arguments)."""
+    _check_tp_group(tp_group)
+    h_dim = hidden.shape[-1]
+    if weight.ndim != 2 or weight.shape[1] != h_dim:
+        raise ValueError(f"weight must be [V, {h_dim}], got {list(weight.shape)}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"target shape {list(target.shape)} must match hidden's leading dims "
+            f"{list(hidden.shape[:-1])}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {list(bias.shape)}")
+    if position_weight is not None and position_weight.shape != target.shape:
+        raise ValueError(
+            f"position_weight shape {list(position_weight.shape)} must equal target's "
+            f"{list(target.shape)}"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+    hidden_2d = hidden.reshape(-1, h_dim)  # [N, H]
+    target_1d = target.reshape(-1)  # [N]
+    row_scale = _row_scale(target_1d, position_weight, ignore_index)  # [N] fp32, w_i / sum(w)
+    options = (ignore_index, label_smoothing, chunk_rows)
+    inputs = (hidden_2d, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        loss, row_loss, argmax = _LinearCrossEntropy.apply(
+            hidden_2d, weight, bias, target_1d, row_scale, options
+        )
+    else:  # evaluation: same pass, no gradient work
+        loss, row_loss, argmax, _ = _chunked_pass(
+            hidden_2d, weight, bias, target_1d, row_scale, options, (False, False, False)
+        )
+    if return_stats:
+        return loss, row_loss, argmax
+    return loss
+
+
+def _check_tp_group(tp_group: Any) -> None:
+    if tp_group is None:
+        return
+    if dist.get_world_size(tp_group) != 1:
+        raise NotImplementedError(
+            "linear_cross_entropy: a vocabulary split over a tp_group of size > 1 is not "
+            "implemented yet; pass tp_group=None (or a group of size 1)"
+        )
+
+
+def _row_scale(target: Tensor, position_weight: Tensor | None, ignore_index: int) -> Tensor:
+    """Per-row factor w_i / sum(w) (0 on ignored rows); all zeros when nothing is scored."""
+    scored = target != ignore_index
+    if position_weight is None:
+        w = scored.to(torch.float32)
+    else:
+        w = torch.where(scored, position_weight.detach().reshape(-1).to(torch.float32), 0.0)
+    total = w.sum()
+    # No host sync: an all-zero w divided by 1 stays zero, which gives loss 0 and zero grads.
+    return w / torch.where(total != 0, total, torch.ones_like(total))
+
+
+# Per-chunk reductions over the vocabulary. With the vocabulary split over tp ranks each returns
+# a partial result, and the all-reduce (MAX or SUM over tp_group) goes inside these helpers.
+
+
+def _row_max(logits: Tensor) -> Tensor:
+    """[c, V] -> [c] max over the vocabulary (tp: all-reduce MAX)."""
+    return logits.amax(dim=1)
+
+
+def _row_sum(x: Tensor) -> Tensor:
+    """[c, V] -> [c] sum over the vocabulary (tp: all-reduce SUM)."""
+    return x.sum(dim=1)
+
+
+def _target_logit(logits: Tensor, target: Tensor, scored: Tensor) -> Tensor:
+    """[c] logit of each row's target, 0 where not scored (tp: targets outside this rank's shard
+    count 0, then all-reduce SUM)."""
+    safe = torch.where(scored, target, 0)
+    picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+    return torch.where(scored, picked, 0.0)
+
+
+def _row_argmax(logits: Tensor) -> Tensor:
+    """[c] index of the largest logit (tp: add the shard offset, pick the rank with the max)."""
+    return logits.argmax(dim=1)
+
+
+def _chunked_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    row_scale: Tensor,
+    options: tuple[int, float, int],
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """Loss, per-row CE, argmax and (if asked) grads of hidden, weight and bias, chunk by chunk.
+
+    hidden [N, H], weight [V, H], bias [V], target [N], row_scale [N] fp32 = w_i / sum(w).
+    All maths in fp32; the grads come back in their inputs' dtypes.
+    """
+    ignore_index, smoothing, chunk_rows = options
+    need_h, need_w, need_b = needs_grad
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    # Inputs upcast once (a no-op for fp32 master weights); each chunk's GEMM then runs in fp32.
+    weight_f = weight.float()
+    bias_f = bias.float() if bias is not None else None
+
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    argmax = torch.zeros(n_rows, dtype=torch.int64, device=device)
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.zeros_like(weight_f) if need_w else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+
+    for start in range(0, n_rows, chunk_rows):
+        end = min(start + chunk_rows, n_rows)
+        h = hidden[start:end].float()  # [c, H]
+        t = target[start:end]
+        scored = t != ignore_index
+        scale = row_scale[start:end]  # [c]
+
+        logits = h @ weight_f.T  # [c, V] fp32: the only chunk-sized buffer
+        if bias_f is not None:
+            logits += bias_f
+        argmax[start:end] = _row_argmax(logits)
+        logits -= _row_max(logits).unsqueeze(1)  # shifted: every entry <= 0
+        target_shifted = _target_logit(logits, t, scored)
+        mean_shifted = _row_sum(logits) / vocab if smoothing > 0 else None
+        logits.exp_()
+        sum_exp = _row_sum(logits)
+        log_sum_exp = sum_exp.log()  # lse - max
+
+        ce = torch.where(scored, log_sum_exp - target_shifted, 0.0)
+        row_loss[start:end] = ce
+        if mean_shifted is not None:
+            # (1 - s) CE + s * (lse - mean logit), the label-smoothed loss of F.cross_entropy
+            ce = (1.0 - smoothing) * ce + smoothing * (log_sum_exp - mean_shifted)
+        loss += (scale * ce).sum()
+
+        if not (need_h or need_w or need_b):
+            del logits  # before the next chunk allocates its own
+            continue
+        # d loss / d logits = scale_i * (softmax - (1 - s) onehot - s / V), built in place.
+        probs = logits.div_(sum_exp.unsqueeze(1))
+        if smoothing > 0:
+            probs -= smoothing / vocab
+        safe_t = torch.where(scored, t, 0)
+        on_target = torch.where(scored, 1.0 - smoothing, 0.0).unsqueeze(1)
+        probs.scatter_add_(1, safe_t.unsqueeze(1), -on_target)
+        grad_logits = probs.mul_(scale.unsqueeze(1))  # ignored rows: scale 0 -> all zero
+        if grad_hidden is not None:
+            # tp: partial over this rank's vocabulary; all-reduce SUM over tp_group.
+            grad_hidden[start:end] = grad_logits @ weight_f
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T, h)
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(dim=0)
+        del logits, probs, grad_logits
+
+    grads = (
+        grad_hidden,
+        grad_weight.to(weight.dtype) if grad_weight is not None else None,
+        grad_bias.to(bias.dtype) if grad_bias is not None and bias is not None else None,
+    )
+    return loss, row_loss, argmax, grads
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward does all the work (see `_chunked_pass`); backward only scales the saved grads."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        row_scale: Tensor,
+        options: tuple[int, float, int],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # Called under autocast, the GEMMs inside would drop to bf16/fp16; the pass is fp32.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            loss, row_loss, argmax, grads = _chunked_pass(
+                hidden, weight, bias, target, row_scale, options, ctx.needs_input_grad[:3]
+            )
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.has_grad = tuple(g is not None for g in grads)
+        ctx.mark_non_differentiable(row_loss, argmax)
+        return loss, row_loss, argmax
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: Any, grad_loss: Tensor, _grad_row_loss: Tensor, _grad_argmax: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        grads = tuple(
+            g * grad_loss if has else None for g, has in zip(saved, ctx.has_grad, strict=True)
+        )
+        return (*grads, None, None, None)

@@ -1,0 +1,122 @@
+"""`python -m data_prep` as a user runs it: tokenizer → encode → verify → merge, and errors.
+
+Each step is a real subprocess, so exit codes, stdout/stderr and the files on disk are what a
+user (or the Makefile's demo) gets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep.shard_format import IndexedDataset
+from data_prep.sources import CORPUS_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def prep(*args: str | Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Tokenizer and dataset from ~100 KB of the built-in English corpus + the Japanese one."""
+    tmp = tmp_path_factory.mktemp("cli")
+    text = gzip.decompress((CORPUS_DIR / "gutenberg_excerpt.txt.gz").read_bytes())
+    (tmp / "in").mkdir()
+    (tmp / "in" / "en.txt.gz").write_bytes(gzip.compress(text[:100_000]))
+    (tmp / "in" / "ja.txt").write_bytes((CORPUS_DIR / "akutagawa.txt").read_bytes()[:60_000])
+    tok = prep("tokenizer", "--input", tmp / "in", "--out", tmp / "tok", "--vocab-size", "1500",
+               "--cased")  # fmt: skip
+    assert tok.returncode == 0, tok.stderr
+    assert str(tmp / "tok") in tok.stdout
+    enc = prep("encode", "--input", tmp / "in", "--tokenizer", tmp / "tok", "--out",
+               tmp / "data", "--shard-tokens", "20000")  # fmt: skip
+    assert enc.returncode == 0, enc.stderr
+    assert str(tmp / "data") in enc.stdout and "too_short" in enc.stdout
+    return tmp
+
+
+def test_manifest_counts_equal_the_reader(dataset: Path) -> None:
+    """Oracle: IndexedDataset counting from the .idx files vs what encode wrote in the
+    manifest and printed."""
+    manifest = json.loads((dataset / "data" / "manifest.json").read_text())
+    ds = IndexedDataset(dataset / "data")
+    assert manifest["num_documents"] == ds.num_documents > 0
+    assert manifest["num_sentences"] == ds.num_sentences == len(ds.sentence_lengths())
+    assert manifest["num_tokens"] == ds.num_tokens == int(ds.sentence_lengths().sum())
+    assert manifest["stats"]["files"] == 2
+    assert len(manifest["shards"]) > 1
+    assert manifest["tokenizer"]["hash"] == ds.tokenizer_hash
+    assert (dataset / "data" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_verify_passes_then_names_a_corrupt_shard(dataset: Path, tmp_path: Path) -> None:
+    """Oracle: exit 0 on the fresh dataset; after flipping one byte in a copy, exit 1 and the
+    shard's name in the output."""
+    ok = prep("verify", dataset / "data")
+    assert ok.returncode == 0, ok.stderr
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in (dataset / "data").iterdir():
+        if path.is_file():
+            (copy / path.name).write_bytes(path.read_bytes())
+    data = bytearray((copy / "shard_00001.bin").read_bytes())
+    data[3] ^= 0x80
+    (copy / "shard_00001.bin").write_bytes(bytes(data))
+    bad = prep("verify", copy)
+    assert bad.returncode == 1 and "shard_00001" in bad.stdout
+
+
+def test_merge(dataset: Path, tmp_path: Path) -> None:
+    """Oracle: merging a dataset with itself doubles every count; verify then passes."""
+    out = tmp_path / "merged"
+    res = prep("merge", dataset / "data", dataset / "data", "--out", out)
+    assert res.returncode == 0, res.stderr
+    merged = IndexedDataset(out)
+    single = IndexedDataset(dataset / "data")
+    assert merged.num_tokens == 2 * single.num_tokens
+    assert prep("verify", out).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("encode", "--input", "{tmp}/missing.txt", "--tokenizer", "{data}/tok", "--out", "{tmp}/o"),
+        ("tokenizer", "--input", "{tmp}/binary.dat", "--out", "{tmp}/t"),
+        ("tokenizer", "--input", "{data}/in", "--out", "{tmp}/t", "--vocab-size", "4"),
+        ("encode", "--input", "{data}/in", "--tokenizer", "{tmp}", "--out", "{tmp}/o"),
+        ("verify", "{tmp}"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) -> None:
+    """Oracle: DESIGN.md: a user error exits non-zero (2) with one line and no traceback."""
+    (tmp_path / "binary.dat").write_bytes(b"\0\1\2" * 100)
+    res = prep(*(a.format(tmp=tmp_path, data=dataset) for a in args))
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bert-prep: error: "), res.stderr
+
+
+def test_help_for_every_subcommand() -> None:
+    """Oracle: DESIGN.md: every command has --help (exit 0, mentions its options)."""
+    for sub, option in [("tokenizer", "--vocab-size"), ("encode", "--workers"),
+                        ("verify", "DIR"), ("merge", "--out")]:  # fmt: skip
+        res = prep(sub, "--help")
+        assert res.returncode == 0 and option in res.stdout, res.stderr

@@ -1,0 +1,65 @@
+"""Config parsing and validation: the oracle is DESIGN.md's list of keys and error rules."""
+
+import pytest
+
+from pretrain.config import (
+    ConfigError,
+    check_batch_layout,
+    load_config,
+    resolve_model_shape,
+)
+
+
+def test_defaults_and_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\noptim:\n  lr: 2e-3\n")
+    config = load_config(
+        path, ["mlm.mode=sparse", "train.precision=fp32", "optim.betas=[0.8, 0.9]"]
+    )
+    assert config.train.steps == 7
+    assert config.optim.lr == pytest.approx(2e-3)
+    assert config.mlm.mode == "sparse"
+    assert config.optim.betas == (0.8, 0.9)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.stepz=3", "unknown key 'train.stepz'"),
+        ("nosuch.key=3", "unknown section 'nosuch'"),
+        ("train.steps=many", "train.steps must be an integer"),
+        ("mlm.mode=both", "mlm.mode='both' is not one of dense|sparse"),
+        ("train.compile=maybe", "train.compile must be true or false"),
+        ("data.seq_len=1024", "exceeds model.max_seq_len"),
+        ("model.size=huge", "model.size='huge'"),
+        ("steps=3", "section.key"),
+    ],
+)
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_batch_layout_must_divide():
+    config = load_config(None, ["train.micro_batch=8", "train.global_batch=32"])
+    assert check_batch_layout(config, dp_size=2) == 2
+    config = load_config(None, ["train.micro_batch=8", "train.global_batch=36"])
+    with pytest.raises(ConfigError, match="not a multiple"):
+        check_batch_layout(config, dp_size=1)
+
+
+def test_model_shape_resolution():
+    config = load_config(None, ["model.size=xlarge"])
+    shape = resolve_model_shape(config, vocab_size=32000)
+    assert (shape.layers, shape.hidden, shape.heads, shape.ffn_hidden) == (24, 2048, 32, 8192)
+    assert shape.norm == "pre"  # auto: pre-LN from xlarge up
+    assert resolve_model_shape(load_config(None, ["model.size=base"]), 30522).norm == "post"
+    with pytest.raises(ConfigError, match="not divisible"):
+        resolve_model_shape(load_config(None, ["model.hidden=100", "model.heads=3"]), 100)

@@ -1,0 +1,248 @@
+"""The indexed token format (data_prep.shard_format), corpus encoding and merging."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.encode import encode_corpus
+from data_prep.errors import PrepError
+from data_prep.merge import merge_datasets
+from data_prep.sentences import split_sentences
+from data_prep.shard_format import (
+    FORMAT_VERSION,
+    IndexedDataset,
+    IndexedShard,
+    ShardWriter,
+    dtype_for_vocab,
+    verify,
+    write_json_atomic,
+)
+from data_prep.sources import CORPUS_DIR, iter_documents
+from data_prep.tokenizer import load_tokenizer, train_tokenizer
+
+SPECIAL_IDS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+
+def _random_docs(rng: np.random.Generator, n_docs: int, vocab: int) -> list[list[list[int]]]:
+    """Documents of 0-6 sentences of 0-40 tokens: empty sentences/documents on purpose."""
+    return [
+        [rng.integers(0, vocab, rng.integers(0, 41)).tolist() for _ in range(rng.integers(0, 7))]
+        for _ in range(n_docs)
+    ]
+
+
+def _write_dataset(directory: Path, shards_docs: list[list], vocab: int) -> list[dict]:
+    """Write each list of documents as one shard plus a manifest, as encode would."""
+    dtype = dtype_for_vocab(vocab)
+    entries = []
+    for k, docs in enumerate(shards_docs):
+        writer = ShardWriter(directory / f"shard_{k:05d}", dtype)
+        for doc in docs:
+            writer.add_document(doc)
+        entries.append(writer.finish())
+    write_json_atomic(
+        directory / "manifest.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": {"vocab_size": vocab, "hash": "x", "special_ids": SPECIAL_IDS},
+            "dtype": dtype.name,
+            "num_documents": sum(e["documents"] for e in entries),
+            "num_sentences": sum(e["sentences"] for e in entries),
+            "num_tokens": sum(e["tokens"] for e in entries),
+            "shards": entries,
+        },
+    )
+    return entries
+
+
+@pytest.mark.parametrize(("vocab", "dtype"), [(131, np.uint16), (70_001, np.uint32)])
+def test_round_trip_across_shards(tmp_path: Path, vocab: int, dtype) -> None:
+    """Oracle: the Python lists written, with empty sentences and token-less documents
+    removed (the writer's contract); global numbering concatenates the shards."""
+    rng = np.random.default_rng(0)
+    shards_docs = [_random_docs(rng, 37, vocab), _random_docs(rng, 1, vocab) + [[[vocab - 1]]]]
+    _write_dataset(tmp_path, shards_docs, vocab)
+    expected = [
+        [s for s in doc if s] for docs in shards_docs for doc in docs if any(s for s in doc)
+    ]
+    ds = IndexedDataset(tmp_path)
+    assert ds.dtype == np.dtype(dtype) and ds.vocab_size == vocab
+    assert ds.special_ids == SPECIAL_IDS and ds.tokenizer_hash == "x"
+    assert ds.num_documents == len(expected)
+    assert ds.num_sentences == sum(len(d) for d in expected)
+    assert ds.num_tokens == sum(len(s) for d in expected for s in d)
+    offsets = ds.document_sentence_offsets()
+    assert offsets.dtype == np.int64 and len(offsets) == ds.num_documents + 1
+    lengths = ds.sentence_lengths()
+    assert lengths.dtype == np.int64
+    assert lengths.tolist() == [len(s) for d in expected for s in d]
+    for d, doc in enumerate(expected):
+        first, end = ds.document_sentence_range(d)
+        assert (first, end) == (offsets[d], offsets[d + 1])
+        got = [ds.sentence(i).tolist() for i in range(first, end)]
+        assert got == doc
+        assert all(ds.sentence(i).dtype == np.dtype(dtype) for i in range(first, end))
+    with pytest.raises(IndexError):
+        ds.sentence(ds.num_sentences)
+
+
+def test_idx_layout_matches_the_spec(tmp_path: Path) -> None:
+    """Oracle: the byte layout written in DESIGN/shard_format's docstring, parsed by hand."""
+    writer = ShardWriter(tmp_path / "s", np.uint16)
+    writer.add_document([[5, 6, 7], [], [8]])
+    writer.add_document([])  # skipped: no tokens
+    writer.add_document([np.array([9, 10], dtype=np.int64)])
+    entry = writer.finish()
+    assert entry["documents"] == 2 and entry["sentences"] == 3 and entry["tokens"] == 6
+    raw = (tmp_path / "s.idx").read_bytes()
+    magic, code, n_sent, n_docs = struct.unpack("<8sQQQ", raw[:32])
+    assert (magic, code, n_sent, n_docs) == (b"BERTIDX1", 2, 3, 2)
+    assert struct.unpack("<4q", raw[32:64]) == (0, 3, 4, 6)
+    assert struct.unpack("<3q", raw[64:]) == (0, 2, 3)
+    assert np.fromfile(tmp_path / "s.bin", dtype="<u2").tolist() == [5, 6, 7, 8, 9, 10]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_writer_rejects_ids_that_do_not_fit(tmp_path: Path) -> None:
+    """Oracle: uint16 holds 0..65535; anything else would wrap around silently."""
+    writer = ShardWriter(tmp_path / "s", np.uint16)
+    with pytest.raises(ValueError, match="out of range"):
+        writer.add_document([[65536]])
+    writer.abort()
+    assert dtype_for_vocab(65535) == np.uint16 and dtype_for_vocab(65536) == np.uint32
+
+
+def test_verify_names_a_shard_with_one_flipped_byte(tmp_path: Path) -> None:
+    """Oracle: sha256 in the manifest; one flipped byte in a .bin, a missing .idx."""
+    rng = np.random.default_rng(1)
+    _write_dataset(tmp_path, [_random_docs(rng, 5, 131) for _ in range(3)], 131)
+    assert verify(tmp_path) == []
+    path = tmp_path / "shard_00001.bin"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert verify(tmp_path) == ["shard_00001"]
+    (tmp_path / "shard_00002.idx").unlink()
+    assert verify(tmp_path) == ["shard_00001", "shard_00002"]
+
+
+def test_shard_pickles_as_its_path(tmp_path: Path) -> None:
+    """Oracle: DataLoader workers get a small pickle that reopens the memory maps, not a copy
+    of the token data."""
+    writer = ShardWriter(tmp_path / "s", np.uint16)
+    writer.add_document([list(range(50_000))])
+    writer.finish()
+    shard = IndexedShard(tmp_path / "s")
+    blob = pickle.dumps(shard)
+    assert len(blob) < 1000
+    assert pickle.loads(blob).sentence(0).tolist() == list(range(50_000))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """~60 KB of the built-in English corpus and a small WordPiece tokenizer trained on it."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    text = gzip.decompress((CORPUS_DIR / "gutenberg_excerpt.txt.gz").read_bytes()).decode()
+    path = tmp / "en.txt"
+    path.write_text(text[200_000:260_000])
+    return path, train_tokenizer([path], tmp / "tok", "wordpiece", 800)
+
+
+def test_encode_matches_direct_tokenization(tmp_path: Path, corpus) -> None:
+    """Oracle: splitting and encoding each document directly with the tokenizer; the reader
+    returns exactly those ids; shards respect the token limit; the tokenizer is copied."""
+    path, tok_dir = corpus
+    manifest = encode_corpus([path], tok_dir, tmp_path / "data", shard_tokens=3000)
+    tok = load_tokenizer(tok_dir)
+    expected: list[list[list[int]]] = []
+    too_short = 0
+    for doc in iter_documents([path]):
+        ids = [tok.encode(s, add_special_tokens=False).ids for s in split_sentences(doc, "en")]
+        ids = [s for s in ids if s]
+        if sum(len(s) for s in ids) < 8:
+            too_short += 1
+        else:
+            expected.append(ids)
+    ds = IndexedDataset(tmp_path / "data")
+    assert manifest["stats"]["dropped"] == {"empty": 0, "too_short": too_short}
+    assert ds.num_documents == manifest["num_documents"] == len(expected)
+    assert ds.num_sentences == manifest["num_sentences"]
+    assert ds.num_tokens == manifest["num_tokens"]
+    got = [
+        [ds.sentence(i).tolist() for i in range(*ds.document_sentence_range(d))]
+        for d in range(ds.num_documents)
+    ]
+    assert got == expected
+    assert len(manifest["shards"]) > 3
+    assert all(s["tokens"] <= 3000 for s in manifest["shards"])
+    assert load_tokenizer(tmp_path / "data" / "tokenizer").get_vocab() == tok.get_vocab()
+    assert verify(tmp_path / "data") == []
+
+
+def test_encode_is_byte_identical_for_any_worker_count(tmp_path: Path, corpus, monkeypatch) -> None:
+    """Oracle: the single-process run; the pool must not reorder or change anything (small
+    batches so that several are in flight at once)."""
+    monkeypatch.setattr("data_prep.encode._BATCH_CHARS", 4000)
+    path, tok_dir = corpus
+    one = encode_corpus([path], tok_dir, tmp_path / "one", shard_tokens=5000)
+    two = encode_corpus([path], tok_dir, tmp_path / "two", shard_tokens=5000, workers=2)
+    assert [s["bin_sha256"] for s in one["shards"]] == [s["bin_sha256"] for s in two["shards"]]
+    assert [s["idx_sha256"] for s in one["shards"]] == [s["idx_sha256"] for s in two["shards"]]
+
+
+def test_encode_counts_dropped_documents(tmp_path: Path, corpus) -> None:
+    """Oracle: a JSONL file with one empty, one too short and one kept record."""
+    _, tok_dir = corpus
+    path = tmp_path / "a.jsonl"
+    rows = ["", "Hi.", "It was the best of times, it was the worst of times. " * 3]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    manifest = encode_corpus([path], tok_dir, tmp_path / "data")
+    assert manifest["stats"]["dropped"] == {"empty": 1, "too_short": 1}
+    assert manifest["num_documents"] == 1 and manifest["stats"]["documents"] == 3
+
+
+def test_encode_refuses_a_directory_of_another_tokenizer(tmp_path: Path, corpus) -> None:
+    """Oracle: the tokenizer hash in the existing manifest; re-encoding with the same
+    tokenizer replaces the dataset and removes shards it no longer uses."""
+    path, tok_dir = corpus
+    out = tmp_path / "data"
+    first = encode_corpus([path], tok_dir, out, shard_tokens=3000)
+    second = encode_corpus([path], tok_dir, out, shard_tokens=1_000_000)
+    assert len(second["shards"]) == 1 < len(first["shards"])
+    assert sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.bin", "shard_00000.idx"]
+    other = train_tokenizer([path], tmp_path / "other", "wordpiece", 700)
+    with pytest.raises(PrepError, match="another tokenizer"):
+        encode_corpus([path], other, out)
+
+
+def test_merge_concatenates_datasets(tmp_path: Path, corpus) -> None:
+    """Oracle: the two input datasets read separately, in the order given."""
+    path, tok_dir = corpus
+    half = tmp_path / "half.txt"
+    half.write_text(path.read_text()[:20_000])
+    a = encode_corpus([path], tok_dir, tmp_path / "a", shard_tokens=4000)
+    b = encode_corpus([half], tok_dir, tmp_path / "b")
+    merged = merge_datasets([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert merged["num_tokens"] == a["num_tokens"] + b["num_tokens"]
+    assert merged["stats"]["dropped"]["too_short"] == (
+        a["stats"]["dropped"]["too_short"] + b["stats"]["dropped"]["too_short"]
+    )
+    assert verify(tmp_path / "m") == []
+    m, da, db = (IndexedDataset(tmp_path / x) for x in "mab")
+    assert m.num_documents == da.num_documents + db.num_documents
+    tail = [m.sentence(da.num_sentences + i).tolist() for i in range(db.num_sentences)]
+    assert tail == [db.sentence(i).tolist() for i in range(db.num_sentences)]
+    assert (tmp_path / "m" / "tokenizer" / "tokenizer.json").is_file()
+    with pytest.raises(PrepError, match="already holds"):
+        merge_datasets([tmp_path / "a"], tmp_path / "m")

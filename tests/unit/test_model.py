@@ -1,0 +1,55 @@
+"""Model structure: parameter counts against DESIGN.md's table and a closed form."""
+
+import pytest
+import torch
+
+from pretrain.config import load_config, resolve_model_shape
+from pretrain.model import build_model, count_parameters, param_count_formula
+
+# DESIGN.md: base 110M, large 340M, xlarge 1.3B, 3.9b 3.9B (BERT's 30522 WordPiece vocabulary).
+EXPECTED = {"base": 110e6, "large": 340e6, "xlarge": 1.3e9, "3.9b": 3.9e9}
+
+
+@pytest.mark.parametrize("size", sorted(EXPECTED))
+def test_sizes_on_meta_device(size):
+    """Built on the meta device (no memory); counts within 5% of the published sizes."""
+    shape = resolve_model_shape(load_config(None, [f"model.size={size}"]), vocab_size=30522)
+    model = build_model(shape, device="meta")
+    count = count_parameters(model)
+    assert count == param_count_formula(shape)
+    assert abs(count - EXPECTED[size]) / EXPECTED[size] < 0.05, count
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_forward_shapes_and_padding_invariance(norm):
+    """Padding tokens must not change the states of real tokens (attention mask works)."""
+    torch.manual_seed(0)
+    config = load_config(
+        None,
+        [
+            "model.hidden=48",
+            "model.heads=3",
+            "model.layers=2",
+            f"model.norm={norm}",
+            "model.dropout=0.0",
+        ],
+    )
+    model = build_model(resolve_model_shape(config, vocab_size=131)).eval()
+    ids = torch.randint(5, 131, (1, 10))
+    types = torch.zeros_like(ids)
+    short = model(ids, types, torch.ones_like(ids))
+    padded_ids = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], dim=1).long()
+    padded = model(padded_ids, torch.zeros_like(padded_ids), mask)
+    assert padded.shape == (1, 16, 48)
+    torch.testing.assert_close(padded[:, :10], short, rtol=1e-5, atol=1e-5)
+    assert (model.final_norm is not None) == (norm == "pre")
+    assert (model.embeddings.norm is not None) == (norm == "post")
+
+
+def test_model_code_never_imports_torch_distributed():
+    """The model knows nothing of process groups (DESIGN.md)."""
+    import pretrain.model as module
+
+    source = open(module.__file__, encoding="utf-8").read()
+    assert "torch.distributed" not in source

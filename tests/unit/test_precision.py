@@ -1,0 +1,152 @@
+"""Autocast contexts and the fp16 dynamic loss scaler of `pretrain.precision`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pretrain.precision import DynamicLossScaler, autocast_context
+
+torch.set_num_threads(1)
+
+
+def _param_with_grad(grad: torch.Tensor) -> nn.Parameter:
+    p = nn.Parameter(torch.zeros_like(grad))
+    p.grad = grad.clone()
+    return p
+
+
+def test_autocast_context_dtypes() -> None:
+    """Oracle: the dtype torch.autocast gives a matmul on the CPU."""
+    x, w = torch.randn(2, 3), torch.randn(3, 4)
+    with autocast_context("fp32", "cpu"):
+        assert (x @ w).dtype == torch.float32
+    with autocast_context("bf16", "cpu"):
+        assert (x @ w).dtype == torch.bfloat16
+    with autocast_context("fp16", "cpu"):
+        assert (x @ w).dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown precision"):
+        autocast_context("fp8", "cpu")  # type: ignore[arg-type]
+
+
+def test_unscale_equals_division_by_scale() -> None:
+    """Oracle: grad / scale, exact because the scale is a power of two."""
+    scaler = DynamicLossScaler(init_scale=2.0**10)
+    grads = [torch.randn(3, 5), torch.randn(7).half(), torch.randn(2, 2)]
+    params = [_param_with_grad(g) for g in grads] + [nn.Parameter(torch.ones(2))]  # no grad
+    assert scaler.unscale_and_check(params) is False
+    for p, g in zip(params[:-1], grads, strict=True):
+        assert torch.equal(p.grad, g / 2.0**10)
+    assert params[-1].grad is None
+
+
+def test_overflow_backs_off_and_clean_steps_grow() -> None:
+    """Oracle: the policy — halve on inf/NaN, double after growth_interval clean steps."""
+    scaler = DynamicLossScaler(init_scale=8.0, growth_interval=3, min_scale=2.0)
+    bad = _param_with_grad(torch.tensor([1.0, float("inf")]))
+    good = _param_with_grad(torch.tensor([1.0, 2.0]))
+    found = scaler.unscale_and_check([good, bad])
+    assert found is True
+    scaler.update(found)
+    assert scaler.scale == 4.0 and scaler.growth_tracker == 0
+
+    nan = _param_with_grad(torch.tensor([float("nan")]).half())
+    assert scaler.unscale_and_check([nan]) is True
+    scaler.update(True)
+    scaler.update(True)  # clamped at min_scale
+    assert scaler.scale == 2.0
+
+    for _ in range(2):
+        scaler.update(False)
+    assert scaler.scale == 2.0 and scaler.growth_tracker == 2
+    scaler.update(False)
+    assert scaler.scale == 4.0 and scaler.growth_tracker == 0
+    scaler.update(False)
+    scaler.update(True)  # an overflow resets the run of clean steps
+    assert scaler.scale == 2.0 and scaler.growth_tracker == 0
+
+
+def test_reduce_found_inf_hook_decides() -> None:
+    """Oracle: another rank's overflow (simulated by the hook) makes this rank skip too."""
+    scaler = DynamicLossScaler()
+    p = _param_with_grad(torch.ones(3))
+    seen: list[float] = []
+
+    def other_rank_overflowed(flag: torch.Tensor) -> torch.Tensor:
+        seen.append(flag.item())
+        return flag + 1.0
+
+    assert scaler.unscale_and_check([p], reduce_found_inf=other_rank_overflowed) is True
+    assert seen == [0.0]
+
+
+def test_disabled_scaler_is_a_no_op() -> None:
+    """fp32/bf16: scale 1, gradients untouched, nothing ever skipped or grown."""
+    scaler = DynamicLossScaler(enabled=False)
+    loss = torch.tensor(3.0)
+    assert scaler.scale_loss(loss) is loss
+    p = _param_with_grad(torch.tensor([float("inf")]))
+    assert scaler.unscale_and_check([p]) is False
+    scaler.update(True)
+    assert scaler.scale == 1.0
+    assert torch.isinf(p.grad).all()
+
+
+def test_state_round_trip_through_json() -> None:
+    """Oracle: the original scaler's fields after a JSON dump/load."""
+    scaler = DynamicLossScaler(init_scale=2.0**12, growth_interval=5)
+    scaler.update(True)
+    scaler.update(False)
+    scaler.update(False)
+    text = json.dumps(scaler.state_dict())
+    restored = DynamicLossScaler(growth_interval=5)
+    restored.load_state_dict(json.loads(text))
+    assert restored.scale == 2.0**11 and restored.growth_tracker == 2
+    for _ in range(3):
+        scaler.update(False)
+        restored.update(False)
+    assert restored.state_dict() == scaler.state_dict() == {"scale": 2.0**12, "growth_tracker": 0}
+
+
+def test_fp16_autocast_training_with_scaler_skips_inf_step() -> None:
+    """A linear layer learns y = 2x under fp16 autocast on the CPU (tiny shapes: fp16 GEMM is
+    slow here); a step with an injected inf gradient is skipped and leaves the weights alone."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = DynamicLossScaler(init_scale=2.0**8)
+    x = torch.randn(16, 4)
+    y = 2 * x.sum(dim=1, keepdim=True)
+
+    def step(inject_inf: bool) -> tuple[float, bool]:
+        opt.zero_grad(set_to_none=True)
+        with autocast_context("fp16", "cpu"):
+            pred = layer(x)
+            assert pred.dtype == torch.float16
+            loss = (pred.float() - y).pow(2).mean()
+        scaler.scale_loss(loss).backward()
+        if inject_inf:
+            layer.weight.grad[0, 0] = float("inf")
+        found = scaler.unscale_and_check(layer.parameters())
+        if not found:
+            opt.step()
+        scaler.update(found)
+        return loss.item(), found
+
+    first, found = step(False)
+    assert not found
+    for _ in range(30):
+        last, found = step(False)
+        assert not found
+    assert last < 0.05 * first
+
+    before = [p.detach().clone() for p in layer.parameters()]
+    scale = scaler.scale
+    _, found = step(True)
+    assert found
+    assert scaler.scale == scale / 2
+    for p, b in zip(layer.parameters(), before, strict=True):
+        assert torch.equal(p, b)
