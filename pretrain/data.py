@@ -256,12 +256,15 @@ class _Collate:
 
 
 def build_loader(data: PretrainingData, sampler: Sampler[list[int]], workers: int) -> DataLoader:
+    # Its own generator: a DataLoader iterator otherwise draws a seed from the global torch RNG,
+    # which would shift the dropout masks of a resumed run.
     return DataLoader(
         data,
         batch_sampler=sampler,
         num_workers=workers,
         collate_fn=_Collate(data.seq_len),
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(data.seed),
     )
 
 
