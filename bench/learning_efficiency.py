@@ -9,17 +9,19 @@ Run from the repository root (about 3-5 minutes per variant on 2 CPU cores):
 The shared English corpus (../shared/data/gutenberg-en/clean_all.txt.gz, 13 books joined by
 form-feed lines) is prepared once into the cache directory (default runs/bench/learning): an
 8000-piece uncased WordPiece tokenizer and indexed shards with one document per book. Every
-variant then trains configs/tiny.yaml from scratch through `pretrain.trainer.train` with the same
-seed, steps, batch, optimizer (LAMB, lr 1e-2, warmup 60, linear decay) and data order; only the
-`mlm.*` keys differ. Every `--eval-every` steps the trainer scores the same fixed masked positions
-of one held-out book (pretrain.data.EVAL_MLM: 15% token-level masking, independent of the
-training masking), so all variants are measured on identical positions.
+variant then trains configs/tiny.yaml from scratch through `pretrain.trainer.train` with the
+same seed, steps, batch, optimizer (LAMB, lr 1e-2, warmup 10% of the steps, linear decay) and
+data order; only the `mlm.*` keys differ. Every `--eval-every` steps the trainer scores the
+same fixed masked positions of one held-out book, The Time Machine (pretrain.data.EVAL_MLM: 15%
+token-level masking, independent of the training masking), so all variants are measured on
+identical positions.
 
 The table gives, per variant: final held-out masked loss and accuracy, the step at which the
 held-out masked loss first reaches sparse15's final loss (linear interpolation between eval
 points; "not reached" if it never does), the resulting step speed-up over sparse15, and the wall
-time per training step relative to sparse15 (evaluation excluded). The eval curves and timings go
-to CACHE/results.json. Extra `section.key=value` arguments are passed to every run (e.g.
+time per training step relative to sparse15, measured after the runs in interleaved rounds so
+that a shared machine's changing load does not skew it. The eval curves and timings go to
+CACHE/results.json. Extra `section.key=value` arguments are passed to every run (e.g.
 `model.size=null model.layers=4 model.hidden=256 model.heads=4`).
 """
 
@@ -106,9 +108,7 @@ def prepare(corpus: Path, cache: Path, vocab_size: int) -> Path:
     return data_dir
 
 
-def run_variant(
-    name: str, common: list[str], cache: Path
-) -> dict[str, Any]:
+def run_variant(name: str, common: list[str], cache: Path) -> dict[str, Any]:
     """Train one variant from scratch; returns its eval curve and timing."""
     from pretrain.config import load_config
     from pretrain.trainer import train
@@ -141,6 +141,56 @@ def run_variant(
     }
 
 
+def time_steps(names: list[str], common: list[str], rounds: int, steps: int) -> dict[str, float]:
+    """Seconds per training step of each variant, measured in interleaved rounds.
+
+    The training runs' own timings are not comparable on a shared machine (the load changes
+    between runs), so every variant gets `steps` optimizer steps per round, round after round,
+    and the median per-round time per step is reported.
+    """
+    import statistics
+
+    import torch
+
+    from pretrain.config import load_config, resolve_model_shape
+    from pretrain.data import collate, open_training_data
+    from pretrain.model import build_model
+    from pretrain.objectives import pretraining_loss
+    from pretrain.optim import build_optimizer, clip_grad_norm_
+    from pretrain.precision import autocast_context
+
+    setups = {}
+    for name in names:
+        config = load_config(CONFIG, [*common, *VARIANTS[name]])
+        data = open_training_data(
+            config.data.path, None, config.data.seq_len, 0.0, config.mlm, config.train.seed
+        )
+        micro = config.train.micro_batch
+        batches = [
+            collate([data.train[i] for i in range(k * micro, (k + 1) * micro)], 128)
+            for k in range(2)
+        ]
+        torch.manual_seed(config.train.seed)
+        model = build_model(resolve_model_shape(config, data.dataset.vocab_size), "cpu")
+        optimizer = build_optimizer(model, "lamb", lr=1e-3, weight_decay=0.01)
+        setups[name] = (config, model, optimizer, batches)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds + 1):  # round 0 warms up and is not counted
+        for name in names:
+            config, model, optimizer, batches = setups[name]
+            start = time.perf_counter()
+            for i in range(steps):
+                with autocast_context(config.train.precision, "cpu"):
+                    out = pretraining_loss(model, batches[i % 2], config.mlm)
+                out.loss.backward()
+                clip_grad_norm_(list(model.parameters()), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if round_index:
+                times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def steps_to_reach(evals: list[dict[str, Any]], target: float) -> float | None:
     """First step where the held-out masked loss is <= target, interpolated between evals."""
     previous = None
@@ -155,12 +205,14 @@ def steps_to_reach(evals: list[dict[str, Any]], target: float) -> float | None:
     return None
 
 
-def table(results: dict[str, dict[str, Any]], names: list[str]) -> tuple[str, float]:
+def table(
+    results: dict[str, dict[str, Any]], names: list[str], seconds_per_step: dict[str, float]
+) -> tuple[str, float]:
     """The Markdown result table, and the target loss (sparse15's final held-out loss)."""
     reference = results[REFERENCE]
     target = reference["evals"][-1]["masked_loss"]
     ref_steps = steps_to_reach(reference["evals"], target)
-    ref_time = reference["seconds_per_step"]
+    ref_time = seconds_per_step[REFERENCE]
     lines = [
         "| variant | mlm overrides | final masked loss | final masked acc | "
         f"steps to loss {target:.3f} | step speed-up | time/step vs sparse15 | "
@@ -171,7 +223,7 @@ def table(results: dict[str, dict[str, Any]], names: list[str]) -> tuple[str, fl
         run = results[name]
         final = run["evals"][-1]
         reached = steps_to_reach(run["evals"], target)
-        ratio = run["seconds_per_step"] / ref_time
+        ratio = seconds_per_step[name] / ref_time
         keys = " ".join(o.removeprefix("mlm.") for o in run["overrides"])
         if reached is None:
             steps_text = speedup = time_speedup = "not reached"
@@ -214,8 +266,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     parser.add_argument("--eval-every", type=int, default=50, help="default 50")
     parser.add_argument(
+        "--warmup", type=int, default=None, help="LAMB warmup steps (default: 10%% of --steps)"
+    )
+    parser.add_argument(
         "--eval-batches", type=int, default=8, help="held-out batches of 32 samples (default 8)"
     )
+    parser.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=3,
+        help="interleaved timing rounds for time/step (default 3; 0 = use the training runs' "
+        "own timings, which a busy machine skews)",
+    )
+    parser.add_argument("--timing-steps", type=int, default=5, help="steps per round (default 5)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
@@ -239,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
     cache = args.cache.resolve()
     data_dir = prepare(args.corpus, cache, args.vocab_size)
     common = [
@@ -259,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint.keep=1",
         "optim.name=lamb",
         "optim.lr=0.01",
-        "optim.warmup_steps=60",
+        f"optim.warmup_steps={warmup}",
         "optim.decay=poly",
         "optim.power=1.0",
         *args.overrides,
@@ -291,12 +355,22 @@ def main(argv: list[str] | None = None) -> int:
             encoding="utf-8",
         )
 
-    result_table, target = table(results, names)
+    if args.timing_rounds > 0:
+        log(f"timing: {args.timing_rounds} interleaved rounds of {args.timing_steps} steps")
+        seconds = time_steps(names, common, args.timing_rounds, args.timing_steps)
+        saved = json.loads(results_path.read_text(encoding="utf-8"))
+        saved["timing"] = {"rounds": args.timing_rounds, "steps": args.timing_steps, **seconds}
+        results_path.write_text(json.dumps(saved, indent=1), encoding="utf-8")
+    else:
+        seconds = {name: results[name]["seconds_per_step"] for name in names}
+    result_table, target = table(results, names, seconds)
     samples = args.steps * 32
     print()
     print(f"held-out masked loss target (sparse15 after {args.steps} steps): {target:.3f}")
     print(f"{args.steps} steps x 32 samples x 128 tokens = {samples * 128 / 1e6:.2f}M token slots")
     print(result_table)
+    print()
+    print("seconds per step: " + ", ".join(f"{n} {seconds[n]:.3f}" for n in names))
     print()
     print("held-out masked loss by step:")
     print(curves(results, names))

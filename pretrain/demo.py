@@ -10,6 +10,7 @@ demo exercises exactly what a user runs. Extra `key=value` arguments go to bert-
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,11 +27,14 @@ LANGUAGES = {
         "corpus": "gutenberg_excerpt.txt.gz",
         "tokenizer": ["--kind", "wordpiece", "--vocab-size", "8000", "--lang", "en"],
         "encode": ["--lang", "en"],
+        "train": [],
     },
     "ja": {
         "corpus": "akutagawa.txt",
-        "tokenizer": ["--kind", "sentencepiece", "--vocab-size", "4000", "--lang", "ja"],
+        "tokenizer": ["--kind", "sentencepiece", "--vocab-size", "2000", "--lang", "ja"],
         "encode": ["--lang", "ja"],
+        # Five short stories (~30k tokens): hold out more, train less, or it only memorises.
+        "train": ["data.valid_fraction=0.1", "train.steps=150", "train.eval_every=50"],
     },
 }
 
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     corpus = str(CORPUS_DIR / spec["corpus"])
     tokenizer_dir, data_dir = out / "tokenizer", out / "data"
+    if out.exists():  # the demo owns its run directory: start from scratch every time
+        print(f"removing the previous demo run in {out}", flush=True)
+        shutil.rmtree(out)
 
     print(f"== 1/4 tokenizer: {corpus}", flush=True)
     _run(
@@ -78,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(
             DEMO_CONFIG,
-            [f"data.path={data_dir}", f"train.out_dir={out}", "train.resume=none", *args.overrides],
+            [
+                f"data.path={data_dir}",
+                f"train.out_dir={out}",
+                "train.resume=none",
+                *spec["train"],
+                *args.overrides,
+            ],
         )
         result = train(config)
     except ConfigError as error:
