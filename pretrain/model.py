@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelShape
 
@@ -54,13 +55,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(shape.hidden, 3 * shape.hidden)  # rows: [heads, 3, d]
         self.out = nn.Linear(shape.hidden, shape.hidden)
         self.dropout_p = shape.dropout
+        self.recompute_core = False  # set by apply_recompute("selective")
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         qkv = self.qkv(x).view(batch, seq_len, -1, 3, self.head_dim)  # [B, S, h, 3, d]
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, h, S, d]
         dropout_p = self.dropout_p if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        if self.recompute_core and torch.is_grad_enabled():
+            # The [B, h, S, S]-sized intermediates are recomputed in backward instead of stored.
+            context = checkpoint(
+                F.scaled_dot_product_attention,
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, use_reentrant=False,
+            )  # fmt: skip
+        else:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p
+            )
         context = context.transpose(1, 2).reshape(batch, seq_len, -1)  # [B, S, h*d]
         return self.out(context)
 
@@ -124,6 +135,7 @@ class Bert(nn.Module):
         self.pooler = nn.Linear(shape.hidden, shape.hidden)
         self.mlm_head = MLMHead(shape)
         self.pair_head = nn.Linear(shape.hidden, 2) if shape.pair_head else None
+        self.recompute_layers = False  # set by apply_recompute("full")
         self.apply(_init_weights)
 
     @property
@@ -142,7 +154,10 @@ class Bert(nn.Module):
             attn_mask = attention_mask[:, None, None, :].bool()  # [B, 1, 1, S]
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.layers:
-            x = layer(x, attn_mask)
+            if self.recompute_layers and torch.is_grad_enabled():
+                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x  # [B, S, H]
@@ -163,6 +178,18 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def apply_recompute(model: Bert, mode: str) -> None:
+    """Activation recomputation: trade compute for memory (what lets xlarge and 3.9B fit).
+
+    full: keep only each layer's input and recompute the layer in backward; selective: recompute
+    just the attention core, whose activations grow with S^2. RNG state is replayed, so dropout
+    masks and gradients equal those without recomputation.
+    """
+    model.recompute_layers = mode == "full"
+    for layer in model.layers:
+        layer.attention.recompute_core = mode == "selective"
 
 
 def build_model(shape: ModelShape, device: torch.device | str = "cpu") -> Bert:

@@ -39,7 +39,13 @@ from pretrain.data import (
     open_training_data,
 )
 from pretrain.metrics import MetricsLog, format_line
-from pretrain.model import Bert, build_model, count_parameters, flops_per_token
+from pretrain.model import (
+    Bert,
+    apply_recompute,
+    build_model,
+    count_parameters,
+    flops_per_token,
+)
 from pretrain.objectives import pretraining_loss
 from pretrain.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from pretrain.precision import DynamicLossScaler, autocast_context
@@ -123,6 +129,11 @@ def baseline_accuracy(batches: list[dict[str, torch.Tensor]], token: int) -> flo
 
 def train(config: Config) -> TrainResult:
     """Pre-train as configured; returns the exit code (0, or 75 when stopped on request)."""
+    if config.parallel.tp != 1 or config.parallel.zero != 0:
+        raise ConfigError(
+            "parallel.tp > 1 and parallel.zero = 1 are not available in this version yet: "
+            "set parallel.tp=1 parallel.zero=0"
+        )
     stop = StopRequest(config.train.walltime_s)
     stop.install()
     device = pick_device(config.train.device)
@@ -145,6 +156,7 @@ def train(config: Config) -> TrainResult:
             f"{data.dataset.vocab_size}: unset model.vocab_size"
         )
     model = build_model(shape, device)
+    apply_recompute(model, config.train.recompute)
     optimizer = build_optimizer(
         model,
         config.optim.name,
@@ -155,6 +167,8 @@ def train(config: Config) -> TrainResult:
     )
     scaler = DynamicLossScaler(enabled=config.train.precision == "fp16")
     params = [p for p in model.parameters() if p.requires_grad]
+    if config.train.compile:
+        model.compile()  # compiles forward in place; the first steps pay the compile time
 
     step, consumed = 0, 0
     resume_path = _find_resume(config)
@@ -171,6 +185,7 @@ def train(config: Config) -> TrainResult:
     out_dir = Path(config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")
+    log("resolved config:\n" + (out_dir / "config.yaml").read_text(encoding="utf-8").rstrip())
     metrics = MetricsLog(out_dir, resume_step=step if resume_path else None)
     log(
         f"model: {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, "
