@@ -1,6 +1,7 @@
 """Training-step throughput of our BERT against transformers' BertForMaskedLM (issue 2).
 
-Run from the repository root (about 10 minutes on 2 CPU cores, most of it torch.compile):
+Run from the repository root (6-12 minutes on 2 CPU cores, depending on the load and on whether
+torch.compile finds its graphs in the inductor cache):
 
     .venv/bin/python bench/train_throughput.py                # eager and torch.compile
     .venv/bin/python bench/train_throughput.py --no-compile   # eager only, a few minutes
@@ -18,9 +19,12 @@ sides (the optimizer step stays eager); a variant that fails to compile is repor
 The machine is shared and noisy, so all variants and a reference fp32 matrix product
 (2048x768 @ 768x3072) are timed in the same process, in interleaved rounds (each round times
 every variant for --steps steps, in a rotating order), and the table gives the median over
-rounds. Compare the ratios, not the absolute numbers, between runs. Model FLOPs follow
-pretrain.model.flops_per_token: ours with the fraction of positions it scores, Hugging Face with
-all positions scored.
+rounds (one step per variant per round by default: a step takes 8-25 s here). Compare the
+ratios, not the absolute numbers, between runs; "spread" is (max - min) / median over rounds.
+Model FLOPs follow pretrain.model.flops_per_token: ours with the fraction of positions it
+scores, Hugging Face with all positions scored. The graphs and graph breaks noted for a compiled
+variant are those dynamo recorded during its warm-up (code already compiled for an earlier
+variant is not counted again).
 """
 
 from __future__ import annotations
@@ -289,7 +293,7 @@ def profile_step(variant: Variant) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1, help="timed steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
     parser.add_argument("--profile", action="store_true", help="profile one eager step after")
