@@ -135,6 +135,10 @@ class Bert(nn.Module):
         self.pooler = nn.Linear(shape.hidden, shape.hidden)
         self.mlm_head = MLMHead(shape)
         self.pair_head = nn.Linear(shape.hidden, 2) if shape.pair_head else None
+        if self.pair_head is None:
+            # Exported for fine-tuning, but unused (so untrained) without a pair task; freezing
+            # it keeps it out of the optimizer and out of DDP's gradient buckets.
+            self.pooler.requires_grad_(False)
         self.recompute_layers = False  # set by apply_recompute("full")
         self.apply(_init_weights)
 

@@ -5,13 +5,15 @@ Run it with `bert-train --config configs/tiny.yaml data.path=... train.steps=200
 
 from __future__ import annotations
 
-import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from launch.signals import EXIT_RESUBMIT, StopRequest
 from pretrain.checkpoint import (
@@ -26,6 +28,8 @@ from pretrain.checkpoint import (
 from pretrain.config import (
     Config,
     ConfigError,
+    MLMConfig,
+    ModelShape,
     check_batch_layout,
     resolve_model_shape,
     save_config,
@@ -38,6 +42,14 @@ from pretrain.data import (
     most_frequent_token,
     open_training_data,
 )
+from pretrain.distributed import (
+    ParallelDims,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    setup_parallel,
+    shutdown,
+)
 from pretrain.metrics import MetricsLog, format_line
 from pretrain.model import (
     Bert,
@@ -46,7 +58,7 @@ from pretrain.model import (
     count_parameters,
     flops_per_token,
 )
-from pretrain.objectives import pretraining_loss
+from pretrain.objectives import LossOutput, pretraining_loss
 from pretrain.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from pretrain.precision import DynamicLossScaler, autocast_context
 
@@ -59,14 +71,6 @@ class TrainResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     baseline_acc: float | None = None
     checkpoint: Path | None = None
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting != "auto":
-        return torch.device(setting)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def log(message: str) -> None:
@@ -101,18 +105,20 @@ def _init_weights_from(path_text: str, model: Bert) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: Bert, batches: list[dict[str, torch.Tensor]], config: Config, device: torch.device
+    model: Bert, batches: list[dict[str, torch.Tensor]], config: Config, dims: ParallelDims
 ) -> dict[str, float]:
-    """Masked loss and accuracy on the fixed held-out masked positions."""
+    """Masked loss and accuracy on the fixed held-out masked positions (this rank's share of
+    them; the sums are reduced over the dp group)."""
     model.eval()
     loss_sum = correct = count = 0.0
     for batch in batches:
-        with autocast_context(config.train.precision, device.type):
-            out = pretraining_loss(model, _to_device(batch, device), EVAL_MLM)
+        with autocast_context(config.train.precision, dims.device.type):
+            out = pretraining_loss(model, _to_device(batch, dims.device), EVAL_MLM)
         loss_sum += float(out.masked_loss_sum)
         correct += float(out.masked_correct)
         count += float(out.masked_count)
     model.train()
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], dims)
     count = max(count, 1.0)
     return {"masked_loss": loss_sum / count, "mlm_acc": correct / count}
 
@@ -127,6 +133,18 @@ def baseline_accuracy(batches: list[dict[str, torch.Tensor]], token: int) -> flo
     return hits / max(total, 1)
 
 
+class _LossStep(nn.Module):
+    """The model and its objective as one module, so DDP sees every parameter use in forward."""
+
+    def __init__(self, model: Bert, mlm: MLMConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.mlm = mlm
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        return pretraining_loss(self.model, batch, self.mlm)
+
+
 def train(config: Config) -> TrainResult:
     """Pre-train as configured; returns the exit code (0, or 75 when stopped on request)."""
     if config.parallel.tp != 1 or config.parallel.zero != 0:
@@ -134,11 +152,21 @@ def train(config: Config) -> TrainResult:
             "parallel.tp > 1 and parallel.zero = 1 are not available in this version yet: "
             "set parallel.tp=1 parallel.zero=0"
         )
+    env, dims, device = setup_parallel(config)
+    try:
+        return _train(config, dims, env.describe(), device)
+    finally:
+        shutdown()
+
+
+def _train(
+    config: Config, dims: ParallelDims, launch_line: str, device: torch.device
+) -> TrainResult:
+    say = log if dims.is_main else _quiet
+    say(launch_line)
     stop = StopRequest(config.train.walltime_s)
     stop.install()
-    device = pick_device(config.train.device)
-    dp_rank, dp_size = 0, 1
-    accumulation = check_batch_layout(config, dp_size)
+    accumulation = check_batch_layout(config, dims.dp_size)
     torch.manual_seed(config.train.seed)
 
     data = open_training_data(
@@ -167,8 +195,6 @@ def train(config: Config) -> TrainResult:
     )
     scaler = DynamicLossScaler(enabled=config.train.precision == "fp16")
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.train.compile:
-        model.compile()  # compiles forward in place; the first steps pay the compile time
 
     step, consumed = 0, 0
     resume_path = _find_resume(config)
@@ -177,31 +203,40 @@ def train(config: Config) -> TrainResult:
         state = load_checkpoint(resume_path, model, optimizer)
         step, consumed = state["step"], state["consumed_samples"]
         scaler.load_state_dict(state["scaler"])
-        log(f"resumed from {resume_path} at step {step} ({consumed} samples consumed)")
+        say(f"resumed from {resume_path} at step {step} ({consumed} samples consumed)")
     elif config.train.init_from:
         _init_weights_from(config.train.init_from, model)
-        log(f"initialised weights from {config.train.init_from}")
+        say(f"initialised weights from {config.train.init_from}")
+
+    loss_step: nn.Module = _LossStep(model, config.mlm)
+    if config.train.compile:
+        model.compile()  # compiles forward in place; the first steps pay the compile time
+    if dims.dp_size > 1:
+        # Gradients are averaged over the dp group in buckets, overlapping with backward.
+        loss_step = DistributedDataParallel(
+            loss_step,
+            process_group=dims.dp_group,
+            device_ids=[device] if device.type == "cuda" else None,
+        )
 
     out_dir = Path(config.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
-    log("resolved config:\n" + (out_dir / "config.yaml").read_text(encoding="utf-8").rstrip())
-    metrics = MetricsLog(out_dir, resume_step=step if resume_path else None)
-    log(
+    if dims.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
+        say("resolved config:\n" + (out_dir / "config.yaml").read_text(encoding="utf-8").rstrip())
+    metrics = MetricsLog(out_dir, resume_step=step if resume_path else None, enabled=dims.is_main)
+    say(
         f"model: {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, "
         f"vocab {shape.vocab_size}, {shape.norm}-LN, {count_parameters(model):,} parameters; "
         f"{len(data.train):,} training samples of up to {config.data.seq_len} tokens; "
-        f"device {device}, {config.train.precision}, mlm {config.mlm.mode}"
+        f"dp {dims.dp_size} x tp {dims.tp_size}, device {device}, {config.train.precision}, "
+        f"mlm {config.mlm.mode}, {accumulation} micro-batch(es) per step"
     )
 
-    loader = build_loader(
-        data.train,
-        StreamBatches(
-            consumed, config.train.global_batch, config.train.micro_batch, dp_rank, dp_size
-        ),
-        config.data.workers,
+    sampler = StreamBatches(
+        consumed, config.train.global_batch, config.train.micro_batch, dims.dp_rank, dims.dp_size
     )
-    batches = iter(loader)
+    batches = iter(build_loader(data.train, sampler, config.data.workers))
     held_out = (
         eval_batches(data.valid, config.train.micro_batch, config.train.eval_batches)
         if data.valid is not None
@@ -217,22 +252,24 @@ def train(config: Config) -> TrainResult:
             "scaler": scaler.state_dict(),
             "config": config.to_dict(),
             "model_shape": asdict(shape),
-            "layout": {"tp": 1, "dp": dp_size, "world_size": 1},
+            "layout": {"tp": dims.tp_size, "dp": dims.dp_size, "world_size": dims.world_size},
             "tokenizer_hash": data.dataset.tokenizer_hash,
             "data_path": str(Path(config.data.path).resolve()),
             "tokenizer_dir": str(data.tokenizer_dir.resolve()),
         }
 
-    def checkpoint() -> Path:
-        path = save_checkpoint(
-            config.checkpoint_dir, step, model, optimizer, train_state(), config.checkpoint.keep
-        )
-        log(f"checkpoint written: {path}")
-        result.checkpoint = path
-        return path
+    def checkpoint() -> None:
+        # dp replicas hold identical weights and optimizer state: the main rank writes them.
+        if dims.is_main:
+            path = save_checkpoint(
+                config.checkpoint_dir, step, model, optimizer, train_state(), config.checkpoint.keep
+            )
+            say(f"checkpoint written: {path}")
+            result.checkpoint = path
+        barrier(dims)
 
     interval = _Interval()
-    model.train()
+    loss_step.train()
     while step < config.train.steps:
         lr = lr_at(
             step,
@@ -245,11 +282,14 @@ def train(config: Config) -> TrainResult:
         )
         set_lr(optimizer, lr)
         step_loss = 0.0
-        for _ in range(accumulation):
+        for micro in range(accumulation):
             batch = _to_device(next(batches), device)
-            with autocast_context(config.train.precision, device.type):
-                out = pretraining_loss(model, batch, config.mlm)
-            scaler.scale_loss(out.loss / accumulation).backward()
+            last = micro == accumulation - 1
+            sync = nullcontext() if last or dims.dp_size == 1 else loss_step.no_sync()
+            with sync:
+                with autocast_context(config.train.precision, device.type):
+                    out = loss_step(batch)
+                scaler.scale_loss(out.loss / accumulation).backward()
             step_loss += float(out.loss.detach()) / accumulation  # CPU-GPU sync point
             interval.add(out, int(batch["attention_mask"].sum()))
         found_inf = scaler.unscale_and_check(params)
@@ -265,22 +305,26 @@ def train(config: Config) -> TrainResult:
 
         if step % config.train.log_every == 0 or step == config.train.steps:
             record = interval.record(
-                step, consumed, lr, float(grad_norm), loss_scale, shape, config
+                step, consumed, lr, float(grad_norm), loss_scale, shape, config, dims
             )
             metrics.write(record)
             result.history.append(record)
-            log(format_line(record))
+            say(format_line(record))
             interval = _Interval()
         if held_out and (step % config.train.eval_every == 0 or step == config.train.steps):
-            record = {"split": "valid", "step": step, **evaluate(model, held_out, config, device)}
+            shard = held_out[dims.dp_rank :: dims.dp_size]
+            record = {"split": "valid", "step": step, **evaluate(model, shard, config, dims)}
             metrics.write(record)
             result.evals.append(record)
-            log(format_line(record))
+            say(format_line(record))
             interval.start = time.perf_counter()  # evaluation time is not training time
         reason = stop.reason()
-        if reason is not None and step < config.train.steps:
+        if any_rank(reason is not None, dims) and step < config.train.steps:
             checkpoint()
-            log(f"stopping at step {step}: {reason}; resubmit with train.resume=auto to continue")
+            say(
+                f"stopping at step {step}: {reason or 'another rank was asked to stop'}; "
+                "resubmit with train.resume=auto to continue"
+            )
             result.exit_code = EXIT_RESUBMIT
             break
         if step % config.checkpoint.every == 0 or step == config.train.steps:
@@ -288,6 +332,10 @@ def train(config: Config) -> TrainResult:
     metrics.close()
     result.step = step
     return result
+
+
+def _quiet(message: str) -> None:
+    """Non-main ranks stay silent: one log per job, not one per GPU."""
 
 
 class _Interval:
@@ -321,23 +369,36 @@ class _Interval:
         lr: float,
         grad_norm: float,
         loss_scale: float,
-        shape,
-        config,
+        shape: ModelShape,
+        config: Config,
+        dims: ParallelDims,
     ) -> dict[str, Any]:
+        """The interval's record, with every sum reduced over the dp group."""
         elapsed = time.perf_counter() - self.start
-        scored_fraction = self.scored / max(self.tokens, 1)
-        flops = flops_per_token(shape, config.data.seq_len, scored_fraction) * self.tokens
+        loss, masked_loss, correct, masked, tokens, scored = all_reduce_sum(
+            [
+                sum(self.losses),
+                self.masked_loss,
+                self.correct,
+                self.masked,
+                self.tokens,
+                self.scored,
+            ],
+            dims,
+        )
+        scored_fraction = scored / max(tokens, 1)
+        flops = flops_per_token(shape, config.data.seq_len, scored_fraction) * tokens
         record = {
             "step": step,
             "consumed_samples": consumed,
-            "loss": sum(self.losses) / len(self.losses),
-            "masked_loss": self.masked_loss / max(self.masked, 1.0),
-            "mlm_acc": self.correct / max(self.masked, 1.0),
+            "loss": loss / len(self.losses) / dims.dp_size,
+            "masked_loss": masked_loss / max(masked, 1.0),
+            "mlm_acc": correct / max(masked, 1.0),
             "lr": lr,
             "grad_norm": grad_norm,
             "loss_scale": loss_scale,
-            "tokens_per_s": self.tokens / elapsed,
-            "tflops": flops / elapsed / 1e12,
+            "tokens_per_s": tokens / elapsed,
+            "tflops": flops / elapsed / dims.world_size / 1e12,  # per device
             "elapsed_s": elapsed,
         }
         if self.skipped:
