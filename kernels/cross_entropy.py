@@ -10,18 +10,23 @@ Tensor parallelism (a later issue) splits V across ranks: each rank holds weight
 row max, the row sums (sum-exp, target logit, logit sum), the argmax and grad_hidden are then
 partial per rank and need an all-reduce; each is computed in one small helper below (`_row_max`,
 `_row_sum`, `_target_logit`, `_row_argmax`) so the collectives slot in there.
+
+The GPU path (kernels/cross_entropy_triton.py) shares the chunk loop and its GEMMs below
+(`run_chunked`) and replaces only the per-chunk maths on the [c, V] logits
+(`_chunk_math_reference`, about ten passes over the chunk) by two Triton kernels that read it
+twice and write the gradient in place, with the same tp reductions between them.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from kernels.dispatch import use_triton
 
 # One chunk's fp32 logits are at most 2**24 elements = 64 MB.
 _CHUNK_ELEMENTS = 2**24
@@ -48,8 +53,9 @@ def linear_cross_entropy(
     `position_weight`), 0 with zero gradients when nothing is scored. With `return_stats`, also
     (per-row CE [N] fp32 without label smoothing and 0 on ignored rows, argmax [N] int64) for the
     N = prod(leading dims) rows, from the same pass. `label_smoothing` is as in F.cross_entropy.
-    `chunk_rows` defaults to 2**24 // V (64 MB of fp32 logits). `tp_group` must be None or of
-    size 1 until vocabulary-parallel support lands.
+    `chunk_rows` defaults to 2**24 // V (64 MB of fp32 logits). With a `tp_group` of size > 1,
+    `weight` (and `bias`) are this rank's equal vocabulary shard, in rank order; label
+    smoothing is then not supported.
     """
     impl = _pick_impl(hidden)
     return impl(
@@ -66,26 +72,13 @@ def linear_cross_entropy(
     )
 
 
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _use_triton(t: Tensor) -> bool:
-    """Whether a Triton kernel may run on `t`: CUDA, triton installed, compute capability >= 8.0
-    (Triton's official floor; V100 is 7.0 and keeps the chunked reference)."""
-    if not t.is_cuda or not _triton_available():
-        return False
-    return torch.cuda.get_device_capability(t.device)[0] >= 8
-
-
-# The Triton implementation (a later issue) registers itself here with the same signature.
-_triton_impl: Callable[..., Any] | None = None
-
-
 def _pick_impl(hidden: Tensor) -> Callable[..., Any]:
-    if _triton_impl is not None and _use_triton(hidden):
-        return _triton_impl
+    """The Triton path on CUDA devices of compute capability >= 8.0 (see kernels.dispatch);
+    the chunked reference everywhere else, including V100."""
+    if use_triton(hidden):
+        from kernels.cross_entropy_triton import linear_cross_entropy_triton
+
+        return linear_cross_entropy_triton
     return linear_cross_entropy_reference
 
 
@@ -103,7 +96,40 @@ def linear_cross_entropy_reference(
     chunk_rows: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The chunked PyTorch implementation of `linear_cross_entropy` (same arguments)."""
-    _check_tp_group(tp_group)
+    return run_chunked(
+        _chunk_math_reference,
+        hidden,
+        weight,
+        target,
+        bias=bias,
+        ignore_index=ignore_index,
+        position_weight=position_weight,
+        tp_group=tp_group,
+        return_stats=return_stats,
+        label_smoothing=label_smoothing,
+        chunk_rows=chunk_rows,
+    )
+
+
+def run_chunked(
+    chunk_math: ChunkMath,
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None,
+    ignore_index: int,
+    position_weight: Tensor | None,
+    tp_group: Any,
+    return_stats: bool,
+    label_smoothing: float,
+    chunk_rows: int | None,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """`linear_cross_entropy` around a given per-chunk maths: the checks, then the chunk loop
+    (under autograd when a grad is needed). Shared by the reference and the Triton path."""
+    vocab_start, tp_size = _vocab_shard(tp_group, weight.shape[0])
+    if tp_size > 1 and label_smoothing > 0:
+        raise ValueError("label_smoothing is not supported with a vocabulary split over tp ranks")
     h_dim = hidden.shape[-1]
     if weight.ndim != 2 or weight.shape[1] != h_dim:
         raise ValueError(f"weight must be [V, {h_dim}], got {list(weight.shape)}")
@@ -129,7 +155,8 @@ def linear_cross_entropy_reference(
     hidden_2d = hidden.reshape(-1, h_dim)  # [N, H]
     target_1d = target.reshape(-1)  # [N]
     row_scale = _row_scale(target_1d, position_weight, ignore_index)  # [N] fp32, w_i / sum(w)
-    options = (ignore_index, label_smoothing, chunk_rows)
+    shard = _Shard(tp_group, vocab_start, tp_size)
+    options = (ignore_index, label_smoothing, chunk_rows, shard, chunk_math)
     inputs = (hidden_2d, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         loss, row_loss, argmax = _LinearCrossEntropy.apply(
@@ -144,14 +171,21 @@ def linear_cross_entropy_reference(
     return loss
 
 
-def _check_tp_group(tp_group: Any) -> None:
+class _Shard:
+    """Where this rank's vocabulary rows sit: [start, start + V_local) of tp_size * V_local."""
+
+    def __init__(self, group: Any, start: int, size: int) -> None:
+        self.group = group if size > 1 else None
+        self.start = start
+        self.size = size
+
+
+def _vocab_shard(tp_group: Any, local_vocab: int) -> tuple[int, int]:
+    """(first global vocabulary id of this rank's rows, tp size); equal shards per rank."""
     if tp_group is None:
-        return
-    if dist.get_world_size(tp_group) != 1:
-        raise NotImplementedError(
-            "linear_cross_entropy: a vocabulary split over a tp_group of size > 1 is not "
-            "implemented yet; pass tp_group=None (or a group of size 1)"
-        )
+        return 0, 1
+    size = dist.get_world_size(tp_group)
+    return dist.get_rank(tp_group) * local_vocab, size
 
 
 def _row_scale(target: Tensor, position_weight: Tensor | None, ignore_index: int) -> Tensor:
@@ -170,27 +204,63 @@ def _row_scale(target: Tensor, position_weight: Tensor | None, ignore_index: int
 # a partial result, and the all-reduce (MAX or SUM over tp_group) goes inside these helpers.
 
 
-def _row_max(logits: Tensor) -> Tensor:
+def _row_max(logits: Tensor, shard: _Shard) -> Tensor:
     """[c, V] -> [c] max over the vocabulary (tp: all-reduce MAX)."""
-    return logits.amax(dim=1)
+    result = logits.amax(dim=1)
+    if shard.group is not None:
+        dist.all_reduce(result, op=dist.ReduceOp.MAX, group=shard.group)
+    return result
 
 
-def _row_sum(x: Tensor) -> Tensor:
+def _row_sum(x: Tensor, shard: _Shard) -> Tensor:
     """[c, V] -> [c] sum over the vocabulary (tp: all-reduce SUM)."""
-    return x.sum(dim=1)
+    result = x.sum(dim=1)
+    if shard.group is not None:
+        dist.all_reduce(result, group=shard.group)
+    return result
 
 
-def _target_logit(logits: Tensor, target: Tensor, scored: Tensor) -> Tensor:
+def _local_target(target: Tensor, scored: Tensor, shard: _Shard, local_vocab: int) -> Tensor:
+    """[c] bool: the row's target lies in this rank's vocabulary rows."""
+    return scored & (target >= shard.start) & (target < shard.start + local_vocab)
+
+
+def _target_logit(logits: Tensor, target: Tensor, scored: Tensor, shard: _Shard) -> Tensor:
     """[c] logit of each row's target, 0 where not scored (tp: targets outside this rank's shard
     count 0, then all-reduce SUM)."""
-    safe = torch.where(scored, target, 0)
+    here = _local_target(target, scored, shard, logits.shape[1])
+    safe = torch.where(here, target - shard.start, 0)
     picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-    return torch.where(scored, picked, 0.0)
+    result = torch.where(here, picked, 0.0)
+    if shard.group is not None:
+        dist.all_reduce(result, group=shard.group)
+    return result
 
 
-def _row_argmax(logits: Tensor) -> Tensor:
-    """[c] index of the largest logit (tp: add the shard offset, pick the rank with the max)."""
-    return logits.argmax(dim=1)
+def _row_argmax(logits: Tensor, shard: _Shard) -> Tensor:
+    """[c] global index of the largest logit (tp: the first rank holding the max wins, which
+    matches torch.argmax's first occurrence on the full row)."""
+    values, index = logits.max(dim=1)
+    index = index + shard.start
+    if shard.group is None:
+        return index
+    all_values = [torch.empty_like(values) for _ in range(shard.size)]
+    all_index = [torch.empty_like(index) for _ in range(shard.size)]
+    dist.all_gather(all_values, values, group=shard.group)
+    dist.all_gather(all_index, index, group=shard.group)
+    best = torch.stack(all_values).argmax(dim=0)  # first rank with the max
+    return torch.stack(all_index).gather(0, best.unsqueeze(0)).squeeze(0)
+
+
+# The per-chunk maths: (logits [c, V] fp32, which it may overwrite, target [c], row_scale [c]
+# fp32, ignore_index, label_smoothing, want_grad, shard) -> (row CE [c] fp32, plain CE and 0 on
+# ignored rows; the chunk's loss sum(row_scale * CE) (label-smoothed CE if asked), 0-dim fp32;
+# argmax [c] int64 over the whole vocabulary; d loss / d logits [c, V] fp32, possibly the
+# `logits` buffer itself, or None unless `want_grad`).
+ChunkMath = Callable[
+    [Tensor, Tensor, Tensor, int, float, bool, "_Shard"],
+    tuple[Tensor, Tensor, Tensor, "Tensor | None"],
+]
 
 
 def _chunked_pass(
@@ -199,7 +269,7 @@ def _chunked_pass(
     bias: Tensor | None,
     target: Tensor,
     row_scale: Tensor,
-    options: tuple[int, float, int],
+    options: tuple[int, float, int, _Shard, ChunkMath],
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """Loss, per-row CE, argmax and (if asked) grads of hidden, weight and bias, chunk by chunk.
@@ -207,8 +277,9 @@ def _chunked_pass(
     hidden [N, H], weight [V, H], bias [V], target [N], row_scale [N] fp32 = w_i / sum(w).
     All maths in fp32; the grads come back in their inputs' dtypes.
     """
-    ignore_index, smoothing, chunk_rows = options
+    ignore_index, smoothing, chunk_rows, shard, chunk_math = options
     need_h, need_w, need_b = needs_grad
+    want_grad = need_h or need_w or need_b
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     # Inputs upcast once (a no-op for fp32 master weights); each chunk's GEMM then runs in fp32.
@@ -225,39 +296,24 @@ def _chunked_pass(
     for start in range(0, n_rows, chunk_rows):
         end = min(start + chunk_rows, n_rows)
         h = hidden[start:end].float()  # [c, H]
-        t = target[start:end]
-        scored = t != ignore_index
-        scale = row_scale[start:end]  # [c]
-
         logits = h @ weight_f.T  # [c, V] fp32: the only chunk-sized buffer
         if bias_f is not None:
             logits += bias_f
-        argmax[start:end] = _row_argmax(logits)
-        logits -= _row_max(logits).unsqueeze(1)  # shifted: every entry <= 0
-        target_shifted = _target_logit(logits, t, scored)
-        mean_shifted = _row_sum(logits) / vocab if smoothing > 0 else None
-        logits.exp_()
-        sum_exp = _row_sum(logits)
-        log_sum_exp = sum_exp.log()  # lse - max
-
-        ce = torch.where(scored, log_sum_exp - target_shifted, 0.0)
+        ce, chunk_loss, chunk_argmax, grad_logits = chunk_math(
+            logits,
+            target[start:end],
+            row_scale[start:end],
+            ignore_index,
+            smoothing,
+            want_grad,
+            shard,
+        )
+        del logits  # now grad_logits (or garbage): nothing else may hold the chunk buffer
         row_loss[start:end] = ce
-        if mean_shifted is not None:
-            # (1 - s) CE + s * (lse - mean logit), the label-smoothed loss of F.cross_entropy
-            ce = (1.0 - smoothing) * ce + smoothing * (log_sum_exp - mean_shifted)
-        loss += (scale * ce).sum()
-
-        if not (need_h or need_w or need_b):
-            del logits  # before the next chunk allocates its own
+        argmax[start:end] = chunk_argmax
+        loss += chunk_loss
+        if grad_logits is None:
             continue
-        # d loss / d logits = scale_i * (softmax - (1 - s) onehot - s / V), built in place.
-        probs = logits.div_(sum_exp.unsqueeze(1))
-        if smoothing > 0:
-            probs -= smoothing / vocab
-        safe_t = torch.where(scored, t, 0)
-        on_target = torch.where(scored, 1.0 - smoothing, 0.0).unsqueeze(1)
-        probs.scatter_add_(1, safe_t.unsqueeze(1), -on_target)
-        grad_logits = probs.mul_(scale.unsqueeze(1))  # ignored rows: scale 0 -> all zero
         if grad_hidden is not None:
             # tp: partial over this rank's vocabulary; all-reduce SUM over tp_group.
             grad_hidden[start:end] = grad_logits @ weight_f
@@ -265,7 +321,7 @@ def _chunked_pass(
             grad_weight.addmm_(grad_logits.T, h)
         if grad_bias is not None:
             grad_bias += grad_logits.sum(dim=0)
-        del logits, probs, grad_logits
+        del grad_logits  # before the next chunk allocates its own
 
     grads = (
         grad_hidden,
@@ -273,6 +329,46 @@ def _chunked_pass(
         grad_bias.to(bias.dtype) if grad_bias is not None and bias is not None else None,
     )
     return loss, row_loss, argmax, grads
+
+
+def _chunk_math_reference(
+    logits: Tensor,
+    target: Tensor,
+    row_scale: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    want_grad: bool,
+    shard: _Shard,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One chunk's maths in PyTorch, in place on `logits` (see ChunkMath)."""
+    vocab = logits.shape[1]
+    scored = target != ignore_index
+    argmax = _row_argmax(logits, shard)
+    logits -= _row_max(logits, shard).unsqueeze(1)  # shifted: every entry <= 0
+    target_shifted = _target_logit(logits, target, scored, shard)
+    mean_shifted = _row_sum(logits, shard) / vocab if smoothing > 0 else None
+    logits.exp_()
+    sum_exp = _row_sum(logits, shard)
+    log_sum_exp = sum_exp.log()  # lse - max
+
+    ce = torch.where(scored, log_sum_exp - target_shifted, 0.0)
+    smoothed = ce
+    if mean_shifted is not None:
+        # (1 - s) CE + s * (lse - mean logit), the label-smoothed loss of F.cross_entropy
+        smoothed = (1.0 - smoothing) * ce + smoothing * (log_sum_exp - mean_shifted)
+    loss = (row_scale * smoothed).sum()
+    if not want_grad:
+        return ce, loss, argmax, None
+    # d loss / d logits = scale_i * (softmax - (1 - s) onehot - s / V), built in place.
+    probs = logits.div_(sum_exp.unsqueeze(1))
+    if smoothing > 0:
+        probs -= smoothing / vocab
+    here = _local_target(target, scored, shard, vocab)
+    safe_t = torch.where(here, target - shard.start, 0)
+    on_target = torch.where(here, 1.0 - smoothing, 0.0).unsqueeze(1)
+    probs.scatter_add_(1, safe_t.unsqueeze(1), -on_target)
+    grad_logits = probs.mul_(row_scale.unsqueeze(1))  # ignored rows: scale 0 -> all zero
+    return ce, loss, argmax, grad_logits
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -286,7 +382,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         bias: Tensor | None,
         target: Tensor,
         row_scale: Tensor,
-        options: tuple[int, float, int],
+        options: tuple[int, float, int, _Shard, ChunkMath],
     ) -> tuple[Tensor, Tensor, Tensor]:
         # Called under autocast, the GEMMs inside would drop to bf16/fp16; the pass is fp32.
         with torch.autocast(device_type=hidden.device.type, enabled=False):

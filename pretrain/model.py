@@ -23,10 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import kernels
 from pretrain.config import ModelShape
 
 SPECIAL_TOKEN_COUNT = 5  # [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0..4 (data_prep contract)
 LAYER_NORM_EPS = 1e-12
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same `weight`/`bias`, same state dict) computed by `kernels.layer_norm`:
+    a fused Triton kernel on GPUs of compute capability >= 8.0, F.layer_norm elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class Embeddings(nn.Module):
@@ -36,7 +47,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(shape.max_seq_len, shape.hidden)
         self.token_type = nn.Embedding(2, shape.hidden)
         # Pre-LN models normalise at the start of each layer instead (MegatronBertEmbeddings).
-        self.norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "post" else None
+        self.norm = LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "post" else None
         self.dropout = nn.Dropout(shape.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -48,30 +59,44 @@ class Embeddings(nn.Module):
         return self.dropout(x)  # [B, S, H]
 
 
+class AttentionCore(nn.Module):
+    """softmax(QK^T / sqrt(d)) V with dropout, through scaled_dot_product_attention.
+
+    A module of its own so that recomputation and tensor parallelism's RNG handling (dropout
+    here acts on this rank's heads only) can be applied to exactly this region from outside.
+    """
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.dropout_p = dropout
+        self.recompute = False  # set by apply_recompute("selective")
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.recompute and torch.is_grad_enabled():
+            # The [B, h, S, S]-sized intermediates are recomputed in backward instead of stored.
+            return checkpoint(
+                F.scaled_dot_product_attention,
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, use_reentrant=False,
+            )  # fmt: skip
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
         self.head_dim = shape.hidden // shape.heads
         self.qkv = nn.Linear(shape.hidden, 3 * shape.hidden)  # rows: [heads, 3, d]
+        self.core = AttentionCore(shape.dropout)
         self.out = nn.Linear(shape.hidden, shape.hidden)
-        self.dropout_p = shape.dropout
-        self.recompute_core = False  # set by apply_recompute("selective")
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         qkv = self.qkv(x).view(batch, seq_len, -1, 3, self.head_dim)  # [B, S, h, 3, d]
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, h, S, d]
-        dropout_p = self.dropout_p if self.training else 0.0
-        if self.recompute_core and torch.is_grad_enabled():
-            # The [B, h, S, S]-sized intermediates are recomputed in backward instead of stored.
-            context = checkpoint(
-                F.scaled_dot_product_attention,
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, use_reentrant=False,
-            )  # fmt: skip
-        else:
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p
-            )
+        context = self.core(q, k, v, attn_mask)
         context = context.transpose(1, 2).reshape(batch, seq_len, -1)  # [B, S, h*d]
         return self.out(context)
 
@@ -83,7 +108,12 @@ class MLP(nn.Module):
         self.fc_out = nn.Linear(shape.ffn_hidden, shape.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x)))
+        if type(self.fc_in) is nn.Linear:
+            # fc_in's bias is added inside the fused bias + GELU (Megatron's skip_bias_add).
+            hidden = kernels.bias_gelu(F.linear(x, self.fc_in.weight), self.fc_in.bias)
+        else:  # replaced from outside (e.g. tensor parallel): a module with its own forward
+            hidden = F.gelu(self.fc_in(x))
+        return self.fc_out(hidden)
 
 
 class TransformerLayer(nn.Module):
@@ -91,9 +121,9 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.pre_norm = shape.norm == "pre"
         self.attention = SelfAttention(shape)
-        self.attention_norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS)
+        self.attention_norm = LayerNorm(shape.hidden, LAYER_NORM_EPS)
         self.mlp = MLP(shape)
-        self.mlp_norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS)
+        self.mlp_norm = LayerNorm(shape.hidden, LAYER_NORM_EPS)
         self.dropout = nn.Dropout(shape.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -110,11 +140,16 @@ class MLMHead(nn.Module):
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
         self.dense = nn.Linear(shape.hidden, shape.hidden)
-        self.norm = nn.LayerNorm(shape.hidden, LAYER_NORM_EPS)
+        self.norm = LayerNorm(shape.hidden, LAYER_NORM_EPS)
         self.bias = nn.Parameter(torch.zeros(shape.vocab_size))
+        # -inf on vocabulary padding (tensor parallelism pads the vocabulary; see parallelize).
+        self.vocab_mask: torch.Tensor | None = None
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(F.gelu(self.dense(hidden)))
+
+    def logit_bias(self) -> torch.Tensor:
+        return self.bias if self.vocab_mask is None else self.bias + self.vocab_mask
 
 
 class Bert(nn.Module):
@@ -130,7 +165,7 @@ class Bert(nn.Module):
         self.embeddings = Embeddings(shape)
         self.layers = nn.ModuleList(TransformerLayer(shape) for _ in range(shape.layers))
         self.final_norm = (
-            nn.LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "pre" else None
+            LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "pre" else None
         )
         self.pooler = nn.Linear(shape.hidden, shape.hidden)
         self.mlm_head = MLMHead(shape)
@@ -193,7 +228,7 @@ def apply_recompute(model: Bert, mode: str) -> None:
     """
     model.recompute_layers = mode == "full"
     for layer in model.layers:
-        layer.attention.recompute_core = mode == "selective"
+        layer.attention.core.recompute = mode == "selective"
 
 
 def build_model(shape: ModelShape, device: torch.device | str = "cpu") -> Bert:

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import kernels
 from pretrain.config import MLMConfig
 from pretrain.model import SPECIAL_TOKEN_COUNT, Bert
+from pretrain.parallel.mappings import copy_to_tp_region
 
 IGNORE = -100
 MASK_ID = 4
@@ -109,11 +111,18 @@ class LossOutput:
     scored_count: int  # positions the MLM head ran on (for the FLOP count)
 
 
-def pretraining_loss(model: Bert, batch: dict[str, torch.Tensor], mlm: MLMConfig) -> LossOutput:
+def pretraining_loss(
+    model: Bert,
+    batch: dict[str, torch.Tensor],
+    mlm: MLMConfig,
+    tp_group: dist.ProcessGroup | None = None,
+) -> LossOutput:
     """MLM loss (+ NSP/SOP when the batch has `pair_labels`) and masked-position statistics.
 
     Sparse: the head runs only on picked positions. Dense: on every scored position, with the
-    cross-entropy chunked so that logits for all of them never exist at once.
+    cross-entropy chunked so that logits for all of them never exist at once. Under tensor
+    parallelism the decoder holds this rank's vocabulary shard and the cross-entropy reduces
+    over `tp_group`; the transformed states enter the tp region (backward all-reduces them).
     """
     hidden = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     labels = batch["labels"].reshape(-1)
@@ -125,13 +134,14 @@ def pretraining_loss(model: Bert, batch: dict[str, torch.Tensor], mlm: MLMConfig
     weight = None
     if mlm.mode == "dense":
         weight = torch.where(picked_rows, 1.0, mlm.visible_weight).to(torch.float32)
-    transformed = model.mlm_head.transform(rows)
+    transformed = copy_to_tp_region(model.mlm_head.transform(rows), tp_group)
     loss, row_loss, prediction = kernels.linear_cross_entropy(
         transformed,
         model.decoder_weight,
         targets,
-        bias=model.mlm_head.bias,
+        bias=model.mlm_head.logit_bias(),
         position_weight=weight,
+        tp_group=tp_group,
         return_stats=True,
     )
     if "pair_labels" in batch:

@@ -4,7 +4,8 @@ LAMB is what lets BERT train at large global batches (You et al. 2019, "Large Ba
 for Deep Learning", Algorithm 2): Adam's moments, then a per-tensor trust ratio ||p|| / ||u|| that
 rescales each layer's step to its own size. The maths runs as multi-tensor `torch._foreach_*` ops
 over a whole param group, so the optimizer costs a handful of kernel launches per step, not a few
-per tensor. Tensor parallelism enters only through two overridable reductions: `Lamb._tensor_norms`
+per tensor; that maths lives in `kernels.lamb_step` (two Triton launches per group on GPUs of
+compute capability >= 8.0, the same `torch._foreach_*` ops elsewhere). Tensor parallelism enters only through two overridable reductions: `Lamb._tensor_norms`
 and the `norm_fn` argument of `clip_grad_norm_`.
 """
 
@@ -15,7 +16,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+
+import kernels
 
 OptimizerName = Literal["lamb", "adamw"]
 DecayKind = Literal["poly", "linear", "cosine"]
@@ -42,7 +46,11 @@ class Lamb(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        tp_group: Any = None,
     ) -> None:
+        """`tp_group`: the tensor-parallel group whose ranks hold shards of the same tensors;
+        per-tensor norms are summed over it so the trust ratio sees whole tensors."""
+        self.tp_group = tp_group
         if lr < 0:
             raise ValueError(f"Lamb: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -63,7 +71,12 @@ class Lamb(torch.optim.Optimizer):
         are then multiplied by tp_size and the ratio does not change.
         """
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-        return list(torch._foreach_mul(norms, norms))
+        squares = list(torch._foreach_mul(norms, norms))
+        if self.tp_group is None or dist.get_world_size(self.tp_group) == 1:
+            return squares
+        stacked = torch.stack(squares)
+        dist.all_reduce(stacked, group=self.tp_group)  # one collective for all tensors
+        return list(stacked.unbind())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -98,34 +111,20 @@ class Lamb(torch.optim.Optimizer):
             steps.append(state["step"])
 
         torch._foreach_add_(steps, 1.0)
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-
         # Steps live on the CPU (as in torch's Adam), so reading them is no device sync.
         step_values = [s.item() for s in steps]
-        bias_correction1 = [1.0 - beta1**t for t in step_values]
-        bias_correction2 = [1.0 - beta2**t for t in step_values]
-
-        # u = m_hat / (sqrt(v_hat) + eps) + wd * p
-        denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
-        updates = list(torch._foreach_div(exp_avgs, bias_correction1))
-        torch._foreach_div_(updates, denom)
-        del denom
-        if group["weight_decay"] != 0:
-            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
-
-        n = len(params)
-        squares = self._tensor_norms(params + updates)
-        p_sq = torch.stack(squares[:n])
-        u_sq = torch.stack(squares[n:])
-        trust = torch.where((p_sq > 0) & (u_sq > 0), (p_sq / u_sq).sqrt(), torch.ones_like(p_sq))
-        # p -= lr * r * u, with the per-tensor factor applied as one multi-tensor multiply.
-        torch._foreach_mul_(updates, list((trust * -group["lr"]).unbind()))
-        torch._foreach_add_(params, updates)
+        kernels.lamb_step(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            step_values,
+            lr=group["lr"],
+            betas=(beta1, beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            tensor_norms=self._tensor_norms,
+        )
 
 
 def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -158,11 +157,12 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
+    tp_group: Any = None,
 ) -> torch.optim.Optimizer:
     """LAMB or AdamW over `build_param_groups(model, weight_decay)`."""
     groups = build_param_groups(model, weight_decay)
     if name == "lamb":
-        return Lamb(groups, lr=lr, betas=betas, eps=eps)
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, tp_group=tp_group)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
     raise ValueError(f"unknown optimizer {name!r}; use 'lamb' or 'adamw'")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -60,6 +61,7 @@ from pretrain.model import (
 )
 from pretrain.objectives import LossOutput, pretraining_loss
 from pretrain.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
+from pretrain.parallel.parallelize import apply_tensor_parallel, tp_grad_norm_fn
 from pretrain.precision import DynamicLossScaler, autocast_context
 
 
@@ -113,7 +115,7 @@ def evaluate(
     loss_sum = correct = count = 0.0
     for batch in batches:
         with autocast_context(config.train.precision, dims.device.type):
-            out = pretraining_loss(model, _to_device(batch, dims.device), EVAL_MLM)
+            out = pretraining_loss(model, _to_device(batch, dims.device), EVAL_MLM, dims.tp_group)
         loss_sum += float(out.masked_loss_sum)
         correct += float(out.masked_correct)
         count += float(out.masked_count)
@@ -136,21 +138,21 @@ def baseline_accuracy(batches: list[dict[str, torch.Tensor]], token: int) -> flo
 class _LossStep(nn.Module):
     """The model and its objective as one module, so DDP sees every parameter use in forward."""
 
-    def __init__(self, model: Bert, mlm: MLMConfig) -> None:
+    def __init__(self, model: Bert, mlm: MLMConfig, tp_group: dist.ProcessGroup | None) -> None:
         super().__init__()
         self.model = model
         self.mlm = mlm
+        self.tp_group = tp_group
 
     def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput:
-        return pretraining_loss(self.model, batch, self.mlm)
+        return pretraining_loss(self.model, batch, self.mlm, self.tp_group)
 
 
 def train(config: Config) -> TrainResult:
     """Pre-train as configured; returns the exit code (0, or 75 when stopped on request)."""
-    if config.parallel.tp != 1 or config.parallel.zero != 0:
+    if config.parallel.zero != 0:
         raise ConfigError(
-            "parallel.tp > 1 and parallel.zero = 1 are not available in this version yet: "
-            "set parallel.tp=1 parallel.zero=0"
+            "parallel.zero=1 is not available in this version yet: set parallel.zero=0"
         )
     env, dims, device = setup_parallel(config)
     try:
@@ -185,6 +187,10 @@ def _train(
         )
     model = build_model(shape, device)
     apply_recompute(model, config.train.recompute)
+    try:
+        apply_tensor_parallel(model, dims)
+    except ValueError as error:
+        raise ConfigError(f"parallel.tp={dims.tp_size}: {error}") from None
     optimizer = build_optimizer(
         model,
         config.optim.name,
@@ -192,9 +198,11 @@ def _train(
         weight_decay=config.optim.weight_decay,
         betas=config.optim.betas,
         eps=config.optim.eps,
+        tp_group=dims.tp_group,
     )
     scaler = DynamicLossScaler(enabled=config.train.precision == "fp16")
     params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm_fn = tp_grad_norm_fn(model, params, dims)
 
     step, consumed = 0, 0
     resume_path = _find_resume(config)
@@ -208,7 +216,7 @@ def _train(
         _init_weights_from(config.train.init_from, model)
         say(f"initialised weights from {config.train.init_from}")
 
-    loss_step: nn.Module = _LossStep(model, config.mlm)
+    loss_step: nn.Module = _LossStep(model, config.mlm, dims.tp_group)
     if config.train.compile:
         model.compile()  # compiles forward in place; the first steps pay the compile time
     if dims.dp_size > 1:
@@ -293,7 +301,7 @@ def _train(
             step_loss += float(out.loss.detach()) / accumulation  # CPU-GPU sync point
             interval.add(out, int(batch["attention_mask"].sum()))
         found_inf = scaler.unscale_and_check(params)
-        grad_norm = clip_grad_norm_(params, config.optim.clip_grad)
+        grad_norm = clip_grad_norm_(params, config.optim.clip_grad, norm_fn=grad_norm_fn)
         if not found_inf:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -34,12 +34,24 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     )
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(*args)))
+        queue.put((rank, "ok", _plain(fn(*args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 300) -> list:
+def _plain(value: Any) -> Any:
+    """Tensors go back as CPU copies by ordinary pickling (shared-memory handles die with the
+    worker process)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 180) -> list:
     """Run `fn(*args)` in `world_size` processes; return the per-rank results in rank order."""
     context = mp.get_context("spawn")
     queue = context.Queue()

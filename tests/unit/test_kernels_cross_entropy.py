@@ -202,19 +202,8 @@ def test_label_smoothing() -> None:
 def test_dispatch_picks_reference_on_cpu() -> None:
     """The device check is real: CPU tensors never take the Triton path."""
     t = torch.zeros(2, 3)
-    assert ce_module._use_triton(t) is False
+    assert kernels.dispatch.use_triton(t) is False
     assert ce_module._pick_impl(t) is ce_module.linear_cross_entropy_reference
-
-
-def test_tp_group_larger_than_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A group of size 1 is fine; a real vocabulary split is not implemented yet."""
-    hidden, weight, bias, target = _inputs((5,), seed=9)
-    group = object()
-    monkeypatch.setattr(ce_module.dist, "get_world_size", lambda g=None: 1)
-    kernels.linear_cross_entropy(hidden, weight, target, tp_group=group)
-    monkeypatch.setattr(ce_module.dist, "get_world_size", lambda g=None: 2)
-    with pytest.raises(NotImplementedError, match="tp_group"):
-        kernels.linear_cross_entropy(hidden, weight, target, tp_group=group)
 
 
 def test_shape_errors() -> None:

@@ -1,0 +1,78 @@
+"""Which implementation an op runs: the Triton kernel or the plain PyTorch reference.
+
+One rule for every op in this package: Triton when the tensors are on a CUDA device of compute
+capability >= 8.0 (Triton's official floor; V100 is 7.0), Triton is importable, kernels are
+enabled, and the caller is not being traced by `torch.compile` (Inductor then generates its own
+fused kernels from the reference, and a hand-written launch would only break the graph).
+Everything else runs the reference: the CPU, V100, debugging with `kernels.enabled=false`.
+
+`set_enabled(False)` (or `with kernels.reference_only():`) forces the reference everywhere; the
+trainer calls `kernels.set_enabled(config.kernels.enabled)` once at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+_enabled = True
+
+
+def set_enabled(flag: bool) -> None:
+    """Allow (True, the default) or forbid (False) the Triton kernels, process-wide."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """Run every op on its PyTorch reference inside the block (restores the previous setting)."""
+    previous = _enabled
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether `triton` can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def choose_triton(
+    *,
+    is_cuda: bool,
+    capability: tuple[int, int] | None,
+    triton_importable: bool,
+    enabled: bool = True,
+    compiling: bool = False,
+) -> bool:
+    """The dispatch rule as a pure function of what `use_triton` observes, so tests can check
+    the decision for devices this machine does not have."""
+    if not (enabled and is_cuda and triton_importable) or compiling:
+        return False
+    return capability is not None and capability >= (8, 0)
+
+
+def use_triton(t: Tensor) -> bool:
+    """Whether the ops may launch a Triton kernel on `t` (see `choose_triton`)."""
+    if not t.is_cuda:  # the common CPU case, without touching torch.cuda
+        return False
+    return choose_triton(
+        is_cuda=True,
+        capability=torch.cuda.get_device_capability(t.device),
+        triton_importable=triton_available(),
+        enabled=_enabled,
+        compiling=torch.compiler.is_compiling(),
+    )

@@ -1,0 +1,480 @@
+"""The fine-tuning run: read data, load the export with transformers, train, evaluate, save.
+
+A plain PyTorch loop (no `transformers.Trainer`, so no `accelerate` dependency) that can be read
+top to bottom: AdamW with linear warm-up and linear decay, gradient clipping at 1.0, autocast
+for bf16/fp16 (fp16 with loss scaling), evaluation on dev every epoch or every `eval_every`
+steps, early stopping after `patience` evaluations without a better dev score, and the best
+weights restored before the final dev/test scores are taken and the model is saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.config import ConfigError
+from pretrain.finetune import data as data_mod
+from pretrain.finetune import metrics, tasks
+from pretrain.finetune.data import DataError
+
+METRICS_FILE = "metrics.json"
+PRIMARY_METRIC = {"classify": "accuracy", "pair": "accuracy", "ner": "f1"}
+
+
+class FinetuneError(ConfigError):
+    """A user mistake (options, model directory, output directory); one-line message."""
+
+
+@dataclass
+class FinetuneOptions:
+    """Everything a run needs; the CLI fills it from its arguments (see cli.py for help)."""
+
+    model: Path
+    task: str
+    train: Path
+    dev: Path
+    test: Path | None = None
+    text_column: str | None = None
+    text_b_column: str | None = None
+    label_column: str | None = None
+    epochs: float = 3.0
+    lr: float = 5e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 42
+    patience: int = 2
+    eval_every: int = 0
+    max_train_examples: int | None = None
+    out: Path | None = None
+    force: bool = False
+    precision: str = "fp32"
+    device: str = "auto"
+    progress: bool | None = None
+    """tqdm progress bar: None = only when stderr is a terminal."""
+
+
+def say(message: str) -> None:
+    print(f"bert-finetune: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that run before anything expensive
+
+
+def check_options(opt: FinetuneOptions) -> None:
+    if opt.task not in tasks.TASKS:
+        raise FinetuneError(f"--task {opt.task!r}: choose one of {', '.join(tasks.TASKS)}")
+    if not opt.epochs > 0:
+        raise FinetuneError(f"--epochs {opt.epochs} must be positive")
+    if not opt.lr > 0:
+        raise FinetuneError(f"--lr {opt.lr} must be positive")
+    if not 0 <= opt.warmup_ratio < 1:
+        raise FinetuneError(f"--warmup-ratio {opt.warmup_ratio} must be in [0, 1)")
+    if opt.batch_size < 1:
+        raise FinetuneError(f"--batch-size {opt.batch_size} must be at least 1")
+    if opt.max_length < 8:
+        raise FinetuneError(f"--max-length {opt.max_length} must be at least 8")
+    if opt.patience < 0 or opt.eval_every < 0:
+        raise FinetuneError("--patience and --eval-every must be >= 0")
+    if opt.max_train_examples is not None and opt.max_train_examples < 1:
+        raise FinetuneError("--max-train-examples must be at least 1")
+    if opt.precision not in ("fp32", "bf16", "fp16"):
+        raise FinetuneError(f"--precision {opt.precision!r}: choose fp32, bf16 or fp16")
+    if not opt.model.is_dir():
+        raise FinetuneError(f"--model {opt.model}: no such directory")
+    if not (opt.model / "config.json").is_file():
+        raise FinetuneError(
+            f"--model {opt.model} has no config.json: pass a directory written by bert-export "
+            "(or any Hugging Face BERT directory)"
+        )
+    config = json.loads((opt.model / "config.json").read_text(encoding="utf-8"))
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and opt.max_length > positions:
+        raise FinetuneError(
+            f"--max-length {opt.max_length} exceeds the model's {positions} positions"
+        )
+
+
+def output_dir(opt: FinetuneOptions) -> Path:
+    """--out, or MODEL-finetuned-TASK beside the model; refuses to clobber other files."""
+    out = opt.out if opt.out is not None else opt.model.parent / f"{opt.model.name}-{opt.task}"
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out} exists and is not a directory")
+    if out.resolve() == opt.model.resolve():
+        raise FinetuneError(f"--out {out} is the model directory: choose another")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / METRICS_FILE).is_file():
+            raise FinetuneError(
+                f"--out {out} is not empty and not an earlier bert-finetune output "
+                f"(no {METRICS_FILE}): refusing to replace it"
+            )
+        if not opt.force:
+            raise FinetuneError(f"--out {out} holds an earlier run: pass --force to replace it")
+    return out
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FinetuneError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Split:
+    name: str
+    path: Path
+    examples: list
+    encoded: tasks.Encoded
+    labelled: bool
+
+
+def read_examples(opt: FinetuneOptions, path: Path, require_labels: bool) -> list:
+    if opt.task == "ner":
+        return data_mod.read_token_examples(
+            path, token_column=opt.text_column, tag_column=opt.label_column
+        )
+    return data_mod.read_text_examples(
+        path,
+        text_column=opt.text_column,
+        text_b_column=opt.text_b_column,
+        label_column=opt.label_column,
+        pair=opt.task == "pair",
+        require_labels=require_labels,
+    )
+
+
+def encode(opt: FinetuneOptions, examples: list, tokenizer, label2id) -> tasks.Encoded:
+    if opt.task == "ner":
+        return tasks.encode_tokens(examples, tokenizer, label2id, opt.max_length)
+    return tasks.encode_text(examples, tokenizer, label2id, opt.max_length)
+
+
+def batches(features: list[dict], order: list[int], size: int, pad_id: int):
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        yield chunk, tasks.collate([features[i] for i in chunk], pad_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def load_model(opt: FinetuneOptions, labels: list[str]):
+    """transformers' own Auto classes on the export; the task head is freshly initialised."""
+    import transformers
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
+
+    # The load report lists the pre-training heads that fine-tuning drops: we summarise it.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    auto = AutoModelForTokenClassification if opt.task == "ner" else (
+        AutoModelForSequenceClassification
+    )  # fmt: skip
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(opt.model)
+        model, info = auto.from_pretrained(
+            opt.model,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise FinetuneError(f"cannot load {opt.model} with transformers: {first}") from None
+    head = ("classifier.",)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(head))
+    if missing or info.get("mismatched_keys"):
+        bad = missing or sorted(info["mismatched_keys"])
+        raise FinetuneError(
+            f"{opt.model}: {len(bad)} encoder weights are missing or of the wrong shape "
+            f"(e.g. {bad[0]}): is it a complete BERT export?"
+        )
+    if tokenizer.pad_token_id is None:
+        raise FinetuneError(f"{opt.model}: the tokenizer has no [PAD] token")
+    fresh = ", ".join(sorted(info["missing_keys"])) or "none"
+    say(
+        f"loaded {type(model).__name__} from {opt.model} with {type(tokenizer).__name__}; "
+        f"new task head: {fresh}; unused pre-training weights: {len(info['unexpected_keys'])}"
+    )
+    return tokenizer, model
+
+
+def no_decay(name: str) -> bool:
+    """Biases and LayerNorm weights are not decayed (as BERT's own fine-tuning code)."""
+    return name.endswith("bias") or "LayerNorm" in name or ".ln." in name or name.endswith(".ln")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def predict(model, split: Split, batch_size: int, pad_id: int, device, precision) -> list:
+    """Argmax label ids per example (NER: per sub-word position, unpadded)."""
+    model.eval()
+    features = split.encoded.features
+    # Longest first: batches of similar length waste less padding.
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    out: list[Any] = [None] * len(features)
+    for chunk, batch in batches(features, order, batch_size * 2, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with autocast(device, precision):
+            logits = model(**batch).logits
+        ids = logits.argmax(-1).cpu().tolist()  # a device→host sync, once per batch
+        for index, row in zip(chunk, ids, strict=True):
+            out[index] = row
+    model.train()
+    return out
+
+
+def score(opt, split: Split, predictions: list, labels: list[str], train_ids: list[int]) -> dict:
+    id2label = dict(enumerate(labels))
+    if opt.task == "ner":
+        pred_tags = tasks.word_predictions(split.encoded, split.examples, predictions, id2label)
+        result = metrics.entity_scores([ex.tags for ex in split.examples], pred_tags)
+    else:
+        gold = [f["labels"] for f in split.encoded.features]
+        result = metrics.classification_scores(gold, predictions, len(labels), train_ids)
+    if split.encoded.truncated:
+        result["truncated"] = split.encoded.truncated
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(opt: FinetuneOptions) -> dict[str, Any]:
+    """Fine-tune, evaluate and save; returns the report (also written to OUT/metrics.json)."""
+    started = time.perf_counter()
+    check_options(opt)
+    out = output_dir(opt)
+    device = pick_device(opt.device)
+    if opt.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FinetuneError("--precision bf16: this GPU has no bf16 support; use fp16")
+
+    # Data first: a wrong column should fail in a second, not after loading the model.
+    train_examples = read_examples(opt, opt.train, require_labels=True)
+    train_examples = data_mod.sample(train_examples, opt.max_train_examples)
+    labels = tasks.build_labels(opt.task, train_examples)
+    label2id = {label: i for i, label in enumerate(labels)}
+    dev_examples = read_examples(opt, opt.dev, require_labels=True)
+    tasks.check_labels(opt.dev, opt.task, dev_examples, labels)
+    test_examples = read_examples(opt, opt.test, require_labels=False) if opt.test else None
+    test_labelled = bool(test_examples) and tasks.check_labels(
+        opt.test, opt.task, test_examples, labels
+    )
+
+    # Seed before the model is built: the fresh head's initialisation depends on it.
+    random.seed(opt.seed)
+    torch.manual_seed(opt.seed)
+    tokenizer, model = load_model(opt, labels)
+    model.to(device)
+    pad_id = tokenizer.pad_token_id
+
+    train = Split("train", opt.train, train_examples, None, True)  # type: ignore[arg-type]
+    train.encoded = encode(opt, train_examples, tokenizer, label2id)
+    splits = [Split("dev", opt.dev, dev_examples, encode(opt, dev_examples, tokenizer, label2id),
+                    True)]  # fmt: skip
+    if test_examples is not None:
+        encoded = encode(opt, test_examples, tokenizer, label2id)
+        splits.append(Split("test", opt.test, test_examples, encoded, test_labelled))
+    for split in (train, *splits):
+        if split.encoded.truncated:
+            say(
+                f"{split.name}: {split.encoded.truncated} of {len(split.examples)} examples "
+                f"longer than --max-length {opt.max_length} were truncated"
+            )
+    if opt.task == "ner":
+        train_ids = []
+    else:
+        train_ids = [f["labels"] for f in train.encoded.features]
+
+    # Optimiser and schedule: linear warm-up to lr, then linear decay to 0.
+    steps_per_epoch = math.ceil(len(train.examples) / opt.batch_size)
+    total_steps = max(1, math.ceil(opt.epochs * steps_per_epoch))
+    warmup = int(opt.warmup_ratio * total_steps)
+    eval_every = opt.eval_every or steps_per_epoch
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in params if not no_decay(n)], "weight_decay": opt.weight_decay},
+        {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(0.9, 0.999), eps=1e-8)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: step / max(1, warmup)
+        if step < warmup
+        else max(0.0, (total_steps - step) / max(1, total_steps - warmup)),
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=opt.precision == "fp16")
+    primary = PRIMARY_METRIC[opt.task]
+    say(
+        f"{opt.task}: {len(train.examples)} train / {len(dev_examples)} dev"
+        + (f" / {len(test_examples)} test" if test_examples is not None else "")
+        + f" examples, {len(labels)} labels; {total_steps} steps ({opt.epochs:g} epochs of "
+        f"{steps_per_epoch}), batch {opt.batch_size}, lr {opt.lr:g}, warm-up {warmup} steps, "
+        f"{device.type} {opt.precision}; early stopping on dev {primary}"
+        + (f" (patience {opt.patience} evaluations)" if opt.patience else " (off)")
+    )
+
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(opt.seed)
+    best: dict[str, Any] = {"score": -math.inf, "step": 0, "state": None, "dev": None}
+    evals_without_gain = 0
+    history = []
+    step = 0
+    stop = False
+    model.train()
+    disable = None if opt.progress is None else not opt.progress  # None: only on a terminal
+    bar = tqdm(total=total_steps, disable=disable, desc="fine-tune", unit="step", file=sys.stderr)
+    while step < total_steps and not stop:
+        order = torch.randperm(len(train.examples), generator=generator).tolist()
+        running, count = 0.0, 0
+        for _, batch in batches(train.encoded.features, order, opt.batch_size, pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, opt.precision):
+                loss = model(**batch).loss
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running += loss.item()  # a sync per step; negligible next to a CPU step
+            count += 1
+            bar.update(1)
+            if step % eval_every == 0 or step == total_steps:
+                predictions = predict(model, splits[0], opt.batch_size, pad_id, device,
+                                      opt.precision)  # fmt: skip
+                dev = score(opt, splits[0], predictions, labels, train_ids)
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
+                          "train_loss": running / count, "dev": dev}  # fmt: skip
+                history.append(record)
+                running, count = 0.0, 0
+                improved = dev[primary] > best["score"]
+                say(
+                    f"step {step}/{total_steps} (epoch {record['epoch']:g}): train loss "
+                    f"{record['train_loss']:.4f}, dev {primary} {dev[primary]:.4f}"
+                    + (" (best)" if improved else "")
+                )
+                if improved:
+                    best = {"score": dev[primary], "step": step, "dev": dev,
+                            "state": {k: v.detach().to("cpu", copy=True)
+                                      for k, v in model.state_dict().items()}}  # fmt: skip
+                    evals_without_gain = 0
+                else:
+                    evals_without_gain += 1
+                    if opt.patience and evals_without_gain >= opt.patience:
+                        say(f"early stop: no better dev {primary} in {opt.patience} evaluations")
+                        stop = True
+                        break
+            if step >= total_steps:
+                break
+    bar.close()
+
+    model.load_state_dict(best["state"])
+    report: dict[str, Any] = {
+        "task": opt.task,
+        "model": str(opt.model),
+        "primary_metric": primary,
+        "labels": labels,
+        "train_examples": len(train.examples),
+        "best_step": best["step"],
+        "steps": step,
+        "epochs_run": round(step / steps_per_epoch, 3),
+        "dev": best["dev"],
+    }
+    if len(splits) > 1:
+        test = splits[1]
+        predictions = predict(model, test, opt.batch_size, pad_id, device, opt.precision)
+        if test.labelled:
+            report["test"] = score(opt, test, predictions, labels, train_ids)
+        else:
+            report["test"] = {"examples": len(test.examples), "labelled": False}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["device"] = device.type
+    report["precision"] = opt.precision
+    report["out"] = str(out)
+    save(model, tokenizer, out, report, history, opt, splits, predictions if len(splits) > 1
+         else None, labels)  # fmt: skip
+    return report
+
+
+def save(model, tokenizer, out: Path, report, history, opt, splits, test_predictions, labels):
+    """safetensors weights + config + tokenizer + metrics.json, written to a temp dir first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        model.save_pretrained(temp)  # safetensors by default
+        tokenizer.save_pretrained(temp)
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opt).items()}
+        body = {**report, "options": options, "history": history}
+        (temp / METRICS_FILE).write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+        if test_predictions is not None:
+            write_predictions(temp / "test_predictions.jsonl", opt, splits[1], test_predictions,
+                              labels)  # fmt: skip
+        if out.exists():
+            shutil.rmtree(out)  # output_dir() made sure it is an earlier run (and --force)
+        os.replace(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def write_predictions(path: Path, opt, split: Split, predictions: list, labels: list[str]):
+    id2label = dict(enumerate(labels))
+    with open(path, "w", encoding="utf-8") as handle:
+        if opt.task == "ner":
+            tags = tasks.word_predictions(split.encoded, split.examples, predictions, id2label)
+            for ex, row in zip(split.examples, tags, strict=True):
+                line = {"tokens": list(ex.tokens), "predicted": row}
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        else:
+            for ex, label_id in zip(split.examples, predictions, strict=True):
+                line = {"text": ex.text, "predicted": id2label[label_id]}
+                if ex.text_b is not None:
+                    line["text_b"] = ex.text_b
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+__all__ = ["DataError", "FinetuneError", "FinetuneOptions", "run"]

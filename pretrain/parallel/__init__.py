@@ -1,0 +1,1 @@
+"""Tensor parallelism applied from outside the model: Megatron-style layers over collectives."""

@@ -1,0 +1,104 @@
+"""`apply_tensor_parallel(model, dims)`: Megatron's plan for BERT, applied from outside.
+
+| module                      | split                                   |
+|-----------------------------|-----------------------------------------|
+| layers.*.attention.qkv      | column (whole heads per rank)           |
+| layers.*.attention.core     | runs on local heads; per-rank dropout RNG |
+| layers.*.attention.out      | row (+ all-reduce)                      |
+| layers.*.mlp.fc_in          | column                                  |
+| layers.*.mlp.fc_out         | row (+ all-reduce)                      |
+| embeddings.word (= decoder) | vocabulary rows, padded to 128 x tp     |
+| mlm_head.bias               | vocabulary, like the decoder            |
+| everything else             | replicated (LayerNorms, positions, pooler, heads' transform) |
+
+Every rank builds the full model from the same seed first and keeps its shard, so a tp run
+starts from exactly the weights of a tp = 1 run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.distributed import ParallelDims
+from pretrain.model import Bert
+from pretrain.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from pretrain.parallel.rng import TPRegionRNG
+
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+    multiple = VOCAB_MULTIPLE * tp_size
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+def apply_tensor_parallel(model: Bert, dims: ParallelDims) -> None:
+    """Replace the model's layers by their tensor-parallel versions (no-op at tp = 1)."""
+    p, rank, group = dims.tp_size, dims.tp_rank, dims.tp_group
+    if p == 1:
+        return
+    if model.shape.heads % p:
+        raise ValueError(f"model.heads={model.shape.heads} is not divisible by parallel.tp={p}")
+    for layer in model.layers:
+        attention = layer.attention
+        attention.qkv = ColumnParallelLinear(attention.qkv, group, rank, p)
+        attention.core = TPRegionRNG(attention.core, rank)
+        attention.out = RowParallelLinear(attention.out, group, rank, p)
+        layer.mlp.fc_in = ColumnParallelLinear(layer.mlp.fc_in, group, rank, p)
+        layer.mlp.fc_out = RowParallelLinear(layer.mlp.fc_out, group, rank, p)
+
+    vocab = model.shape.vocab_size
+    padded = padded_vocab_size(vocab, p)
+    per_rank = padded // p
+    model.embeddings.word = VocabParallelEmbedding(model.embeddings.word, padded, group, rank, p)
+    head = model.mlm_head
+    bias = torch.zeros(padded, dtype=head.bias.dtype, device=head.bias.device)
+    bias[:vocab] = head.bias.detach()
+    mask = torch.zeros(padded, dtype=torch.float32, device=head.bias.device)
+    mask[vocab:] = float("-inf")
+    shard = slice(rank * per_rank, (rank + 1) * per_rank)
+    head.bias = nn.Parameter(bias[shard].clone())
+    head.vocab_mask = mask[shard].clone()
+
+
+def tp_sharded_names(model: nn.Module) -> set[str]:
+    """Parameters split across tp ranks (the others are replicated)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
+        elif isinstance(module, RowParallelLinear):
+            names.add(prefix + "weight")
+    if any(isinstance(m, VocabParallelEmbedding) for m in model.modules()):
+        names.add("mlm_head.bias")
+    return names
+
+
+def tp_grad_norm_fn(
+    model: nn.Module, params: list[nn.Parameter], dims: ParallelDims
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For clip_grad_norm_: the global squared norm counting every parameter exactly once.
+
+    Shards are summed over the tp group; replicated tensors (identical on every tp rank) are
+    counted once. dp replicas hold identical (averaged) gradients, so dp needs no reduction.
+    """
+    if dims.tp_size == 1:
+        return None
+    sharded = tp_sharded_names(model)
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    mask = torch.tensor([by_id[id(p)] in sharded for p in params])
+
+    def global_square(squares: torch.Tensor) -> torch.Tensor:
+        if len(squares) != len(mask):
+            raise RuntimeError("every trained parameter must have a gradient under tp")
+        local = mask.to(squares.device)
+        shard_part = squares[local].sum()
+        dist.all_reduce(shard_part, group=dims.tp_group)
+        return shard_part + squares[~local].sum()
+
+    return global_square

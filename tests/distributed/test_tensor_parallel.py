@@ -1,0 +1,167 @@
+"""Tensor parallelism in real processes (gloo) against the unsharded computation.
+
+Oracles: the same layers / the same model computed by one process. Shards are cut from the
+same full weights, so results agree to float rounding (fp32; tolerances 1e-5 relative).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_distributed
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _dims(tp: int):
+    import torch.distributed as dist
+
+    from launch.env import detect_environment
+    from launch.rendezvous import init_distributed
+    from pretrain.distributed import build_dims
+
+    env = detect_environment()
+    init_distributed(env, "gloo", 60)
+    return build_dims(dist.get_world_size(), dist.get_rank(), tp, torch.device("cpu"))
+
+
+def _vocab_parallel_ce(position_weight: bool) -> dict:
+    """Rank's view: loss, stats and full grads (gathered) of the vocab-parallel CE."""
+    import kernels
+    from pretrain.parallel.mappings import copy_to_tp_region, gather_from_tp_region
+
+    dims = _dims(2)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 131, generator=gen)
+    weight = torch.randn(1031 + 1, 131, generator=gen) * 0.1  # 1032 rows: 516 per rank
+    bias = torch.randn(1032, generator=gen)
+    target = torch.randint(0, 1031, (13,), generator=gen)
+    target[[2, 7]] = -100
+    pw = torch.rand(13, generator=gen) if position_weight else None
+    half = 1032 // 2
+    rows = slice(dims.tp_rank * half, (dims.tp_rank + 1) * half)
+    h = hidden.clone().requires_grad_()
+    w = weight[rows].clone().requires_grad_()
+    b = bias[rows].clone().requires_grad_()
+    loss, row_loss, argmax = kernels.linear_cross_entropy(
+        copy_to_tp_region(h, dims.tp_group), w, target, bias=b, position_weight=pw,
+        tp_group=dims.tp_group, return_stats=True, chunk_rows=4,
+    )  # fmt: skip
+    loss.backward()
+    grad_w = gather_from_tp_region(w.grad.T.contiguous(), dims.tp_group).T
+    grad_b = gather_from_tp_region(b.grad, dims.tp_group)
+    return {"loss": loss, "row_loss": row_loss, "argmax": argmax, "grad_h": h.grad,
+            "grad_w": grad_w, "grad_b": grad_b}  # fmt: skip
+
+
+@pytest.mark.parametrize("position_weight", [False, True])
+def test_vocab_parallel_cross_entropy_matches_full_logits(position_weight):
+    import torch.nn.functional as F
+
+    ranks = run_distributed(_vocab_parallel_ce, 2, position_weight)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 131, generator=gen).requires_grad_()
+    weight = (torch.randn(1032, 131, generator=gen) * 0.1).requires_grad_()
+    bias = torch.randn(1032, generator=gen).requires_grad_()
+    target = torch.randint(0, 1031, (13,), generator=gen)
+    target[[2, 7]] = -100
+    pw = torch.rand(13, generator=gen) if position_weight else None
+    logits = hidden @ weight.T + bias
+    per_row = F.cross_entropy(logits, target, reduction="none", ignore_index=-100)
+    w = (target != -100).float() * (pw if pw is not None else 1.0)
+    loss = (per_row * w).sum() / w.sum()
+    loss.backward()
+    for out in ranks:
+        out = {k: torch.from_numpy(v) for k, v in out.items()}
+        torch.testing.assert_close(out["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["row_loss"], per_row.detach(), rtol=1e-5, atol=1e-5)
+        scored = target != -100
+        assert torch.equal(out["argmax"][scored], logits.argmax(1)[scored])
+        torch.testing.assert_close(out["grad_h"], hidden.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["grad_w"], weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["grad_b"], bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def _layers() -> dict:
+    """Column → row MLP and the vocab-parallel embedding: outputs and input grads."""
+    from torch import nn
+
+    from pretrain.parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
+
+    dims = _dims(2)
+    torch.manual_seed(0)
+    fc_in, fc_out, emb = nn.Linear(12, 20), nn.Linear(20, 12), nn.Embedding(131, 12)
+    x = torch.randn(3, 5, 12)
+    ids = torch.randint(0, 131, (3, 5))
+    g, r, p = dims.tp_group, dims.tp_rank, 2
+    col, row = ColumnParallelLinear(fc_in, g, r, p), RowParallelLinear(fc_out, g, r, p)
+    vemb = VocabParallelEmbedding(emb, 256, g, r, p)
+    xin = x.clone().requires_grad_()
+    y = row(torch.nn.functional.gelu(col(xin)))
+    y.square().sum().backward()
+    return {"y": y.detach(), "dx": xin.grad, "emb": vemb(ids).detach(),
+            "row_bias_grad": row.bias.grad}  # fmt: skip
+
+
+def test_column_row_linear_and_vocab_embedding():
+    ranks = run_distributed(_layers, 2)
+    from torch import nn
+
+    torch.manual_seed(0)
+    fc_in, fc_out, emb = nn.Linear(12, 20), nn.Linear(20, 12), nn.Embedding(131, 12)
+    x = torch.randn(3, 5, 12).requires_grad_()
+    ids = torch.randint(0, 131, (3, 5))
+    y = fc_out(torch.nn.functional.gelu(fc_in(x)))
+    y.square().sum().backward()
+    for out in ranks:
+        out = {k: torch.from_numpy(v) for k, v in out.items()}
+        torch.testing.assert_close(out["y"], y.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["dx"], x.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["emb"], emb(ids).detach())
+        torch.testing.assert_close(out["row_bias_grad"], fc_out.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def _train(data: str, out: str, mode: str, tp: int, dropout: float = 0.0) -> list[float]:
+    from pretrain.config import load_config
+    from pretrain.trainer import train
+
+    config = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.path={data}", f"train.out_dir={out}", f"mlm.mode={mode}", f"parallel.tp={tp}",
+            "model.hidden=64", "model.heads=4", "model.max_seq_len=64",
+            f"model.dropout={dropout}", "data.seq_len=64", "train.micro_batch=4",
+            "train.global_batch=8", "train.steps=4", "train.precision=fp32",
+            "train.log_every=1", "train.eval_every=4", "train.eval_batches=2",
+            "optim.warmup_steps=1", "checkpoint.every=100",
+        ],
+    )  # fmt: skip
+    result = train(config)
+    return [(r["loss"], r["grad_norm"]) for r in result.history] + [
+        ("eval", result.evals[-1]["masked_loss"], result.evals[-1]["mlm_acc"])
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_tp2_and_dp2_tp2_train_like_one_process(small_dataset, tmp_path, mode):
+    """Losses, gradient norms (global, every parameter once) and eval agree with tp = 1."""
+    single = _train(str(small_dataset), str(tmp_path / "single"), mode, 1)
+    for world, tp in ((2, 2), (4, 2)):
+        ranks = run_distributed(
+            _train, world, str(small_dataset), str(tmp_path / f"w{world}"), mode, tp
+        )
+        for got in ranks:
+            for a, b in zip(got[:-1], single[:-1], strict=True):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=0)
+            assert got[-1][0] == "eval"
+            torch.testing.assert_close(
+                torch.tensor(got[-1][1:]), torch.tensor(single[-1][1:]), rtol=1e-5, atol=0
+            )
