@@ -1,9 +1,12 @@
 """Checkpoints: `checkpoint.dir/step_000123/`, written atomically, with a `latest` pointer.
 
-A checkpoint holds the model weights (safetensors), the optimizer state, the RNG state and
-`train_state.json` (step, consumed samples, loss scaler, config, layout, model shape). It is
-written under a temporary name, fsynced, given a COMPLETE marker and only then renamed, so a
-job killed mid-write never leaves something that looks like a good checkpoint.
+A checkpoint holds, per tensor-parallel rank, the model shard and the optimizer state keyed by
+parameter name (`model_tpNN.safetensors`, `optimizer_tpNN.safetensors`, written by all tp ranks
+at once), the RNG state and `train_state.json` (step, consumed samples, loss scaler, config,
+layout, model shape, and how each split parameter was split). Loading assembles each whole
+tensor from the shards and cuts the current layout's piece, so a checkpoint loads at any tp/dp.
+It is written under a temporary name, fsynced, given a COMPLETE marker and only then renamed, so
+a job killed mid-write never leaves something that looks like a good checkpoint.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pretrain.config import ConfigError, ModelShape
+from pretrain.distributed import ParallelDims, barrier
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
@@ -45,6 +51,25 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+def _model_file(tp_rank: int) -> str:
+    return f"model_tp{tp_rank:02d}.safetensors"
+
+
+def _optimizer_file(tp_rank: int) -> str:
+    return f"optimizer_tp{tp_rank:02d}.safetensors"
+
+
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter name (`name::key`), so it can be resharded."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            out[f"{names[id(param)]}::{key}"] = tensor.detach().contiguous().cpu()
+    return out
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -52,33 +77,53 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     train_state: dict[str, Any],
     keep: int,
+    dims: ParallelDims | None = None,
+    sharding: dict[str, dict[str, int]] | None = None,
 ) -> Path:
-    """Write step `step` under `root`, point `latest` at it and prune to the newest `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write step `step` under `root` from every rank at once; point `latest` at it; prune.
+
+    Each tp rank of the first dp replica writes its own shard files; the main rank then writes
+    the train state and RNG, the COMPLETE marker, and renames the directory into place.
+    """
+    is_main = dims is None or dims.is_main
+    tp_rank = 0 if dims is None else dims.tp_rank
+    writes = dims is None or dims.dp_rank == 0
     final = root / step_dir_name(step)
-    temp = root / f".{final.name}.tmp-{os.getpid()}"
-    if temp.exists():
-        shutil.rmtree(temp)
-    temp.mkdir()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(temp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), temp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, temp / "rng.pt")
-    info = dict(train_state, format_version=FORMAT_VERSION, step=step)
-    (temp / "train_state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-    (temp / COMPLETE).write_text("ok\n", encoding="utf-8")
-    _fsync_tree(temp)
-    if final.exists():  # the same step written again (e.g. a resumed run's final save)
-        shutil.rmtree(final)
-    os.replace(temp, final)
-    pointer = root / "latest.tmp"
-    pointer.write_text(final.name + "\n", encoding="utf-8")
-    os.replace(pointer, root / "latest")
-    _prune(root, keep)
+    temp = root / f".{final.name}.tmp"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir()
+    _barrier(dims)
+    if writes:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(temp / _model_file(tp_rank)))
+        save_file(_optimizer_tensors(model, optimizer), str(temp / _optimizer_file(tp_rank)))
+    _barrier(dims)
+    if is_main:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, temp / "rng.pt")
+        info = dict(train_state, format_version=FORMAT_VERSION, step=step, sharding=sharding or {})
+        (temp / "train_state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        _fsync_tree(temp)
+        (temp / COMPLETE).write_text("ok\n", encoding="utf-8")
+        if final.exists():  # the same step written again (e.g. a resumed run's final save)
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name + "\n", encoding="utf-8")
+        os.replace(pointer, root / "latest")
+        _prune(root, keep)
+    _barrier(dims)
     return final
+
+
+def _barrier(dims: ParallelDims | None) -> None:
+    if dims is not None:
+        barrier(dims)
 
 
 def _complete_steps(root: Path) -> list[tuple[int, Path]]:
@@ -139,23 +184,116 @@ def check_shape(path: Path, stored: dict[str, Any], shape: ModelShape) -> None:
         )
 
 
-def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+class _ShardedReader:
+    """Whole tensors from a checkpoint of any tp layout (one parameter in memory at a time)."""
+
+    def __init__(self, path: Path, file_name: Callable[[int], str]) -> None:
+        state = read_train_state(path)
+        self.sharding: dict[str, dict[str, int]] = state.get("sharding", {})
+        tp = state.get("layout", {}).get("tp", 1)
+        self.files = [safe_open(str(path / file_name(r)), framework="pt") for r in range(tp)]
+
+    def keys(self) -> list[str]:
+        return list(self.files[0].keys())
+
+    def whole(self, key: str, param_name: str) -> torch.Tensor:
+        info = self.sharding.get(param_name)
+        first = self.files[0].get_tensor(key)
+        if info is None or first.ndim == 0:
+            return first
+        parts = [first] + [f.get_tensor(key) for f in self.files[1:]]
+        return torch.cat(parts, dim=info["dim"]).narrow(info["dim"], 0, info["size"])
+
+
+def _local_part(
+    whole: torch.Tensor, like: torch.Tensor, split: dict[str, int] | None, tp_rank: int
+) -> torch.Tensor:
+    """This rank's shard of `whole` for the current layout (zero-padded vocabulary rows)."""
+    if split is None or whole.ndim == 0:
+        return whole
+    dim = split["dim"]
+    local = like.shape[dim]
+    tp_size = split["tp"]
+    missing = local * tp_size - whole.shape[dim]
+    if missing > 0:
+        pad_shape = list(whole.shape)
+        pad_shape[dim] = missing
+        whole = torch.cat([whole, whole.new_zeros(pad_shape)], dim=dim)
+    return whole.narrow(dim, tp_rank * local, local)
+
+
+def _current_split(
+    sharding: dict[str, dict[str, int]] | None, dims: ParallelDims | None
+) -> Callable[[str], dict[str, int] | None]:
+    def split(name: str) -> dict[str, int] | None:
+        if not sharding or name not in sharding or dims is None:
+            return None
+        return {"dim": sharding[name]["dim"], "tp": dims.tp_size}
+
+    return split
+
+
+def load_model_weights(
+    path: Path,
+    model: torch.nn.Module,
+    dims: ParallelDims | None = None,
+    sharding: dict[str, dict[str, int]] | None = None,
+) -> None:
+    """Load weights saved at any tp into `model` laid out by `sharding` (None: unsharded)."""
+    reader = _ShardedReader(path, _model_file)
+    split = _current_split(sharding, dims)
+    tp_rank = 0 if dims is None else dims.tp_rank
+    expected = model.state_dict()
+    saved = set(reader.keys())
+    missing = sorted(set(expected) - saved)
+    unexpected = sorted(saved - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not fit the model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}): check mlm.pair_task and the model size"
         )
+    with torch.no_grad():
+        for name, target in expected.items():
+            part = _local_part(reader.whole(name, name), target, split(name), tp_rank)
+            target.copy_(part)
+
+
+def full_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The whole (tp = 1, unpadded) state dict of a checkpoint of any layout."""
+    reader = _ShardedReader(path, _model_file)
+    return {name: reader.whole(name, name) for name in reader.keys()}
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dims: ParallelDims | None = None,
+    sharding: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer and RNG; return the stored train state."""
+    """Restore model, optimizer and RNG (resharding to the current layout); return the state."""
     state = read_train_state(path)
-    load_model_weights(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    load_model_weights(path, model, dims, sharding)
+    reader = _ShardedReader(path, _optimizer_file)
+    split = _current_split(sharding, dims)
+    tp_rank = 0 if dims is None else dims.tp_rank
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    current = optimizer.state_dict()
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    index = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            entries = {}
+            for key in reader.keys():
+                if key.startswith(name + "::"):
+                    whole = reader.whole(key, name)
+                    entries[key.split("::", 1)[1]] = _local_part(whole, param, split(name), tp_rank)
+            if entries:
+                by_index[index] = entries
+            index += 1
+    optimizer.load_state_dict({"state": by_index, "param_groups": current["param_groups"]})
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -47,7 +47,6 @@ from pretrain.distributed import (
     ParallelDims,
     all_reduce_sum,
     any_rank,
-    barrier,
     setup_parallel,
     shutdown,
 )
@@ -61,7 +60,7 @@ from pretrain.model import (
 )
 from pretrain.objectives import LossOutput, pretraining_loss
 from pretrain.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
-from pretrain.parallel.parallelize import apply_tensor_parallel, tp_grad_norm_fn
+from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout, tp_grad_norm_fn
 from pretrain.precision import DynamicLossScaler, autocast_context
 
 
@@ -187,10 +186,15 @@ def _train(
         )
     model = build_model(shape, device)
     apply_recompute(model, config.train.recompute)
+    resume_path = _find_resume(config)
+    if resume_path is None and config.train.init_from:
+        _init_weights_from(config.train.init_from, model)  # whole weights, before splitting
+        say(f"initialised weights from {config.train.init_from}")
     try:
         apply_tensor_parallel(model, dims)
     except ValueError as error:
         raise ConfigError(f"parallel.tp={dims.tp_size}: {error}") from None
+    sharding = shard_layout(model, dims)
     optimizer = build_optimizer(
         model,
         config.optim.name,
@@ -205,16 +209,16 @@ def _train(
     grad_norm_fn = tp_grad_norm_fn(model, params, dims)
 
     step, consumed = 0, 0
-    resume_path = _find_resume(config)
     if resume_path is not None:
         check_shape(resume_path, read_train_state(resume_path).get("model_shape", {}), shape)
-        state = load_checkpoint(resume_path, model, optimizer)
+        state = load_checkpoint(resume_path, model, optimizer, dims, sharding)
         step, consumed = state["step"], state["consumed_samples"]
         scaler.load_state_dict(state["scaler"])
-        say(f"resumed from {resume_path} at step {step} ({consumed} samples consumed)")
-    elif config.train.init_from:
-        _init_weights_from(config.train.init_from, model)
-        say(f"initialised weights from {config.train.init_from}")
+        saved = state.get("layout", {})
+        say(
+            f"resumed from {resume_path} at step {step} ({consumed} samples consumed; saved at "
+            f"tp {saved.get('tp', 1)} x dp {saved.get('dp', 1)})"
+        )
 
     loss_step: nn.Module = _LossStep(model, config.mlm, dims.tp_group)
     if config.train.compile:
@@ -267,14 +271,19 @@ def _train(
         }
 
     def checkpoint() -> None:
-        # dp replicas hold identical weights and optimizer state: the main rank writes them.
-        if dims.is_main:
-            path = save_checkpoint(
-                config.checkpoint_dir, step, model, optimizer, train_state(), config.checkpoint.keep
-            )
-            say(f"checkpoint written: {path}")
-            result.checkpoint = path
-        barrier(dims)
+        # dp replicas hold identical state: the tp ranks of the first replica write, in parallel.
+        path = save_checkpoint(
+            config.checkpoint_dir,
+            step,
+            model,
+            optimizer,
+            train_state(),
+            config.checkpoint.keep,
+            dims,
+            sharding,
+        )
+        say(f"checkpoint written: {path}")
+        result.checkpoint = path
 
     interval = _Interval()
     loss_step.train()

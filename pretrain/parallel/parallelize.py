@@ -102,3 +102,24 @@ def tp_grad_norm_fn(
         return shard_part + squares[~local].sum()
 
     return global_square
+
+
+def shard_layout(model: nn.Module, dims: ParallelDims) -> dict[str, dict[str, int]]:
+    """{name: {"dim": split dim, "size": whole unpadded size}} of every tp-split parameter.
+
+    Stored in checkpoints so that they load at any tp: shards are concatenated along `dim`,
+    cut to `size` (dropping vocabulary padding) and re-split for the new layout.
+    """
+    if dims.tp_size == 1:
+        return {}
+    vocab = {"embeddings.word.weight", "mlm_head.bias"}
+    layout = {}
+    params = dict(model.named_parameters())
+    row_weights = {
+        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, RowParallelLinear)
+    }
+    for name in tp_sharded_names(model):
+        dim = 1 if name in row_weights else 0
+        size = model.shape.vocab_size if name in vocab else params[name].shape[dim] * dims.tp_size
+        layout[name] = {"dim": dim, "size": size}
+    return layout

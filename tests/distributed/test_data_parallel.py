@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from pretrain.checkpoint import full_model_state
 from tests.distributed.harness import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,10 +42,8 @@ def test_dp2_matches_one_process(small_dataset, tmp_path):
         dp_losses = ranks[0]
         assert ranks[1] == dp_losses  # logged values are reduced over the dp group
         torch.testing.assert_close(torch.tensor(dp_losses), torch.tensor(single), rtol=1e-5, atol=0)
-        a = load_file(str(tmp_path / f"single-{mode}" / "checkpoints" / "step_000005" /
-                          "model.safetensors"))  # fmt: skip
-        b = load_file(str(tmp_path / f"dp2-{mode}" / "checkpoints" / "step_000005" /
-                          "model.safetensors"))  # fmt: skip
+        a = full_model_state(tmp_path / f"single-{mode}" / "checkpoints" / "step_000005")
+        b = full_model_state(tmp_path / f"dp2-{mode}" / "checkpoints" / "step_000005")
         diff = sum((a[k] - b[k]).float().norm() ** 2 for k in a) ** 0.5
         norm = sum(a[k].float().norm() ** 2 for k in a) ** 0.5
         assert diff / norm < 1e-5, (mode, float(diff / norm))

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from data_prep.tokenizer import load_tokenizer
+from pretrain.checkpoint import full_model_state
 from pretrain.config import ModelShape
 from pretrain.model import build_model
 
@@ -60,7 +60,7 @@ def test_demo_pipeline_exports_a_model_transformers_loads(tmp_path, lang):
     checkpoint = out / "checkpoints" / "step_000006"
     state = json.loads((checkpoint / "train_state.json").read_text())
     ours = build_model(ModelShape(**state["model_shape"])).eval()
-    ours.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    ours.load_state_dict(full_model_state(checkpoint))
     theirs = AutoModelForMaskedLM.from_pretrained(out / "hf").eval()
 
     ids = load_tokenizer(out / "tokenizer").encode(TEXT[lang], add_special_tokens=False).ids

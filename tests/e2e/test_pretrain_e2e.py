@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from launch.signals import EXIT_RESUBMIT
+from pretrain.checkpoint import full_model_state
 from pretrain.config import load_config
 from pretrain.trainer import train
 
@@ -53,7 +53,7 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint / "model.safetensors"))
+    return full_model_state(checkpoint)
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
