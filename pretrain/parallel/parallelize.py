@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain.config import ModelShape
 from pretrain.distributed import ParallelDims
 from pretrain.model import Bert
 from pretrain.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -36,13 +37,25 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     return (vocab_size + multiple - 1) // multiple * multiple
 
 
+def check_tp_shapes(shape: ModelShape, tp_size: int) -> None:
+    """Every split must be even: heads (hence QKV rows and attention-out columns), the MLP width
+    and the padded vocabulary. Raises ValueError naming the key to change."""
+    if shape.heads % tp_size:
+        raise ValueError(f"model.heads={shape.heads} is not divisible by parallel.tp={tp_size}")
+    if shape.ffn_hidden % tp_size:
+        raise ValueError(
+            f"model.ffn_hidden={shape.ffn_hidden} is not divisible by parallel.tp={tp_size}"
+        )
+    if padded_vocab_size(shape.vocab_size, tp_size) % tp_size:
+        raise ValueError("the padded vocabulary does not split evenly")
+
+
 def apply_tensor_parallel(model: Bert, dims: ParallelDims) -> None:
     """Replace the model's layers by their tensor-parallel versions (no-op at tp = 1)."""
     p, rank, group = dims.tp_size, dims.tp_rank, dims.tp_group
     if p == 1:
         return
-    if model.shape.heads % p:
-        raise ValueError(f"model.heads={model.shape.heads} is not divisible by parallel.tp={p}")
+    check_tp_shapes(model.shape, p)
     for layer in model.layers:
         attention = layer.attention
         attention.qkv = ColumnParallelLinear(attention.qkv, group, rank, p)

@@ -165,3 +165,26 @@ def test_tp2_and_dp2_tp2_train_like_one_process(small_dataset, tmp_path, mode):
             torch.testing.assert_close(
                 torch.tensor(got[-1][1:]), torch.tensor(single[-1][1:]), rtol=1e-5, atol=0
             )
+
+
+def _dropout_masks() -> dict:
+    """Dropout masks seen on each tp rank: in the replicated region (after the row-parallel
+    reduction) and inside the split region (attention on this rank's heads)."""
+    from torch import nn
+
+    from pretrain.parallel.rng import TPRegionRNG
+
+    dims = _dims(2)
+    torch.manual_seed(1234)  # every rank starts from the same seed, as the trainer does
+    region = TPRegionRNG(nn.Dropout(0.5), dims.tp_rank).train()
+    ones = torch.ones(64, 64)
+    inside = region(ones)
+    replicated = nn.functional.dropout(ones, 0.5)  # a replicated activation after the region
+    return {"inside": inside, "replicated": replicated}
+
+
+def test_dropout_rng_streams_under_tp():
+    """Replicated activations get identical masks on every tp rank; split regions differ."""
+    ranks = run_distributed(_dropout_masks, 2)
+    assert (ranks[0]["replicated"] == ranks[1]["replicated"]).all()
+    assert not (ranks[0]["inside"] == ranks[1]["inside"]).all()

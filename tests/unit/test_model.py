@@ -74,3 +74,27 @@ def test_recompute_gives_the_same_gradients(mode):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("size", ["xlarge", "3.9b"])
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_large_sizes_split_evenly_at_tp(size, tp):
+    """Every tensor-parallel split of xlarge and 3.9B divides at tp = 2, 4, 8; the local shard
+    shapes multiply back to the whole (checked on the meta device: no memory)."""
+    from pretrain.parallel.parallelize import check_tp_shapes, padded_vocab_size
+
+    shape = resolve_model_shape(load_config(None, [f"model.size={size}"]), vocab_size=30522)
+    check_tp_shapes(shape, tp)
+    model = build_model(shape, device="meta")
+    qkv = model.layers[0].attention.qkv.weight
+    assert qkv.shape[0] % tp == 0 and (qkv.shape[0] // tp) % (3 * shape.hidden // shape.heads) == 0
+    assert model.layers[0].mlp.fc_in.weight.shape[0] % tp == 0
+    assert padded_vocab_size(30522, tp) % (128 * tp) == 0
+
+
+def test_indivisible_heads_are_refused():
+    from pretrain.parallel.parallelize import check_tp_shapes
+
+    shape = resolve_model_shape(load_config(None, ["model.size=base"]), vocab_size=30522)
+    with pytest.raises(ValueError, match="model.heads=12 is not divisible by parallel.tp=8"):
+        check_tp_shapes(shape, 8)
