@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from pretrain.config import ConfigError, ModelShape
 from pretrain.distributed import ParallelDims, barrier
+from pretrain.parallel.zero import ZeroRedundancy
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
@@ -55,8 +56,8 @@ def _model_file(tp_rank: int) -> str:
     return f"model_tp{tp_rank:02d}.safetensors"
 
 
-def _optimizer_file(tp_rank: int) -> str:
-    return f"optimizer_tp{tp_rank:02d}.safetensors"
+def _optimizer_file(tp_rank: int, dp_rank: int = 0) -> str:
+    return f"optimizer_tp{tp_rank:02d}_dp{dp_rank:02d}.safetensors"
 
 
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -87,7 +88,10 @@ def save_checkpoint(
     """
     is_main = dims is None or dims.is_main
     tp_rank = 0 if dims is None else dims.tp_rank
-    writes = dims is None or dims.dp_rank == 0
+    dp_rank = 0 if dims is None else dims.dp_rank
+    writes = dp_rank == 0
+    # With ZeRO-1 every dp rank holds a different part of the optimizer state and writes it.
+    zero = isinstance(optimizer, ZeroRedundancy) and optimizer.dims.dp_size > 1
     final = root / step_dir_name(step)
     temp = root / f".{final.name}.tmp"
     if is_main:
@@ -99,7 +103,9 @@ def save_checkpoint(
     if writes:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(temp / _model_file(tp_rank)))
-        save_file(_optimizer_tensors(model, optimizer), str(temp / _optimizer_file(tp_rank)))
+    if writes or zero:
+        optimizer_state = _optimizer_tensors(model, optimizer)
+        save_file(optimizer_state, str(temp / _optimizer_file(tp_rank, dp_rank)))
     _barrier(dims)
     if is_main:
         rng = {"torch": torch.get_rng_state()}
@@ -107,6 +113,7 @@ def save_checkpoint(
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, temp / "rng.pt")
         info = dict(train_state, format_version=FORMAT_VERSION, step=step, sharding=sharding or {})
+        info["optimizer_parts"] = dims.dp_size if zero else 1
         (temp / "train_state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         _fsync_tree(temp)
         (temp / COMPLETE).write_text("ok\n", encoding="utf-8")
@@ -187,21 +194,25 @@ def check_shape(path: Path, stored: dict[str, Any], shape: ModelShape) -> None:
 class _ShardedReader:
     """Whole tensors from a checkpoint of any tp layout (one parameter in memory at a time)."""
 
-    def __init__(self, path: Path, file_name: Callable[[int], str]) -> None:
+    def __init__(self, path: Path, names: Callable[[int], list[str]]) -> None:
         state = read_train_state(path)
         self.sharding: dict[str, dict[str, int]] = state.get("sharding", {})
         tp = state.get("layout", {}).get("tp", 1)
-        self.files = [safe_open(str(path / file_name(r)), framework="pt") for r in range(tp)]
+        # Per tp rank: key -> the file holding it (ZeRO-1 spreads a rank's state over dp files).
+        self.index: list[dict[str, Any]] = []
+        for r in range(tp):
+            files = [safe_open(str(path / name), framework="pt") for name in names(r)]
+            self.index.append({key: f for f in files for key in f.keys()})
 
     def keys(self) -> list[str]:
-        return list(self.files[0].keys())
+        return list(self.index[0])
 
     def whole(self, key: str, param_name: str) -> torch.Tensor:
         info = self.sharding.get(param_name)
-        first = self.files[0].get_tensor(key)
+        first = self.index[0][key].get_tensor(key)
         if info is None or first.ndim == 0:
             return first
-        parts = [first] + [f.get_tensor(key) for f in self.files[1:]]
+        parts = [first] + [files[key].get_tensor(key) for files in self.index[1:]]
         return torch.cat(parts, dim=info["dim"]).narrow(info["dim"], 0, info["size"])
 
 
@@ -240,7 +251,7 @@ def load_model_weights(
     sharding: dict[str, dict[str, int]] | None = None,
 ) -> None:
     """Load weights saved at any tp into `model` laid out by `sharding` (None: unsharded)."""
-    reader = _ShardedReader(path, _model_file)
+    reader = _ShardedReader(path, lambda r: [_model_file(r)])
     split = _current_split(sharding, dims)
     tp_rank = 0 if dims is None else dims.tp_rank
     expected = model.state_dict()
@@ -260,7 +271,7 @@ def load_model_weights(
 
 def full_model_state(path: Path) -> dict[str, torch.Tensor]:
     """The whole (tp = 1, unpadded) state dict of a checkpoint of any layout."""
-    reader = _ShardedReader(path, _model_file)
+    reader = _ShardedReader(path, lambda r: [_model_file(r)])
     return {name: reader.whole(name, name) for name in reader.keys()}
 
 
@@ -274,7 +285,8 @@ def load_checkpoint(
     """Restore model, optimizer and RNG (resharding to the current layout); return the state."""
     state = read_train_state(path)
     load_model_weights(path, model, dims, sharding)
-    reader = _ShardedReader(path, _optimizer_file)
+    parts = state.get("optimizer_parts", 1)
+    reader = _ShardedReader(path, lambda r: [_optimizer_file(r, d) for d in range(parts)])
     split = _current_split(sharding, dims)
     tp_rank = 0 if dims is None else dims.tp_rank
     params = dict(model.named_parameters())

@@ -5,8 +5,9 @@ for Deep Learning", Algorithm 2): Adam's moments, then a per-tensor trust ratio 
 rescales each layer's step to its own size. The maths runs as multi-tensor `torch._foreach_*` ops
 over a whole param group, so the optimizer costs a handful of kernel launches per step, not a few
 per tensor; that maths lives in `kernels.lamb_step` (two Triton launches per group on GPUs of
-compute capability >= 8.0, the same `torch._foreach_*` ops elsewhere). Tensor parallelism enters only through two overridable reductions: `Lamb._tensor_norms`
-and the `norm_fn` argument of `clip_grad_norm_`.
+compute capability >= 8.0, the same `torch._foreach_*` ops elsewhere). Tensor parallelism
+enters only through two overridable reductions: `Lamb._tensor_norms` and the `norm_fn`
+argument of `clip_grad_norm_`.
 """
 
 from __future__ import annotations
@@ -161,6 +162,18 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """LAMB or AdamW over `build_param_groups(model, weight_decay)`."""
     groups = build_param_groups(model, weight_decay)
+    return optimizer_for_groups(groups, name, lr, betas, eps, tp_group)
+
+
+def optimizer_for_groups(
+    groups: list[dict[str, Any]],
+    name: OptimizerName,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    tp_group: Any = None,
+) -> torch.optim.Optimizer:
+    """LAMB or AdamW over prepared param groups (ZeRO-1 builds one over its share)."""
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps, tp_group=tp_group)
     if name == "adamw":

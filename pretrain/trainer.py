@@ -59,8 +59,9 @@ from pretrain.model import (
     flops_per_token,
 )
 from pretrain.objectives import LossOutput, pretraining_loss
-from pretrain.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
+from pretrain.optim import build_param_groups, clip_grad_norm_, lr_at, optimizer_for_groups, set_lr
 from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout, tp_grad_norm_fn
+from pretrain.parallel.zero import ZeroRedundancy
 from pretrain.precision import DynamicLossScaler, autocast_context
 
 
@@ -149,10 +150,6 @@ class _LossStep(nn.Module):
 
 def train(config: Config) -> TrainResult:
     """Pre-train as configured; returns the exit code (0, or 75 when stopped on request)."""
-    if config.parallel.zero != 0:
-        raise ConfigError(
-            "parallel.zero=1 is not available in this version yet: set parallel.zero=0"
-        )
     env, dims, device = setup_parallel(config)
     try:
         return _train(config, dims, env.describe(), device)
@@ -195,15 +192,13 @@ def _train(
     except ValueError as error:
         raise ConfigError(f"parallel.tp={dims.tp_size}: {error}") from None
     sharding = shard_layout(model, dims)
-    optimizer = build_optimizer(
-        model,
-        config.optim.name,
-        lr=config.optim.lr,
-        weight_decay=config.optim.weight_decay,
-        betas=config.optim.betas,
-        eps=config.optim.eps,
-        tp_group=dims.tp_group,
-    )
+    groups = build_param_groups(model, config.optim.weight_decay)
+
+    def build(share: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        o = config.optim
+        return optimizer_for_groups(share, o.name, o.lr, o.betas, o.eps, dims.tp_group)
+
+    optimizer = ZeroRedundancy(groups, build, dims) if config.parallel.zero else build(groups)
     scaler = DynamicLossScaler(enabled=config.train.precision == "fp16")
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm_fn = tp_grad_norm_fn(model, params, dims)

@@ -1,5 +1,5 @@
-"""Sharded checkpoints load into other layouts: saved at dp=2 x tp=2, resumed at tp=1 and at
-tp=2 x dp=1, and exported.
+"""Sharded checkpoints load into other layouts: saved at dp=2 x tp=2 with ZeRO-1 (optimizer
+state spread over dp ranks), resumed at tp=1 and at tp=2 x dp=1, and exported.
 
 Oracle: the uninterrupted dp=2 x tp=2 run. A resumed run must continue with the same losses
 (relative 1e-5: the reduction order differs between layouts), which needs the model and the
@@ -19,14 +19,15 @@ from tests.distributed.harness import run_distributed
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _train(data: str, out: str, tp: int, steps: int) -> list[float]:
+def _train(data: str, out: str, tp: int, steps: int, zero: int = 0) -> list[float]:
     from pretrain.config import load_config
     from pretrain.trainer import train
 
     config = load_config(
         REPO / "configs" / "tiny.yaml",
         [
-            f"data.path={data}", f"train.out_dir={out}", f"parallel.tp={tp}",
+            f"data.path={data}", f"train.out_dir={out}",
+            f"parallel.tp={tp}", f"parallel.zero={zero}",
             "model.hidden=64", "model.heads=4", "model.max_seq_len=64", "model.dropout=0.0",
             "data.seq_len=64", "train.micro_batch=4", "train.global_batch=8",
             f"train.steps={steps}", "train.precision=fp32", "train.log_every=1",
@@ -40,7 +41,7 @@ def _train(data: str, out: str, tp: int, steps: int) -> list[float]:
 @pytest.mark.slow
 def test_resume_at_other_layouts_continues_the_run(small_dataset, tmp_path):
     data = str(small_dataset)
-    full = run_distributed(_train, 4, data, str(tmp_path / "a"), 2, 4)[0]
+    full = run_distributed(_train, 4, data, str(tmp_path / "a"), 2, 4, 1)[0]  # ZeRO-1 too
     saved = tmp_path / "a" / "checkpoints" / "step_000002"
 
     def fresh_copy(name: str) -> Path:

@@ -128,7 +128,7 @@ def test_column_row_linear_and_vocab_embedding():
         torch.testing.assert_close(out["row_bias_grad"], fc_out.bias.grad, rtol=1e-5, atol=1e-6)
 
 
-def _train(data: str, out: str, mode: str, tp: int, dropout: float = 0.0) -> list[float]:
+def _train(data: str, out: str, mode: str, tp: int, zero: int = 0) -> list:
     from pretrain.config import load_config
     from pretrain.trainer import train
 
@@ -136,11 +136,11 @@ def _train(data: str, out: str, mode: str, tp: int, dropout: float = 0.0) -> lis
         REPO / "configs" / "tiny.yaml",
         [
             f"data.path={data}", f"train.out_dir={out}", f"mlm.mode={mode}", f"parallel.tp={tp}",
-            "model.hidden=64", "model.heads=4", "model.max_seq_len=64",
-            f"model.dropout={dropout}", "data.seq_len=64", "train.micro_batch=4",
-            "train.global_batch=8", "train.steps=4", "train.precision=fp32",
-            "train.log_every=1", "train.eval_every=4", "train.eval_batches=2",
-            "optim.warmup_steps=1", "checkpoint.every=100",
+            f"parallel.zero={zero}", "model.hidden=64", "model.heads=4", "model.max_seq_len=64",
+            "model.dropout=0.0", "data.seq_len=64", "train.micro_batch=4",
+            "train.global_batch=8", "train.steps=10", "train.precision=fp32",
+            "train.log_every=1", "train.eval_every=10", "train.eval_batches=2",
+            "optim.name=lamb", "optim.warmup_steps=2", "checkpoint.every=10",
         ],
     )  # fmt: skip
     result = train(config)
@@ -151,13 +151,18 @@ def _train(data: str, out: str, mode: str, tp: int, dropout: float = 0.0) -> lis
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_tp2_and_dp2_tp2_train_like_one_process(small_dataset, tmp_path, mode):
-    """Losses, gradient norms (global, every parameter once) and eval agree with tp = 1."""
-    single = _train(str(small_dataset), str(tmp_path / "single"), mode, 1)
-    for world, tp in ((2, 2), (4, 2)):
-        ranks = run_distributed(
-            _train, world, str(small_dataset), str(tmp_path / f"w{world}"), mode, tp
-        )
+def test_layouts_train_like_one_process(small_dataset, tmp_path, mode):
+    """10 LAMB steps at tp=2, dp=2 with ZeRO-1, dp=2 x tp=2, and dp=2 x tp=2 with ZeRO-1:
+    losses, global gradient norms (every parameter counted once), evaluation and the final
+    parameters (relative distance over the whole model) agree with tp = 1 x dp = 1."""
+    from pretrain.checkpoint import full_model_state
+
+    data = str(small_dataset)
+    single = _train(data, str(tmp_path / "single"), mode, 1)
+    reference = full_model_state(tmp_path / "single" / "checkpoints" / "step_000010")
+    for world, tp, zero in ((2, 2, 0), (2, 1, 1), (4, 2, 0), (4, 2, 1)):
+        out = tmp_path / f"w{world}-tp{tp}-zero{zero}"
+        ranks = run_distributed(_train, world, data, str(out), mode, tp, zero)
         for got in ranks:
             for a, b in zip(got[:-1], single[:-1], strict=True):
                 torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=0)
@@ -165,6 +170,10 @@ def test_tp2_and_dp2_tp2_train_like_one_process(small_dataset, tmp_path, mode):
             torch.testing.assert_close(
                 torch.tensor(got[-1][1:]), torch.tensor(single[-1][1:]), rtol=1e-5, atol=0
             )
+        params = full_model_state(out / "checkpoints" / "step_000010")
+        diff = sum(float((params[k] - reference[k]).norm()) ** 2 for k in reference) ** 0.5
+        norm = sum(float(reference[k].norm()) ** 2 for k in reference) ** 0.5
+        assert diff / norm < 1e-5, (world, tp, zero, diff / norm)
 
 
 def _dropout_masks() -> dict:
