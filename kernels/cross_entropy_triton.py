@@ -57,7 +57,7 @@ def _ce_row_stats(
         e = tl.where(x == float("-inf"), 0.0, tl.exp(x - new_max))
         sum_exp = sum_exp * rescale + tl.sum(e, axis=0)
         row_max = new_max
-        target_logit += tl.sum(tl.where(cols == local_target, x, 0.0), axis=0)
+        target_logit += tl.sum(tl.where(mask & (cols == local_target), x, 0.0), axis=0)
         if HAS_SMOOTHING:
             logit_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
     tl.store(ROW_MAX + row, row_max)

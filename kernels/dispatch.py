@@ -67,12 +67,12 @@ def choose_triton(
 
 def use_triton(t: Tensor) -> bool:
     """Whether the ops may launch a Triton kernel on `t` (see `choose_triton`)."""
-    if not t.is_cuda:  # the common CPU case, without touching torch.cuda
+    # The cheap refusals first: CPU tensors never touch torch.cuda, and under torch.compile
+    # nothing below is traced.
+    if not t.is_cuda or not _enabled or torch.compiler.is_compiling():
         return False
     return choose_triton(
         is_cuda=True,
         capability=torch.cuda.get_device_capability(t.device),
         triton_importable=triton_available(),
-        enabled=_enabled,
-        compiling=torch.compiler.is_compiling(),
     )

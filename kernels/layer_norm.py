@@ -46,9 +46,7 @@ def layer_norm(
     if _triton_applies(x, weight, bias, residual):
         from kernels.layer_norm_triton import layer_norm_triton
 
-        return layer_norm_triton(
-            x, weight, bias, eps, residual=residual, return_sum=return_sum
-        )
+        return layer_norm_triton(x, weight, bias, eps, residual=residual, return_sum=return_sum)
     return layer_norm_reference(x, weight, bias, eps, residual=residual, return_sum=return_sum)
 
 

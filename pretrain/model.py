@@ -164,9 +164,7 @@ class Bert(nn.Module):
         self.shape = shape
         self.embeddings = Embeddings(shape)
         self.layers = nn.ModuleList(TransformerLayer(shape) for _ in range(shape.layers))
-        self.final_norm = (
-            LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "pre" else None
-        )
+        self.final_norm = LayerNorm(shape.hidden, LAYER_NORM_EPS) if shape.norm == "pre" else None
         self.pooler = nn.Linear(shape.hidden, shape.hidden)
         self.mlm_head = MLMHead(shape)
         self.pair_head = nn.Linear(shape.hidden, 2) if shape.pair_head else None

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import kernels
 from launch.signals import EXIT_RESUBMIT, StopRequest
 from pretrain.checkpoint import (
     check_shape,
@@ -151,6 +152,7 @@ class _LossStep(nn.Module):
 
 def train(config: Config) -> TrainResult:
     """Pre-train as configured; returns the exit code (0, or 75 when stopped on request)."""
+    kernels.set_enabled(config.kernels.enabled)  # false: PyTorch references everywhere (debug)
     env, dims, device = setup_parallel(config)
     try:
         return _train(config, dims, env.describe(), device)
