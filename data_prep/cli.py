@@ -6,6 +6,11 @@
     bert-prep verify runs/data
     bert-prep merge runs/data_a runs/data_b --out runs/data
 
+Many nodes: `srun -n 8 bert-prep encode ...` / `mpirun -n 8 bert-prep encode ...` (ranks share
+the output directory), or a job array running `bert-prep encode ... --num-shards 8
+--shard-index $SLURM_ARRAY_TASK_ID --out pieces/$SLURM_ARRAY_TASK_ID` and then
+`bert-prep merge pieces/* --out data`. Either way the shards are the bytes one process writes.
+
 User errors print one line (`bert-prep: error: ...`) and exit with code 2.
 """
 
@@ -15,9 +20,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from data_prep.clean import NFKC_MODES
 from data_prep.errors import PrepError
 from data_prep.sentences import LANGS
-from data_prep.sources import DOC_SEPS
+from data_prep.sources import DEFAULT_MAX_DOC_CHARS, DOC_SEPS, FORMATS
 
 PROG = "bert-prep"
 
@@ -28,8 +34,22 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="text (.txt) or JSON Lines (.jsonl) files, optionally .gz/.xz/.bz2, or "
-        "directories (all files inside, sorted)",
+        help="text, JSON Lines (.jsonl) or WikiExtractor files, optionally .gz/.xz/.bz2/.zst; "
+        "directories (searched recursively, sorted) or quoted glob patterns",
+    )
+    parser.add_argument(
+        "--pattern",
+        default="*",
+        metavar="GLOB",
+        help="which files of an input directory to read (default: all; e.g. 'wiki_*')",
+    )
+    parser.add_argument(
+        "--format",
+        dest="fmt",
+        choices=FORMATS,
+        default="auto",
+        help="auto (default): .jsonl/.ndjson/.json are JSON Lines, files starting with "
+        "'<doc ' are WikiExtractor output, the rest plain text",
     )
     parser.add_argument(
         "--doc-sep",
@@ -42,14 +62,79 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
         "--text-field",
         default="text",
         metavar="F",
-        help="field holding the text in .jsonl records (default: text)",
+        help="field holding the text in .jsonl records (default: text; livedoor: body)",
+    )
+    parser.add_argument(
+        "--encoding",
+        default="utf-8",
+        metavar="CODEC",
+        help="input encoding (default utf-8; e.g. cp932 for Shift_JIS, euc-jp); lines that "
+        "do not decode are dropped and counted",
     )
     parser.add_argument(
         "--lang",
         choices=LANGS,
         default="auto",
-        help="sentence-splitting rules; auto picks ja when the text is mostly CJK (default)",
+        help="sentence-splitting rules; auto picks ja per document when the text is mostly "
+        "CJK (default)",
     )
+    clean = parser.add_argument_group("cleaning (every dropped document is counted by reason)")
+    clean.add_argument(
+        "--nfkc",
+        choices=NFKC_MODES,
+        default="auto",
+        help="Unicode NFKC normalisation: auto = Japanese documents only (default)",
+    )
+    clean.add_argument(
+        "--keep-control",
+        dest="remove_control",
+        action="store_false",
+        help="keep control characters (default: removed, except tab and newline)",
+    )
+    clean.add_argument(
+        "--keep-whitespace",
+        dest="fold_whitespace",
+        action="store_false",
+        help="keep whitespace as is (default: runs of spaces folded to one, line ends trimmed, "
+        "at most one blank line)",
+    )
+    clean.add_argument("--lowercase", action="store_true", help="lower-case the text")
+    clean.add_argument(
+        "--min-doc-chars",
+        type=int,
+        default=1,
+        metavar="N",
+        help="drop documents shorter than N characters after cleaning (too_few_chars)",
+    )
+    clean.add_argument(
+        "--max-doc-chars",
+        type=int,
+        default=DEFAULT_MAX_DOC_CHARS,
+        metavar="N",
+        help=f"drop longer documents (too_long; default {DEFAULT_MAX_DOC_CHARS:,}); also caps "
+        "the memory one line or document can take",
+    )
+
+
+def _read_clean(args: argparse.Namespace):
+    from data_prep.clean import CleanConfig
+    from data_prep.sources import ReadConfig
+
+    read = ReadConfig(
+        doc_sep=args.doc_sep,
+        text_field=args.text_field,
+        fmt=args.fmt,
+        encoding=args.encoding,
+        max_doc_chars=args.max_doc_chars,
+    )
+    clean = CleanConfig(
+        nfkc=args.nfkc,
+        remove_control=args.remove_control,
+        fold_whitespace=args.fold_whitespace,
+        lowercase=args.lowercase,
+        min_doc_chars=args.min_doc_chars,
+    )
+    return read, clean
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="SentencePiece algorithm (default unigram)",
     )
     tok.add_argument(
+        "--pretokenize",
+        choices=("none", "mecab"),
+        default="none",
+        help="mecab: cut Japanese into words with MeCab (fugashi + unidic-lite) before "
+        "WordPiece, as the Tohoku BERT models do; loads as transformers' "
+        "BertJapaneseTokenizer (needs the 'ja' extra)",
+    )
+    tok.add_argument(
         "--sample-bytes",
         type=int,
         default=100_000_000,
@@ -98,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser(
         "encode",
         help="corpus -> indexed token shards + manifest.json",
-        description="Split documents into sentences, encode them and write shards "
-        "(shard_00000.bin/.idx, ...), manifest.json and a copy of the tokenizer to --out.",
+        description="Read, clean and deduplicate documents, split them into sentences, encode "
+        "them and write shards (shard_UUUUU_PPPP.bin/.idx), manifest.json and a copy of the "
+        "tokenizer to --out. Restarted with the same command, a killed run redoes only the "
+        "unfinished work units. Under mpirun/srun every rank takes its part of the units.",
     )
     _add_source_args(enc)
     enc.add_argument("--tokenizer", required=True, metavar="DIR", help="from `bert-prep tokenizer`")
@@ -109,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="encoding processes (output is identical for any N; default 1)",
+        help="encoding processes on this node (output is identical for any N; default 1)",
     )
     enc.add_argument(
         "--shard-tokens",
@@ -124,6 +219,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         metavar="N",
         help="drop documents with fewer tokens, counted as too_short (default 8)",
+    )
+    enc.add_argument(
+        "--no-dedupe",
+        dest="dedupe",
+        action="store_false",
+        help="keep exact duplicate documents (default: only the first copy is kept)",
+    )
+    enc.add_argument(
+        "--unit-bytes",
+        type=int,
+        default=256_000_000,
+        metavar="N",
+        help="input bytes per work unit, the grain of parallel work and of resuming (default "
+        "256 MB); part of the output's identity: keep it when resuming or merging pieces",
+    )
+    enc.add_argument(
+        "--num-shards",
+        type=int,
+        default=1,
+        metavar="K",
+        help="split the work into K independent pieces (e.g. a job array); run every piece "
+        "with --shard-index 0..K-1 and its own --out, then `bert-prep merge`",
+    )
+    enc.add_argument("--shard-index", type=int, default=0, metavar="I", help="this piece (0-based)")
+    enc.add_argument(
+        "--log-every",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between progress lines when stderr is not a terminal (default 30)",
+    )
+    enc.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="under mpirun/srun: rank 0 gives up after S seconds without another rank "
+        "finishing a unit (default 3600)",
     )
 
     ver = sub.add_parser(
@@ -146,18 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(manifest: dict, out: str) -> None:
-    stats = manifest.get("stats", {})
-    dropped = ", ".join(f"{k} {v}" for k, v in stats.get("dropped", {}).items()) or "none"
-    print(f"wrote {len(manifest['shards'])} shard(s) + manifest.json to {out}")
-    print(
-        f"documents {manifest['num_documents']}, sentences {manifest['num_sentences']}, "
-        f"tokens {manifest['num_tokens']} ({manifest['dtype']})"
-    )
-    print(
-        f"dropped documents: {dropped}; invalid UTF-8 lines {stats.get('invalid_utf8_lines', 0)}"
-        f", invalid JSON lines {stats.get('invalid_json_lines', 0)}, records without the "
-        f"text field {stats.get('missing_field_records', 0)}"
-    )
+    from data_prep.progress import summary_table
+
+    what = "piece" if "piece" in manifest else "dataset"
+    print(f"wrote {len(manifest['shards'])} shard(s) + manifest.json ({what}) to {out}")
+    print(summary_table(manifest))
+    if "piece" in manifest:
+        piece = manifest["piece"]
+        print(
+            f"piece {piece['index']} of {piece['count']}: when all pieces are done, join them "
+            "with `bert-prep merge PIECE_DIR... --out DIR`"
+        )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -165,6 +297,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "tokenizer":
         from data_prep.tokenizer import tokenizer_info, train_tokenizer
 
+        read, clean = _read_clean(args)
         out = train_tokenizer(
             args.input,
             args.out,
@@ -174,31 +307,52 @@ def _run(args: argparse.Namespace) -> int:
             lang=args.lang,
             sp_model_type=args.sp_model_type,
             sample_bytes=args.sample_bytes,
-            doc_sep=args.doc_sep,
-            text_field=args.text_field,
+            pretokenize=args.pretokenize,
+            read=read,
+            clean=clean,
+            pattern=args.pattern,
         )
         info = tokenizer_info(out)
         print(f"wrote tokenizer to {out}")
         print(
             f"kind {info['kind']}, vocab_size {info['vocab_size']}, lowercase "
-            f"{info['lowercase']}, lang {info['lang']}, hash {info['hash'][:12]}"
+            f"{info['lowercase']}, lang {info['lang']}, pretokenize "
+            f"{info.get('pretokenize', 'none')}, hash {info['hash'][:12]}"
         )
         return 0
     if args.command == "encode":
-        from data_prep.encode import encode_corpus
+        from data_prep.encode import EncodeSettings, encode_corpus
 
-        manifest = encode_corpus(
+        read, clean = _read_clean(args)
+        settings = EncodeSettings(
+            read=read,
+            clean=clean,
+            lang=args.lang,
+            min_doc_tokens=args.min_doc_tokens,
+            shard_tokens=args.shard_tokens,
+            unit_bytes=args.unit_bytes,
+            dedupe=args.dedupe,
+            pattern=args.pattern,
+        )
+        result = encode_corpus(
             args.input,
             args.tokenizer,
             args.out,
-            doc_sep=args.doc_sep,
-            text_field=args.text_field,
-            lang=args.lang,
-            shard_tokens=args.shard_tokens,
-            min_doc_tokens=args.min_doc_tokens,
+            settings,
             workers=args.workers,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            log_every=args.log_every,
+            rank_timeout=args.rank_timeout,
         )
-        _print_summary(manifest, args.out)
+        if "shards" not in result:  # a rank other than 0
+            print(
+                f"rank {result['rank']} of {result['world_size']}: encoded "
+                f"{result['encoded_units']} of its {result['units']} unit(s) in {args.out}; "
+                "rank 0 writes manifest.json"
+            )
+            return 0
+        _print_summary(result, args.out)
         return 0
     if args.command == "verify":
         from data_prep.shard_format import read_manifest, verify

@@ -1,8 +1,22 @@
 """Corpus → indexed token shards + manifest.json (the `bert-prep encode` command).
 
-Documents stream from the inputs, are split into sentences and encoded in batches with the
-Rust tokenizer's encode_batch. With workers > 1 the batches go to a process pool but come back
-in order, so the shards are byte-identical for any worker count.
+How the work is cut (see data_prep.plan): the inputs become work units of ~`unit_bytes`; unit u
+becomes shards `shard_UUUUU_PPPP`. A unit is encoded start to finish by one process: read →
+clean → drop (counted by reason) → duplicates within the unit dropped by hash → sentences →
+`encode_batch` → shard parts of at most `shard_tokens` tokens. Units go to `--workers`
+processes, to the ranks of an `mpirun`/`srun` job (data_prep.ranks) and to array-job pieces
+(`--num-shards K --shard-index i`, joined by `bert-prep merge`), and whoever encodes a unit
+writes the same bytes, so the dataset is byte-identical for any of these splits.
+
+Duplicates across units are removed at the end, when every unit's document hashes are known
+(first occurrence in corpus order wins): units holding a later copy are rewritten from their
+shards (token ids, no re-tokenizing). For array-job pieces that step happens in `merge`.
+
+Crash safety and resuming: a unit's shards are written to temporary names and fsynced; then
+its record (shard checksums, counts) goes to OUT/.prep/units/ atomically; then the shards are
+renamed into place. A unit counts as done only if its record matches this run's plan
+fingerprint and its files match the checksums, so a killed run started again with the same
+command redoes exactly the unfinished units. manifest.json is written last, by rank 0.
 """
 
 from __future__ import annotations
@@ -10,45 +24,114 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import queue
 import shutil
 import sys
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
+from data_prep.clean import DROP_REASONS, CleanConfig, clean_text, length_reason
+from data_prep.dedupe import HashSet, doc_hashes
 from data_prep.errors import PrepError
-from data_prep.sentences import LANGS, split_sentences
+from data_prep.plan import SHARD_PREFIX, Unit, block, fingerprint, plan_units, shard_name
+from data_prep.progress import Progress, peak_rss_mb
+from data_prep.ranks import RankInfo, detect_rank
+from data_prep.sentences import LANGS, detect_lang, split_sentences
 from data_prep.shard_format import (
     FORMAT_VERSION,
     MANIFEST,
+    IndexedShard,
     ShardWriter,
     dtype_for_vocab,
+    file_sha256,
+    publish_shard,
     write_json_atomic,
 )
-from data_prep.sources import SourceStats, iter_documents
-from data_prep.tokenizer import load_tokenizer, tokenizer_info
+from data_prep.sources import (
+    SKIP_REASONS,
+    ReadConfig,
+    SourceStats,
+    expand_inputs,
+    no_text_message,
+    read_range,
+)
+from data_prep.tokenizer import load_segmenter, load_tokenizer, tokenizer_info
 
 DEFAULT_SHARD_TOKENS = 50_000_000
 DEFAULT_MIN_DOC_TOKENS = 8
 """Shorter documents (headings, page numbers, "CHAPTER I.") are dropped as too_short."""
-DROP_REASONS = ("empty", "too_short")
-_BATCH_CHARS = 1_000_000  # ~1 MB of text per encode_batch call / pool task
+DEFAULT_UNIT_BYTES = 256_000_000
+WORK_DIR = ".prep"
+"""OUT/.prep/units/unit_NNNNN.json (records) and OUT/.prep/hashes/unit_NNNNN.npy (document
+hashes for removing duplicates across units; 8 bytes per kept document)."""
+_BATCH_CHARS = 1_000_000  # ~1 MB of text per encode_batch call
 _BATCH_DOCS = 2000
+_REPORT_EVERY_S = 0.5
+_MAX_PROBLEMS = 1000
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """Everything that decides the output bytes (it is hashed into the plan fingerprint)."""
+
+    read: ReadConfig = field(default_factory=ReadConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    lang: str = "auto"
+    """Sentence rules and NFKC auto: en, ja, or auto (decided per document)."""
+    min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    unit_bytes: int = DEFAULT_UNIT_BYTES
+    dedupe: bool = True
+    pattern: str = "*"
+    """Which files of an input directory are read."""
+
+    @classmethod
+    def build(cls, **options) -> EncodeSettings:
+        """Settings from flat keyword options (the names of the CLI flags)."""
+        read_keys = {"doc_sep", "text_field", "fmt", "encoding", "max_doc_chars"}
+        clean_keys = {"nfkc", "remove_control", "fold_whitespace", "lowercase", "min_doc_chars"}
+        own = {f for f in cls.__dataclass_fields__ if f not in ("read", "clean")}
+        unknown = set(options) - read_keys - clean_keys - own
+        if unknown:
+            raise TypeError(f"unknown encode options: {', '.join(sorted(unknown))}")
+        return cls(
+            read=ReadConfig(**{k: v for k, v in options.items() if k in read_keys}),
+            clean=CleanConfig(**{k: v for k, v in options.items() if k in clean_keys}),
+            **{k: v for k, v in options.items() if k in own},
+        )
+
+    def validate(self) -> None:
+        self.read.validate()
+        self.clean.validate()
+        if self.lang not in LANGS:
+            raise PrepError(f"unknown --lang {self.lang!r}; choose one of {', '.join(LANGS)}")
+        if self.shard_tokens < 1 or self.unit_bytes < 1 or self.min_doc_tokens < 0:
+            raise PrepError("--shard-tokens and --unit-bytes must be >= 1, --min-doc-tokens >= 0")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding one batch of documents
 
 
 @dataclass
 class EncodedBatch:
-    """The kept documents of one batch as flat arrays (cheap to send between processes)."""
+    """The kept documents of one batch as flat arrays (cheap to keep and to slice)."""
 
     ids: np.ndarray  # all token ids of the kept documents
     sentence_lengths: np.ndarray  # int64, tokens per sentence
     document_sentences: np.ndarray  # int64, sentences per kept document
+    kept: np.ndarray  # int64, index in the input batch of each kept document
     dropped: Counter = field(default_factory=Counter)
 
     def documents(self) -> Iterator[list[np.ndarray]]:
@@ -61,124 +144,502 @@ class EncodedBatch:
 
 
 def encode_documents(
-    tokenizer: Tokenizer, docs: Sequence[str], *, lang: str, min_doc_tokens: int, dtype: np.dtype
+    tokenizer: Tokenizer,
+    docs: Sequence[str],
+    *,
+    lang: str | Sequence[str],
+    min_doc_tokens: int,
+    dtype: np.dtype,
+    segment: Callable[[str], str] | None = None,
 ) -> EncodedBatch:
-    """Split and encode a batch of documents; drop (and count) empty and too-short ones."""
-    per_doc = [split_sentences(doc, lang) if doc.strip() else [] for doc in docs]
+    """Split and encode a batch of documents; drop (and count) empty and too-short ones.
+
+    `lang` is one language for all or one per document; `segment` (MeCab for
+    `--pretokenize mecab`) turns a sentence into space-separated words before encoding.
+    """
+    langs = [lang] * len(docs) if isinstance(lang, str) else list(lang)
+    per_doc = [
+        split_sentences(doc, doc_lang) if doc.strip() else []
+        for doc, doc_lang in zip(docs, langs, strict=True)
+    ]
     flat = [s for sentences in per_doc for s in sentences]
+    if segment is not None:
+        flat = [segment(s) for s in flat]
     encodings = tokenizer.encode_batch(flat, add_special_tokens=False) if flat else []
-    ids: list[np.ndarray] = []
-    lengths: list[int] = []
-    doc_sentences: list[int] = []
+    # Whole-batch numpy from here on: a Python loop per sentence costs as much as a tenth of
+    # the tokenizer's time.
+    id_lists = [e.ids for e in encodings]
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    ids = np.fromiter(chain.from_iterable(id_lists), dtype=dtype, count=int(lengths.sum()))
+    owner = np.repeat(np.arange(len(docs)), [len(s) for s in per_doc])  # sentence → document
+    doc_tokens = np.bincount(owner, weights=lengths, minlength=len(docs))
+    empty = doc_tokens == 0
+    keep_doc = ~empty & (doc_tokens >= min_doc_tokens)
+    keep_sentence = (lengths > 0) & keep_doc[owner]
     dropped: Counter = Counter()
-    k = 0
-    for sentences in per_doc:
-        arrays = [np.asarray(e.ids, dtype=dtype) for e in encodings[k : k + len(sentences)]]
-        k += len(sentences)
-        arrays = [a for a in arrays if a.size]
-        n_tokens = sum(a.size for a in arrays)
-        if n_tokens == 0:
-            dropped["empty"] += 1
-        elif n_tokens < min_doc_tokens:
-            dropped["too_short"] += 1
-        else:
-            ids.extend(arrays)
-            lengths.extend(a.size for a in arrays)
-            doc_sentences.append(len(arrays))
+    if empty.any():
+        dropped["empty"] = int(empty.sum())
+    if (~empty & ~keep_doc).any():
+        dropped["too_short"] = int((~empty & ~keep_doc).sum())
     return EncodedBatch(
-        ids=np.concatenate(ids) if ids else np.zeros(0, dtype=dtype),
-        sentence_lengths=np.asarray(lengths, dtype=np.int64),
-        document_sentences=np.asarray(doc_sentences, dtype=np.int64),
+        ids=ids[np.repeat(keep_sentence, lengths)],
+        sentence_lengths=lengths[keep_sentence],
+        document_sentences=np.bincount(owner[keep_sentence], minlength=len(docs))[keep_doc],
+        kept=np.flatnonzero(keep_doc),
         dropped=dropped,
     )
 
 
-def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    chars = 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+# ---------------------------------------------------------------------------------------------
+# Encoding one unit
 
 
-# Per-process state of pool workers (set once by the initializer, not sent with every task).
+@dataclass(frozen=True)
+class Job:
+    """What every process needs to encode any unit (sent once to each worker)."""
+
+    out: str
+    tokenizer_dir: str
+    files: tuple[str, ...]
+    settings: EncodeSettings
+    fingerprint: str
+    dtype: str
+
+
+def _work(out: Path, kind: str, unit: int, suffix: str) -> Path:
+    return out / WORK_DIR / kind / f"unit_{unit:05d}{suffix}"
+
+
+def record_path(out: Path, unit: int) -> Path:
+    return _work(out, "units", unit, ".json")
+
+
+def hashes_path(out: Path, unit: int) -> Path:
+    return _work(out, "hashes", unit, ".npy")
+
+
+def _empty_stats() -> dict:
+    stats = SourceStats().as_dict()
+    stats["dropped"] = {reason: 0 for reason in DROP_REASONS}
+    stats["kept_documents"] = 0
+    return stats
+
+
+class PartWriter:
+    """Writes one unit's documents into parts of at most `shard_tokens` tokens (a document is
+    never split, so a longer one gets a part of its own); nothing is published here."""
+
+    def __init__(self, out: Path, unit: int, shard_tokens: int, dtype: np.dtype) -> None:
+        self.out, self.unit, self.shard_tokens, self.dtype = out, unit, shard_tokens, dtype
+        self.entries: list[dict] = []
+        self._writer: ShardWriter | None = None
+
+    def add(self, document: list[np.ndarray]) -> None:
+        n_tokens = sum(s.size for s in document)
+        if self._writer is not None and self._writer.num_tokens + n_tokens > self.shard_tokens:
+            self.entries.append(self._writer.close())
+            self._writer = None
+        if self._writer is None:
+            name = shard_name(self.unit, len(self.entries))
+            self._writer = ShardWriter(self.out / name, self.dtype)
+        self._writer.add_document(document)
+
+    def add_batch(self, batch: EncodedBatch) -> None:
+        """All documents of a batch, a run of whole documents per part (same bytes as
+        add() one document at a time)."""
+        n_docs = len(batch.document_sentences)
+        sent_end = np.cumsum(batch.document_sentences)  # per document, into sentences
+        tok_end = np.concatenate([[0], np.cumsum(batch.sentence_lengths)])[sent_end]
+        first = 0
+        while first < n_docs:
+            base_tok = int(tok_end[first - 1]) if first else 0
+            room = self.shard_tokens - (self._writer.num_tokens if self._writer else 0)
+            # documents first..last-1 fit in the open part
+            last = int(np.searchsorted(tok_end, base_tok + room, side="right"))
+            if last <= first:
+                if self._writer is not None and self._writer.num_documents:
+                    self.entries.append(self._writer.close())
+                    self._writer = None
+                    continue
+                last = first + 1  # a document longer than a whole part gets one of its own
+            if self._writer is None:
+                name = shard_name(self.unit, len(self.entries))
+                self._writer = ShardWriter(self.out / name, self.dtype)
+            s0 = int(sent_end[first - 1]) if first else 0
+            s1 = int(sent_end[last - 1])
+            self._writer.add_documents(
+                batch.ids[base_tok : int(tok_end[last - 1])],
+                batch.sentence_lengths[s0:s1],
+                batch.document_sentences[first:last],
+            )
+            first = last
+
+    def close(self) -> list[dict]:
+        if self._writer is not None:
+            self.entries.append(self._writer.close())
+            self._writer = None
+        return self.entries
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+        for entry in self.entries:
+            for suffix in (".bin.tmp", ".idx.tmp"):
+                (self.out / (entry["name"] + suffix)).unlink(missing_ok=True)
+
+
+class UnitEncoder:
+    """Per-process state (tokenizer, MeCab) and the encoding of whole units."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.out = Path(job.out)
+        self.files = [Path(f) for f in job.files]
+        self.settings = job.settings
+        self.dtype = np.dtype(job.dtype)
+        self.tokenizer = load_tokenizer(job.tokenizer_dir)
+        self.segment = load_segmenter(job.tokenizer_dir)
+
+    def encode(self, unit: Unit, report: Callable[[int, int, int], None]) -> dict:
+        """Encode `unit` and return its record; `report(bytes, docs, tokens)` gets deltas."""
+        s = self.settings
+        record_path(self.out, unit.index).unlink(missing_ok=True)
+        for stale in self.out.glob(f"{SHARD_PREFIX}{unit.index:05d}_*.tmp"):
+            stale.unlink()
+        stats = SourceStats()
+        dropped: Counter = Counter({reason: 0 for reason in DROP_REASONS})
+        seen = HashSet() if s.dedupe else None
+        kept_hashes: list[np.ndarray] = []
+        parts = PartWriter(self.out, unit.index, s.shard_tokens, self.dtype)
+        batch: list[str] = []
+        langs: list[str] = []
+        chars = 0
+        position = [0]
+        reported = [0, 0.0]  # bytes, time
+        pending = [0, 0]  # docs, tokens not yet reported
+
+        def flush() -> None:
+            nonlocal batch, langs, chars
+            if not batch:
+                return
+            hashes = None
+            if seen is not None:
+                hashes = doc_hashes(batch)
+                first = seen.add(hashes)
+                dropped["duplicate"] += int((~first).sum())
+                batch = [d for d, keep in zip(batch, first, strict=True) if keep]
+                langs = [x for x, keep in zip(langs, first, strict=True) if keep]
+                hashes = hashes[first]
+            encoded = encode_documents(
+                self.tokenizer,
+                batch,
+                lang=langs,
+                min_doc_tokens=s.min_doc_tokens,
+                dtype=self.dtype,
+                segment=self.segment,
+            )
+            dropped.update(encoded.dropped)
+            parts.add_batch(encoded)
+            if hashes is not None:
+                kept_hashes.append(hashes[encoded.kept])
+            pending[0] += len(batch)
+            pending[1] += int(encoded.ids.size)
+            batch, langs, chars = [], [], 0
+
+        def maybe_report(piece_size: int, force: bool = False) -> None:
+            now = time.monotonic()
+            if force or now - reported[1] >= _REPORT_EVERY_S:
+                # At the end of a piece report all of it (also a skipped file's bytes).
+                upto = piece_size if force else min(position[0], piece_size)
+                report(max(0, upto - reported[0]), pending[0], pending[1])
+                reported[0], reported[1] = upto, now
+                pending[0] = pending[1] = 0
+
+        try:
+            for piece in unit.pieces:
+                path = self.files[piece.file]
+                end = path.stat().st_size if piece.end is None else piece.end
+                position[0] = reported[0] = 0
+                for doc in read_range(path, s.read, stats, piece.start, piece.end, position):
+                    if doc is None:
+                        dropped["too_long"] += 1
+                        continue
+                    lang = s.lang if s.lang != "auto" else detect_lang(doc)
+                    text = clean_text(doc, s.clean, lang)
+                    reason = length_reason(text, s.clean)
+                    if reason is not None:
+                        dropped[reason] += 1
+                        continue
+                    batch.append(text)
+                    langs.append(lang)
+                    chars += len(text)
+                    if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+                        flush()
+                        maybe_report(end - piece.start)
+                flush()
+                maybe_report(end - piece.start, force=True)
+            entries = parts.close()
+        except BaseException:
+            parts.abort()
+            raise
+        if seen is not None:
+            _save_hashes(hashes_path(self.out, unit.index), kept_hashes)
+        source = stats.as_dict()
+        record = {
+            "unit": unit.index,
+            "fingerprint": self.job.fingerprint,
+            "final": not s.dedupe,
+            "shards": entries,
+            "stats": {
+                **source,
+                "dropped": dict(dropped),
+                "kept_documents": sum(e["documents"] for e in entries),
+            },
+            "problems": stats.problems[:_MAX_PROBLEMS],
+        }
+        write_json_atomic(record_path(self.out, unit.index), record)
+        for entry in entries:
+            publish_shard(self.out / entry["name"])
+        return record
+
+
+def _save_hashes(path: Path, parts: list[np.ndarray]) -> None:
+    hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, hashes.astype("<u8"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def unit_done(out: Path, unit: int, fp: str, *, check_hashes: bool = True) -> dict | None:
+    """The unit's record if it belongs to this plan and its files are complete and intact."""
+    path = record_path(out, unit)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != fp:
+        return None
+    for entry in record["shards"]:
+        prefix = out / entry["name"]
+        for suffix, key in ((".bin", "bin_sha256"), (".idx", "idx_sha256")):
+            file = prefix.with_name(prefix.name + suffix)
+            if not file.is_file():
+                return None
+            if check_hashes and file_sha256(file) != entry[key]:
+                return None
+    if not record.get("final") and not hashes_path(out, unit).is_file():
+        return None
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes
+
+
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_dir: str, lang: str, min_doc_tokens: int, dtype: str) -> None:
+def _init_worker(job: Job, progress_queue) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
-    _worker.update(
-        tokenizer=load_tokenizer(tokenizer_dir),
-        lang=lang,
-        min_doc_tokens=min_doc_tokens,
-        dtype=np.dtype(dtype),
-    )
+    _worker["queue"] = progress_queue
+    try:
+        _worker["encoder"] = UnitEncoder(job)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the first task
+        # An initializer that raises makes Pool start replacement workers forever; the task
+        # raises it instead, which stops the run with the real message.
+        _worker["error"] = exc
 
 
-def _worker_encode(docs: list[str]) -> EncodedBatch:
-    return encode_documents(
-        _worker["tokenizer"],
-        docs,
-        lang=_worker["lang"],
-        min_doc_tokens=_worker["min_doc_tokens"],
-        dtype=_worker["dtype"],
-    )
+def _worker_encode(unit: Unit) -> tuple[dict, float]:
+    """The unit's record and this worker's peak memory so far (MB)."""
+    if "error" in _worker:
+        raise _worker["error"]
+    record = _worker["encoder"].encode(unit, lambda *delta: _worker["queue"].put(delta))
+    return record, peak_rss_mb()
 
 
-def _encoded_batches(
-    batches: Iterator[list[str]],
-    tokenizer_dir: Path,
-    workers: int,
-    lang: str,
-    min_doc_tokens: int,
-    dtype: np.dtype,
-) -> Iterator[EncodedBatch]:
-    """Encode batches in order, in this process or in a pool with a bounded queue (Pool.imap
-    would read the whole corpus ahead into memory when the workers are slower than reading)."""
-    if workers <= 1:
-        tokenizer = load_tokenizer(tokenizer_dir)
-        for docs in batches:
-            yield encode_documents(
-                tokenizer, docs, lang=lang, min_doc_tokens=min_doc_tokens, dtype=dtype
-            )
-        return
-    # spawn, not fork: the parent may already run tokenizers' thread pool, which fork breaks.
+def _run_units(job: Job, units: list[Unit], workers: int, progress: Progress) -> float:
+    """Encode `units` here (workers = 1) or in a pool of spawned processes (fork is unsafe
+    once the tokenizers' thread pool has started). Units go out one at a time, so a slow unit
+    never holds up the others. Returns the largest worker's peak memory (MB, 0 if none)."""
+    if not units:
+        return 0.0
+    if workers <= 1 or len(units) == 1:
+        encoder = UnitEncoder(job)
+        for unit in units:
+            encoder.encode(unit, progress.update)
+        return 0.0
     ctx = multiprocessing.get_context("spawn")
-    initargs = (str(tokenizer_dir), lang, min_doc_tokens, dtype.str)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-        pending: deque = deque()
-        for docs in batches:
-            pending.append(pool.apply_async(_worker_encode, (docs,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    progress_queue = ctx.Queue()
+    with ctx.Pool(
+        min(workers, len(units)), initializer=_init_worker, initargs=(job, progress_queue)
+    ) as pool:
+        results = [pool.apply_async(_worker_encode, (unit,)) for unit in units]
+        while True:
+            try:
+                progress.update(*progress_queue.get(timeout=0.2))
+            except queue.Empty:
+                pass
+            failed = next((r for r in results if r.ready() and not r.successful()), None)
+            if failed is not None:
+                failed.get()  # re-raises the worker's exception here
+            if all(r.ready() for r in results):
+                break
+        peaks = [r.get()[1] for r in results]
+        while True:
+            try:
+                progress.update(*progress_queue.get_nowait())
+            except queue.Empty:
+                break
+    return max(peaks)
 
 
-def _check_out_dir(out: Path, tokenizer_hash: str) -> dict | None:
-    """Refuse a directory holding data of another tokenizer; return its old manifest."""
-    old = None
+# ---------------------------------------------------------------------------------------------
+# Finishing: duplicates across units, manifest
+
+
+def remove_cross_unit_duplicates(
+    out: Path, records: list[dict], settings: EncodeSettings
+) -> list[dict]:
+    """Drop documents whose text appeared in an earlier unit (first occurrence in corpus order
+    wins); rewrite the affected units from their shards. Idempotent: final units are skipped,
+    but their hashes still count as seen."""
+    if not settings.dedupe:
+        return records
+    seen = HashSet()
+    result = []
+    for record in records:
+        hashes = np.load(hashes_path(out, record["unit"]))
+        keep = seen.add(hashes)
+        if record.get("final"):
+            result.append(record)
+            continue
+        drop = int((~keep).sum())
+        record = json.loads(json.dumps(record))  # a copy
+        if drop:
+            record["shards"] = _rewrite_unit(out, record, keep, settings.shard_tokens)
+        record["final"] = True
+        record["stats"]["dropped"]["duplicate"] += drop
+        record["stats"]["kept_documents"] -= drop
+        write_json_atomic(record_path(out, record["unit"]), record)
+        for entry in record["shards"]:
+            if (out / (entry["name"] + ".bin.tmp")).is_file():
+                publish_shard(out / entry["name"])
+        result.append(record)
+    return result
+
+
+def _rewrite_unit(out: Path, record: dict, keep: np.ndarray, shard_tokens: int) -> list[dict]:
+    """Write the unit's kept documents as new parts (temporary names; the caller records and
+    publishes them). Old parts past the new count are removed by the final clean-up."""
+    old = [IndexedShard(out / e["name"]) for e in record["shards"]]
+    dtype = old[0].dtype if old else np.dtype(np.uint16)
+    parts = PartWriter(out, record["unit"], shard_tokens, dtype)
+    d = 0
+    try:
+        for shard in old:
+            offsets = np.asarray(shard.token_offsets)
+            doc_offsets = np.asarray(shard.document_offsets)
+            for i in range(shard.num_documents):
+                if keep[d]:
+                    first, end = int(doc_offsets[i]), int(doc_offsets[i + 1])
+                    parts.add(
+                        [
+                            np.asarray(shard.tokens[offsets[j] : offsets[j + 1]])
+                            for j in range(first, end)
+                        ]
+                    )
+                d += 1
+        return parts.close()
+    except BaseException:
+        parts.abort()
+        raise
+
+
+def _sum_stats(records: list[dict]) -> dict:
+    total = _empty_stats()
+    for record in records:
+        for key, value in record["stats"].items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    total[key][k] = total[key].get(k, 0) + v
+            else:
+                total[key] = total.get(key, 0) + value
+    total["skipped_files"] = {r: total["skipped_files"].get(r, 0) for r in SKIP_REASONS}
+    return total
+
+
+def build_manifest(
+    records: list[dict],
+    *,
+    tokenizer: dict,
+    dtype: np.dtype,
+    settings: EncodeSettings,
+    inputs: Sequence[str],
+    fp: str,
+    n_units: int,
+    piece: dict | None = None,
+) -> dict:
+    """The manifest, identical for any split of the work (timing etc. goes under "run")."""
+    shards = [entry for record in records for entry in record["shards"]]
+    problems = [p for record in records for p in record.get("problems", [])]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tokenizer,
+        "dtype": np.dtype(dtype).name,
+        "num_documents": sum(s["documents"] for s in shards),
+        "num_sentences": sum(s["sentences"] for s in shards),
+        "num_tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+        "stats": _sum_stats(records),
+        "problems": problems[:_MAX_PROBLEMS],
+        "settings": settings.as_dict(),
+        "inputs": list(inputs),
+        "plan": {"units": n_units, "fingerprint": fp},
+    }
+    if piece is not None:
+        manifest["piece"] = piece
+    return manifest
+
+
+def remove_stale_files(out: Path, manifest: dict) -> None:
+    """Delete shard files, temporary files and records that the manifest does not use (an
+    older run with other settings, parts that a rewrite made unnecessary)."""
+    keep = {entry["name"] for entry in manifest["shards"]}
+    for path in out.glob(f"{SHARD_PREFIX}*"):
+        name = path.name.split(".", 1)[0]
+        if path.name.endswith(".tmp") or name not in keep:
+            path.unlink(missing_ok=True)
+    for kind in ("units", "hashes"):
+        for path in (out / WORK_DIR / kind).glob("unit_*"):
+            try:
+                number = int(path.name[5:10])
+            except ValueError:
+                continue
+            if number >= manifest["plan"]["units"] or path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+
+
+def _check_out_dir(out: Path, tokenizer_hash: str) -> None:
+    """Refuse a directory holding data of another tokenizer."""
     if (out / MANIFEST).is_file():
         old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         old_hash = old.get("tokenizer", {}).get("hash")
     elif (out / "tokenizer" / "bert_tokenizer.json").is_file():
         old_hash = tokenizer_info(out / "tokenizer").get("hash")
     else:
-        return None
+        return
     if old_hash != tokenizer_hash:
         raise PrepError(
             f"{out}: already holds shards from another tokenizer (hash {str(old_hash)[:12]}, "
             f"this one {tokenizer_hash[:12]}); choose an empty --out directory"
         )
-    return old
 
 
-def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
+def copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
     target = out / "tokenizer"
     if target.resolve() == tokenizer_dir.resolve():
         return
@@ -188,103 +649,153 @@ def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
+def _wait_for_units(out: Path, units: range, fp: str, timeout: float, log: Callable) -> list[dict]:
+    """Rank 0: wait until every unit of `units` has a complete record (other ranks write
+    them); give up after `timeout` seconds without a new one."""
+    records: dict[int, dict] = {}
+    last_change = time.monotonic()
+    last_log = 0.0
+    while True:
+        for unit in units:
+            if unit not in records:
+                record = unit_done(out, unit, fp, check_hashes=False)
+                if record is not None:
+                    records[unit] = record
+                    last_change = time.monotonic()
+        if len(records) == len(units):
+            return [records[u] for u in units]
+        now = time.monotonic()
+        if now - last_change > timeout:
+            missing = [u for u in units if u not in records]
+            raise PrepError(
+                f"rank 0 waited {timeout:.0f} s without progress for units {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''} of other ranks; check that every rank runs "
+                "the same command, or raise --rank-timeout"
+            )
+        if now - last_log > 30:
+            log(f"rank 0: {len(records)}/{len(units)} units done, waiting for the other ranks")
+            last_log = now
+        time.sleep(1.0)
+
+
 def encode_corpus(
     inputs: Sequence[str | Path],
     tokenizer_dir: str | Path,
     out_dir: str | Path,
+    settings: EncodeSettings | None = None,
     *,
-    doc_sep: str = "blank",
-    text_field: str = "text",
-    lang: str = "auto",
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    min_doc_tokens: int = DEFAULT_MIN_DOC_TOKENS,
     workers: int = 1,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    ranks: RankInfo | None = None,
+    log_every: float = 30.0,
+    rank_timeout: float = 3600.0,
+    **options,
 ) -> dict:
-    """Encode `inputs` into shards of at most `shard_tokens` tokens in `out_dir`; return the
-    manifest (also written to out_dir/manifest.json, after the shards).
+    """Encode `inputs` into `out_dir`; return the manifest (also written to
+    out_dir/manifest.json, after the shards) or, on ranks other than 0, a short report.
 
-    A document is never split across shards, so a single document longer than `shard_tokens`
-    gets a shard of its own. Re-encoding into a directory made with the same tokenizer
-    replaces its dataset; one made with another tokenizer is refused.
+    `options` are EncodeSettings fields by flag name (doc_sep, lang, shard_tokens, ...), for
+    callers that do not build EncodeSettings themselves. Re-encoding into a directory made
+    with the same tokenizer resumes it if the command is the same and replaces its dataset if
+    not; a directory made with another tokenizer is refused.
     """
-    if lang not in LANGS:
-        raise PrepError(f"unknown --lang {lang!r}; choose one of {', '.join(LANGS)}")
-    if shard_tokens < 1 or workers < 1 or min_doc_tokens < 0:
-        raise PrepError("--shard-tokens and --workers must be >= 1, --min-doc-tokens >= 0")
+    started = time.monotonic()
+    if settings is None:
+        settings = EncodeSettings.build(**options)
+    elif options:
+        settings = replace(settings, **options)
+    settings.validate()
+    if workers < 1:
+        raise PrepError(f"--workers must be >= 1, got {workers}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise PrepError(
+            f"--shard-index must be in [0, --num-shards); got {shard_index} of {num_shards}"
+        )
+    ranks = ranks or detect_rank()
     tokenizer_dir = Path(tokenizer_dir)
     info = tokenizer_info(tokenizer_dir)
     load_tokenizer(tokenizer_dir)  # fails early (hash check) before anything is written
+    load_segmenter(tokenizer_dir)  # and on a missing fugashi
     dtype = dtype_for_vocab(info["vocab_size"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    old = _check_out_dir(out, info["hash"])
-    (out / MANIFEST).unlink(missing_ok=True)  # the old dataset is gone from here on
+    _check_out_dir(out, info["hash"])
+    for kind in ("units", "hashes"):
+        (out / WORK_DIR / kind).mkdir(parents=True, exist_ok=True)
+    if ranks.rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)  # the old dataset is gone from here on
+        copy_tokenizer(tokenizer_dir, out)  # marks the directory as this tokenizer's at once
 
-    source_stats = SourceStats()
-    docs = iter_documents(inputs, doc_sep=doc_sep, text_field=text_field, stats=source_stats)
-    progress = tqdm(unit="doc", desc="encode", file=sys.stderr, disable=not sys.stderr.isatty())
-    dropped: Counter = Counter({reason: 0 for reason in DROP_REASONS})
-    shards: list[dict] = []
-    writer: ShardWriter | None = None
+    files = expand_inputs(inputs, settings.pattern)
+    units = plan_units(files, settings.unit_bytes, settings.read)
+    settings_dict = settings.as_dict()
+    fp = fingerprint(files, units, settings_dict, info["hash"])
+    piece_units = block(len(units), shard_index, num_shards)
+    my_units = [
+        units[piece_units[i]] for i in block(len(piece_units), ranks.rank, ranks.world_size)
+    ]
+    todo = [u for u in my_units if unit_done(out, u.index, fp) is None]
+    total = sum(u.bytes for u in my_units)
+    skipped_bytes = total - sum(u.bytes for u in todo)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    if skipped_bytes:
+        log(f"resuming: {len(my_units) - len(todo)} of {len(my_units)} unit(s) already done")
+    job = Job(str(out), str(tokenizer_dir), tuple(str(f) for f in files), settings, fp, dtype.str)
+    progress = Progress(total, skipped_bytes, log_every=log_every)
     try:
-        for batch in _encoded_batches(
-            _batches(docs), tokenizer_dir, workers, lang, min_doc_tokens, dtype
-        ):
-            dropped.update(batch.dropped)
-            for document in batch.documents():
-                n_tokens = sum(s.size for s in document)
-                if writer is not None and writer.num_tokens + n_tokens > shard_tokens:
-                    shards.append(writer.finish())
-                    writer = None
-                if writer is None:
-                    writer = ShardWriter(out / f"shard_{len(shards):05d}", dtype)
-                writer.add_document(document)
-            progress.update(len(batch.document_sentences) + sum(batch.dropped.values()))
-        if writer is not None:
-            shards.append(writer.finish())
-            writer = None
+        worker_peak = _run_units(job, todo, workers, progress)
     finally:
         progress.close()
-        if writer is not None:
-            writer.abort()
-    if not shards:
-        raise PrepError(
-            f"every document was dropped ({dict(dropped)}); check the inputs or lower "
-            "--min-doc-tokens"
-        )
+    encoded = {
+        "bytes": progress.bytes - skipped_bytes,
+        "docs": progress.docs,
+        "tokens": progress.tokens,
+    }
+    if ranks.rank != 0:
+        return {"rank": ranks.rank, "world_size": ranks.world_size, "units": len(my_units),
+                "encoded_units": len(todo)}  # fmt: skip
 
-    _copy_tokenizer(tokenizer_dir, out)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": info,
-        "dtype": dtype.name,
-        "num_documents": sum(s["documents"] for s in shards),
-        "num_sentences": sum(s["sentences"] for s in shards),
-        "num_tokens": sum(s["tokens"] for s in shards),
-        "shards": shards,
-        "stats": {
-            **source_stats.as_dict(),
-            "kept_documents": sum(s["documents"] for s in shards),
-            "dropped": dict(dropped),
-        },
-        "settings": {
-            "doc_sep": doc_sep,
-            "text_field": text_field,
-            "lang": lang,
-            "min_doc_tokens": min_doc_tokens,
-            "shard_tokens": shard_tokens,
-        },
-        "inputs": [str(p) for p in inputs],
+    records = _wait_for_units(out, piece_units, fp, rank_timeout, log)
+    piece = None
+    if num_shards == 1:
+        records = remove_cross_unit_duplicates(out, records, settings)
+    else:
+        piece = {"index": shard_index, "count": num_shards,
+                 "units": [piece_units.start, piece_units.stop]}  # fmt: skip
+    manifest = build_manifest(
+        records,
+        tokenizer=info,
+        dtype=dtype,
+        settings=settings,
+        inputs=[str(p) for p in inputs],
+        fp=fp,
+        n_units=len(units),
+        piece=piece,
+    )
+    if not manifest["shards"] and num_shards == 1:
+        stats = manifest["stats"]
+        if not stats["documents"]:
+            source = SourceStats(problems=manifest["problems"])
+            raise PrepError(no_text_message(files, source))
+        raise PrepError(
+            f"every document was dropped ({stats['dropped']}); check the inputs or lower "
+            "--min-doc-tokens / --min-doc-chars"
+        )
+    manifest["run"] = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": round(time.monotonic() - started, 3),
+        "workers": min(workers, len(todo)) if len(todo) > 1 else 1,
+        "world_size": ranks.world_size,
+        "launcher": ranks.launcher,
+        "encoded_bytes": encoded["bytes"],
+        "encoded_documents": encoded["docs"],
+        "encoded_tokens": encoded["tokens"],
+        "peak_rss_mb": {"main": round(peak_rss_mb(), 1), "workers": round(worker_peak, 1)},
     }
     write_json_atomic(out / MANIFEST, manifest)
-    _remove_stale_shards(out, old, {s["name"] for s in shards})
+    remove_stale_files(out, manifest)
     return manifest
-
-
-def _remove_stale_shards(out: Path, old: dict | None, keep: set[str]) -> None:
-    """Delete shard files of a replaced dataset that the new one no longer uses."""
-    for entry in (old or {}).get("shards", []):
-        if entry["name"] not in keep:
-            for suffix in (".bin", ".idx"):
-                (out / (entry["name"] + suffix)).unlink(missing_ok=True)

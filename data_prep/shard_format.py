@@ -62,6 +62,7 @@ class ShardWriter:
             raise ValueError(f"shard dtype must be uint16 or uint32, got {self.dtype}")
         self._max_id = np.iinfo(self.dtype).max
         self._bin_tmp = self.prefix.with_name(self.prefix.name + ".bin.tmp")
+        self._idx_tmp = self.prefix.with_name(self.prefix.name + ".idx.tmp")
         self._bin = open(self._bin_tmp, "wb")  # closed in finish() or abort()
         self._bin_hash = hashlib.sha256()
         self._token_offsets = array("q", [0])  # 8 bytes per sentence, not a Python int each
@@ -98,8 +99,27 @@ class ShardWriter:
         self._doc_offsets.append(len(self._token_offsets) - 1)
         return True
 
-    def finish(self) -> dict:
-        """Write the index, fsync and rename both files; return the manifest entry."""
+    def add_documents(
+        self, ids: np.ndarray, sentence_lengths: np.ndarray, document_sentences: np.ndarray
+    ) -> None:
+        """Append many documents at once: `ids` back to back, split by `sentence_lengths`
+        (all > 0) into sentences, grouped by `document_sentences` (all > 0) into documents;
+        the same bytes as add_document() one document at a time."""
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) > self._max_id):
+            raise ValueError(f"token id out of range for {self.dtype}: {ids.min()}..{ids.max()}")
+        data = ids.astype(self.dtype, copy=False).tobytes()
+        self._bin.write(data)
+        self._bin_hash.update(data)
+        ends = self._token_offsets[-1] + np.cumsum(sentence_lengths, dtype=np.int64)
+        self._token_offsets.extend(array("q", ends.tobytes()))
+        doc_ends = self._doc_offsets[-1] + np.cumsum(document_sentences, dtype=np.int64)
+        self._doc_offsets.extend(array("q", doc_ends.tobytes()))
+
+    def close(self) -> dict:
+        """Write the index and fsync both files under their temporary names; return the
+        manifest entry. The shard is not visible until publish()."""
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
         self._bin.close()
         n_sentences = len(self._token_offsets) - 1
         header = np.array(
@@ -110,10 +130,10 @@ class ShardWriter:
             + np.frombuffer(self._token_offsets, dtype=np.int64).astype("<i8").tobytes()
             + np.frombuffer(self._doc_offsets, dtype=np.int64).astype("<i8").tobytes()
         )
-        idx_tmp = self.prefix.with_name(self.prefix.name + ".idx.tmp")
-        idx_tmp.write_bytes(idx)
-        _fsync_rename(self._bin_tmp, self.prefix.with_name(self.prefix.name + ".bin"))
-        _fsync_rename(idx_tmp, self.prefix.with_name(self.prefix.name + ".idx"))
+        with open(self._idx_tmp, "wb") as f:
+            f.write(idx)
+            f.flush()
+            os.fsync(f.fileno())
         return {
             "name": self.prefix.name,
             "documents": self.num_documents,
@@ -123,10 +143,44 @@ class ShardWriter:
             "idx_sha256": hashlib.sha256(idx).hexdigest(),
         }
 
+    def publish(self) -> None:
+        """Rename the closed temporary files to their final names (atomic on POSIX)."""
+        publish_shard(self.prefix)
+
+    def finish(self) -> dict:
+        """close() + publish(): write, fsync and rename both files; return the entry."""
+        entry = self.close()
+        self.publish()
+        return entry
+
     def abort(self) -> None:
-        """Close and delete the temporary file (after an error)."""
+        """Close and delete the temporary files (after an error)."""
         self._bin.close()
         self._bin_tmp.unlink(missing_ok=True)
+        self._idx_tmp.unlink(missing_ok=True)
+
+
+def publish_shard(prefix: Path) -> None:
+    """Rename PREFIX.bin.tmp/.idx.tmp (closed and fsynced) to PREFIX.bin/.idx; the directory
+    entry is fsynced too, so the rename survives a crash."""
+    for suffix in (".bin", ".idx"):
+        os.replace(
+            prefix.with_name(prefix.name + suffix + ".tmp"), prefix.with_name(prefix.name + suffix)
+        )
+    _fsync_dir(prefix.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename itself is atomic
+    finally:
+        os.close(fd)
 
 
 class IndexedShard:

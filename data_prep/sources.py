@@ -1,19 +1,36 @@
-"""Read documents from input files: plain text or JSON Lines, optionally gz/xz/bz2-compressed.
+"""Read documents from input files: plain text, JSON Lines or WikiExtractor `<doc>` files,
+optionally gz/xz/bz2/zstd-compressed, in any ASCII-compatible encoding.
 
-Everything streams line by line, so a corpus larger than RAM is fine. Lines that are not valid
-UTF-8 are dropped and counted (never silently), because one bad byte should not stop a
-multi-hour run, but the user must be able to see how much was lost.
+Everything streams line by line with a cap on the line length, so neither a corpus larger than
+RAM nor a 50 MB line without a newline can exhaust memory. Problems are counted, never silent:
+
+- a line that does not decode in the declared encoding is dropped (`invalid_utf8_lines`, named
+  for the usual encoding);
+- a document longer than `max_doc_chars` is dropped as too long (the reader yields None for it
+  and never holds more than the cap);
+- a whole file that is binary (NUL bytes in its first 8 KB), empty, or corrupt/truncated
+  (compressed stream ends early) is skipped and counted by reason, with its name kept in
+  `problems`; what a truncated file held before the damage is kept.
+
+Uncompressed files can be read by byte range. `split_points` finds offsets where a document
+starts, so one large file can be encoded by several workers or nodes as independent units.
 """
 
 from __future__ import annotations
 
 import bz2
+import codecs
+import glob
 import gzip
+import html
 import io
 import json
 import lzma
+import re
+import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,14 +39,67 @@ from data_prep.errors import PrepError
 DOC_SEPS = ("blank", "line", "formfeed")
 """blank: blank lines and form-feed lines end a document; line: one document per line;
 formfeed: only form-feed lines end a document (blank lines stay inside as paragraph breaks)."""
+FORMATS = ("auto", "text", "jsonl", "wikiextractor")
+"""auto: .jsonl/.ndjson/.json → jsonl; files whose first line is `<doc ...>` → wikiextractor;
+everything else → text (documents separated as --doc-sep says)."""
+SKIP_REASONS = ("binary", "empty", "corrupt")
+DEFAULT_MAX_DOC_CHARS = 10_000_000
+"""Longer documents are dropped (counted as too_long). A whole novel is 0.5-3 M characters;
+anything past 10 M is a dump without separators, not a document."""
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 """The built-in demo corpus (installed as package data)."""
 
-_OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
-_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_COMPRESSED = (".gz", ".xz", ".bz2", ".zst", ".zstd")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _SNIFF_BYTES = 8192
 _BUFFER = 1 << 16
+_SKIP_CHUNK = 1 << 20
+_WIKI_DOC = re.compile(rb"^<doc[\s>]")
+_WIKI_TITLE = re.compile(r'\btitle="([^"]*)"')
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """How to turn input files into documents (part of what decides the output bytes)."""
+
+    doc_sep: str = "blank"
+    text_field: str = "text"
+    fmt: str = "auto"
+    encoding: str = "utf-8"
+    max_doc_chars: int = DEFAULT_MAX_DOC_CHARS
+
+    def validate(self) -> None:
+        if self.doc_sep not in DOC_SEPS:
+            raise PrepError(
+                f"unknown --doc-sep {self.doc_sep!r}; choose one of {', '.join(DOC_SEPS)}"
+            )
+        if self.fmt not in FORMATS:
+            raise PrepError(f"unknown --format {self.fmt!r}; choose one of {', '.join(FORMATS)}")
+        if self.max_doc_chars < 1:
+            raise PrepError(f"--max-doc-chars must be >= 1, got {self.max_doc_chars}")
+        try:
+            codec = codecs.lookup(self.encoding)
+        except LookupError:
+            raise PrepError(
+                f"unknown --encoding {self.encoding!r}; use a Python codec name such as utf-8, "
+                "cp932, shift_jis or euc-jp"
+            ) from None
+        if "\n".encode(codec.name) != b"\n" or "a".encode(codec.name) != b"a":
+            raise PrepError(
+                f"--encoding {self.encoding}: only ASCII-compatible encodings can be streamed by "
+                "line; convert the files first (iconv -f UTF-16 -t UTF-8)"
+            )
+
+    @property
+    def codec(self) -> str:
+        return codecs.lookup(self.encoding).name
+
+    def line_cap(self, fmt: str) -> int:
+        """Longest line kept in memory: past it the line cannot hold a document of at most
+        max_doc_chars characters (UTF-8 needs <= 4 bytes per character, JSON escapes <= 6)."""
+        return (6 if fmt == "jsonl" else 4) * self.max_doc_chars + 4096
 
 
 @dataclass
@@ -37,35 +107,72 @@ class SourceStats:
     """What reading the inputs saw; goes into manifest.json so losses are visible later."""
 
     files: int = 0
+    bytes: int = 0
+    """Bytes read from disk (compressed size for compressed files)."""
     documents: int = 0
+    """Documents found, including the too-long ones that were dropped."""
     invalid_utf8_lines: int = 0
+    """Lines that did not decode in the declared --encoding (usually UTF-8)."""
     invalid_json_lines: int = 0
     missing_field_records: int = 0
+    too_long_documents: int = 0
+    skipped_files: Counter = field(default_factory=Counter)
+    problems: list = field(default_factory=list)
+    """[path, reason] of skipped files, for the report."""
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def skip(self, path: Path, reason: str, detail: str = "") -> None:
+        self.skipped_files[reason] += 1
+        self.problems.append([str(path), reason + (f": {detail}" if detail else "")])
+
+    def as_dict(self) -> dict:
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "documents": self.documents,
+            "invalid_utf8_lines": self.invalid_utf8_lines,
+            "invalid_json_lines": self.invalid_json_lines,
+            "missing_field_records": self.missing_field_records,
+            "skipped_files": {r: self.skipped_files.get(r, 0) for r in SKIP_REASONS},
+        }
 
 
-def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
-    """Turn files and directories into a file list (directories sorted, recursively).
+# ---------------------------------------------------------------------------------------------
+# Finding the files
 
-    Hidden files are skipped so that editor/VCS droppings in a corpus folder are not read.
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def expand_inputs(paths: Iterable[str | Path], pattern: str = "*") -> list[Path]:
+    """Turn files, directories and glob patterns into a file list, in the order given.
+
+    Directories are searched recursively for files whose name matches `pattern` (sorted;
+    hidden files skipped, so editor/VCS droppings in a corpus folder are not read). Globs
+    (`data/*.jsonl.gz`, quoted so the shell leaves them alone) expand sorted. A directory or
+    glob that matches nothing is a user error, not an empty dataset.
     """
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                p for p in path.rglob(pattern) if p.is_file() and not _is_hidden(p, path)
             )
             if not found:
-                raise PrepError(f"{path}: directory holds no files; pass a folder with text files")
+                raise PrepError(
+                    f"{path}: no files matching {pattern!r} in this directory; check --input "
+                    "and --pattern"
+                )
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif _GLOB_CHARS.search(str(raw)):
+            found = sorted(Path(p) for p in glob.glob(str(raw), recursive=True))
+            found = [p for p in found if p.is_file()]
+            if not found:
+                raise PrepError(f"{raw}: the pattern matches no files; check --input")
+            files.extend(found)
         else:
             raise PrepError(f"{path}: no such file or directory; check the --input path")
     if not files:
@@ -73,89 +180,250 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def open_binary(path: Path) -> BinaryIO:
-    """Open a file for binary reading, decompressing .gz/.xz/.bz2 transparently."""
-    opener = _OPENERS.get(path.suffix.lower())
-    if opener is None:
-        return open(path, "rb", buffering=_BUFFER)  # the caller closes it
-    # BufferedReader gives every kind the same peek() for the binary sniff.
-    return io.BufferedReader(opener(path, "rb"), buffer_size=_BUFFER)
+def is_compressed(path: Path) -> bool:
+    return path.name.lower().endswith(_COMPRESSED)
 
 
-def _is_jsonl(path: Path) -> bool:
-    name = path.name.lower()
-    for suffix in _OPENERS:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name.endswith(_JSONL_SUFFIXES)
+# ---------------------------------------------------------------------------------------------
+# Opening and sniffing
 
 
-def _text_lines(path: Path, stats: SourceStats) -> Iterator[str]:
-    """Yield decoded lines without their line ending; count and drop undecodable ones."""
+class _Counted(io.RawIOBase):
+    """A raw file that remembers how many bytes were read (on-disk progress for MB/s)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._f.readinto(buffer)
+        self.count += n or 0
+        return n
+
+    def seekable(self) -> bool:
+        return self._f.seekable()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _zstd_reader(raw: BinaryIO) -> BinaryIO:
     try:
-        stream = open_binary(path)
-    except OSError as exc:
-        raise PrepError(f"{path}: cannot open ({exc.strerror or exc}); check permissions") from exc
-    with stream:
+        import zstandard
+    except ImportError:
+        raise PrepError(
+            "reading .zst files needs the zstandard package: pip install "
+            "'bert-pretrain[zstd]' (or pip install zstandard)"
+        ) from None
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+
+def _decompressor(path: Path, raw: BinaryIO) -> BinaryIO:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if name.endswith(".xz"):
+        return lzma.LZMAFile(raw, "rb")
+    if name.endswith(".bz2"):
+        return bz2.BZ2File(raw, "rb")
+    if name.endswith((".zst", ".zstd")):
+        return _zstd_reader(raw)
+    return raw
+
+
+class InputFile:
+    """One input file opened for streaming; `disk_bytes` tells how far reading has got."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
         try:
-            head = stream.peek(_SNIFF_BYTES)[:_SNIFF_BYTES]
-        except (OSError, EOFError, lzma.LZMAError) as exc:
-            raise PrepError(f"{path}: cannot decompress ({exc}); is the suffix right?") from exc
-        if b"\0" in head:
+            self._raw = _Counted(open(path, "rb"))  # closed in close()
+        except OSError as exc:
             raise PrepError(
-                f"{path}: looks binary (NUL bytes); pass text, .jsonl or .gz/.xz/.bz2 files only"
-            )
-        first = True
-        try:
-            for raw in stream:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    stats.invalid_utf8_lines += 1
-                    first = False
-                    continue
-                if first:
-                    line = line.removeprefix("\ufeff")  # a UTF-8 BOM is not text
-                    first = False
-                yield line.rstrip("\r\n")
-        except (OSError, EOFError, lzma.LZMAError) as exc:
-            raise PrepError(
-                f"{path}: corrupt or truncated ({exc}); re-download or re-compress it"
+                f"{path}: cannot open ({exc.strerror or exc}); check permissions"
             ) from exc
+        stream = _decompressor(path, self._raw)
+        # BufferedReader gives every kind the same peek()/readline(limit).
+        self.stream = io.BufferedReader(stream, buffer_size=_BUFFER)  # type: ignore[arg-type]
+
+    @property
+    def disk_bytes(self) -> int:
+        return self._raw.count
+
+    def seek(self, offset: int) -> None:
+        self.stream.seek(offset)
+
+    def close(self) -> None:
+        self.stream.close()
+        self._raw.close()
+
+    def __enter__(self) -> InputFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_DECOMPRESS_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError)
+
+
+def _zstd_errors() -> tuple:
+    try:
+        import zstandard
+
+        return (zstandard.ZstdError,)
+    except ImportError:
+        return ()
+
+
+def sniff(path: Path) -> tuple[str | None, bytes]:
+    """(skip reason or None, the first bytes of the decompressed file)."""
+    try:
+        with InputFile(path) as f:
+            head = f.stream.peek(_SNIFF_BYTES)[:_SNIFF_BYTES]
+    except PrepError:
+        raise
+    except _DECOMPRESS_ERRORS + _zstd_errors():
+        return "corrupt", b""
+    if not head:
+        return "empty", b""
+    if b"\0" in head:
+        return "binary", head
+    return None, head
+
+
+def detect_format(path: Path, head: bytes, cfg: ReadConfig) -> str:
+    if cfg.fmt != "auto":
+        return cfg.fmt
+    name = path.name.lower()
+    for suffix in _COMPRESSED:
+        name = name.removesuffix(suffix)
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    first = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if _WIKI_DOC.match(first):
+        return "wikiextractor"
+    return "text"
+
+
+# ---------------------------------------------------------------------------------------------
+# Lines
+
+
+OVERLONG = object()
+"""Yielded by _lines instead of a line longer than the cap (its bytes were skipped)."""
+
+
+def _raw_lines(stream: BinaryIO, cap: int, end: int | None, start: int) -> Iterator[bytes | object]:
+    """Lines as bytes (with their ending) from `start` up to byte offset `end`, never holding
+    more than `cap` bytes of one line."""
+    pos = start
+    readline = stream.readline
+    while end is None or pos < end:
+        raw = readline(cap)
+        if not raw:
+            return
+        pos += len(raw)
+        if len(raw) == cap and not raw.endswith(b"\n"):
+            while True:  # skip the rest of the overlong line in bounded chunks
+                more = readline(_SKIP_CHUNK)
+                pos += len(more)
+                if not more or more.endswith(b"\n"):
+                    break
+            yield OVERLONG
+            continue
+        yield raw
+
+
+def _decoded_lines(
+    f: InputFile, cfg: ReadConfig, fmt: str, stats: SourceStats, start: int, end: int | None
+) -> Iterator[str | object]:
+    """Decoded lines without their line ending; undecodable ones are counted and dropped."""
+    codec = cfg.codec
+    first = start == 0
+    for raw in _raw_lines(f.stream, cfg.line_cap(fmt), end, start):
+        if raw is OVERLONG:
+            first = False
+            yield OVERLONG
+            continue
+        try:
+            line = raw.decode(codec)  # type: ignore[union-attr]
+        except UnicodeDecodeError:
+            stats.invalid_utf8_lines += 1
+            first = False
+            continue
+        if first:
+            line = line.removeprefix("\ufeff")  # a BOM is not text
+            first = False
+        yield line.rstrip("\r\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents (None = a document that was too long and has been dropped)
 
 
 def _is_formfeed(line: str) -> bool:
     return line.strip(" \t\r") == "\f"
 
 
-def _text_documents(lines: Iterable[str], doc_sep: str) -> Iterator[str]:
-    """Group lines into documents according to `doc_sep` (see DOC_SEPS)."""
-    if doc_sep == "line":
+def _is_separator(line: str, doc_sep: str) -> bool:
+    return _is_formfeed(line) if doc_sep == "formfeed" else not line.strip()
+
+
+def _text_documents(lines: Iterable, cfg: ReadConfig) -> Iterator[str | None]:
+    """Group lines into documents according to cfg.doc_sep (see DOC_SEPS)."""
+    limit = cfg.max_doc_chars
+    if cfg.doc_sep == "line":
         for line in lines:
-            if line.strip():
-                yield line.strip()
+            if line is OVERLONG:
+                yield None
+            elif line.strip():
+                text = line.strip()
+                yield text if len(text) <= limit else None
         return
     block: list[str] = []
+    chars = 0
+    too_long = False
     for line in lines:
-        ends_doc = _is_formfeed(line) if doc_sep == "formfeed" else not line.strip()
-        if ends_doc:
-            if any(x.strip() for x in block):
+        if line is not OVERLONG and _is_separator(line, cfg.doc_sep):
+            if too_long:
+                yield None
+            elif any(x.strip() for x in block):
                 yield "\n".join(block).strip("\n")
-            block = []
+            block, chars, too_long = [], 0, False
+        elif line is OVERLONG or too_long or chars + len(line) > limit:
+            block, too_long = [], True  # stop holding text; wait for the separator
         else:
             block.append(line)
-    if any(x.strip() for x in block):
+            chars += len(line) + 1
+    if too_long:
+        yield None
+    elif any(x.strip() for x in block):
         yield "\n".join(block).strip("\n")
 
 
 def _jsonl_documents(
-    path: Path, lines: Iterable[str], text_field: str, stats: SourceStats
-) -> Iterator[str]:
+    path: Path, lines: Iterable, cfg: ReadConfig, stats: SourceStats
+) -> Iterator[str | None]:
     """One document per JSON object; bad records are counted, and a field that is never
     present is a user error (almost always a wrong --text-field)."""
-    records = 0
-    found = 0
+    records = found = 0
     for line in lines:
+        if line is OVERLONG:
+            records += 1
+            found += 1
+            yield None
+            continue
         if not line.strip():
             continue
         records += 1
@@ -164,17 +432,172 @@ def _jsonl_documents(
         except json.JSONDecodeError:
             stats.invalid_json_lines += 1
             continue
-        value = obj.get(text_field) if isinstance(obj, dict) else None
+        value = obj.get(cfg.text_field) if isinstance(obj, dict) else None
         if not isinstance(value, str):
             stats.missing_field_records += 1
             continue
         found += 1
-        yield value
+        yield value if len(value) <= cfg.max_doc_chars else None
     if records and not found:
         raise PrepError(
-            f"{path}: no record has a string field {text_field!r}; set --text-field to the "
+            f"{path}: no record has a string field {cfg.text_field!r}; set --text-field to the "
             "name of the text field"
         )
+
+
+def _wiki_documents(lines: Iterable, cfg: ReadConfig) -> Iterator[str | None]:
+    """WikiExtractor output: `<doc id=.. url=.. title=..>`, the title line, paragraphs one per
+    line, `</doc>`. The title line is dropped (a heading, not a sentence); every line is its
+    own paragraph; HTML escapes (WikiExtractor's --html-safe default) are undone."""
+    inside = too_long = False
+    title = None
+    block: list[str] = []
+    chars = 0
+    for line in lines:
+        if line is OVERLONG:
+            too_long = too_long or inside
+            continue
+        if line.startswith("<doc") and (len(line) == 4 or line[4] in " \t>"):
+            inside, too_long, block, chars = True, False, [], 0
+            match = _WIKI_TITLE.search(line)
+            title = html.unescape(match.group(1)) if match else None
+            continue
+        if line.strip() == "</doc>":
+            if too_long:
+                yield None
+            elif block:
+                yield "\n\n".join(block)
+            inside, block = False, []
+            continue
+        if not inside or too_long:
+            continue
+        text = html.unescape(line.strip()) if "&" in line else line.strip()
+        if not text or (not block and text == title):
+            continue
+        chars += len(text) + 2
+        if chars > cfg.max_doc_chars:
+            too_long, block = True, []
+        else:
+            block.append(text)
+    if inside:
+        if too_long:
+            yield None
+        elif block:
+            yield "\n\n".join(block)
+
+
+def read_range(
+    path: Path,
+    cfg: ReadConfig,
+    stats: SourceStats,
+    start: int = 0,
+    end: int | None = None,
+    progress: list[int] | None = None,
+) -> Iterator[str | None]:
+    """Documents of one file, or of its byte range [start, end) when both ends are document
+    starts from `split_points` (uncompressed files only). None stands for a document that
+    was dropped as too long. Skipped files are counted (once, by the range that starts at 0).
+
+    `progress`, if given, is a one-element list kept at the number of bytes read from disk.
+    """
+    first_range = start == 0
+    reason, head = sniff(path)
+    if reason is not None:
+        if first_range:
+            stats.files += 1
+            stats.skip(path, reason)
+        return
+    fmt = detect_format(path, head, cfg)
+    if first_range:
+        stats.files += 1
+    with InputFile(path) as f:
+        if start:
+            f.seek(start)
+        lines = _decoded_lines(f, cfg, fmt, stats, start, end)
+        if fmt == "jsonl":
+            docs = _jsonl_documents(path, lines, cfg, stats)
+        elif fmt == "wikiextractor":
+            docs = _wiki_documents(lines, cfg)
+        else:
+            docs = _text_documents(lines, cfg)
+        try:
+            for doc in docs:
+                stats.documents += 1
+                if doc is None:
+                    stats.too_long_documents += 1
+                if progress is not None:
+                    progress[0] = f.disk_bytes
+                yield doc
+        except _DECOMPRESS_ERRORS + _zstd_errors() as exc:
+            # The document being assembled when the stream broke is lost with the file's
+            # tail; everything before it was yielded and is kept.
+            stats.skip(path, "corrupt", f"{type(exc).__name__}: {exc}")
+        finally:
+            if progress is not None:
+                progress[0] = f.disk_bytes
+    # On-disk bytes of the range (not what buffering happened to read), so that the sum over
+    # the ranges of a file is its size whatever the split.
+    stats.bytes += (path.stat().st_size if end is None else end) - start
+
+
+def split_points(path: Path, unit_bytes: int, cfg: ReadConfig) -> list[int]:
+    """Byte offsets (> 0) where a document starts, about every `unit_bytes`, so that ranges
+    between them can be read independently with `read_range`. Empty for compressed or small
+    files. Each offset is a function of the file's bytes and the settings only, so every
+    process that computes it gets the same answer."""
+    size = path.stat().st_size
+    if is_compressed(path) or size <= unit_bytes:
+        return []
+    reason, head = sniff(path)
+    if reason is not None:
+        return []
+    fmt = detect_format(path, head, cfg)
+    points: list[int] = []
+    with open(path, "rb") as f:
+        for target in range(unit_bytes, size, unit_bytes):
+            if points and points[-1] >= target:
+                continue
+            point = _next_doc_start(f, target, fmt, cfg.doc_sep)
+            if point is None:
+                break
+            if point < size and (not points or point > points[-1]):
+                points.append(point)
+    return points
+
+
+def _next_doc_start(f: BinaryIO, target: int, fmt: str, doc_sep: str) -> int | None:
+    """First offset >= target where a document starts (None if there is none)."""
+    f.seek(target - 1)
+    f.readline()  # the rest of the line holding byte target-1: next line starts >= target
+    pos = f.tell()
+    if fmt == "jsonl" or (fmt == "text" and doc_sep == "line"):
+        return pos
+    prev_sep = False
+    while True:
+        line = f.readline(_SKIP_CHUNK)
+        if not line:
+            return None
+        whole = line.endswith(b"\n")
+        if fmt == "wikiextractor":
+            if _WIKI_DOC.match(line):
+                return pos
+        else:
+            stripped = line.strip(b" \t\r\n")
+            is_sep = stripped == b"\f" if doc_sep == "formfeed" else not line.strip()
+            if not is_sep and prev_sep:
+                return pos
+            prev_sep = is_sep and whole
+        while not whole:  # finish a long line
+            more = f.readline(_SKIP_CHUNK)
+            if not more:
+                return None
+            whole = more.endswith(b"\n")
+            prev_sep = False
+        pos = f.tell()
+
+
+# ---------------------------------------------------------------------------------------------
+# Convenience for callers that want plain documents (tokenizer sample, tests)
 
 
 def iter_file_documents(
@@ -183,20 +606,15 @@ def iter_file_documents(
     doc_sep: str = "blank",
     text_field: str = "text",
     stats: SourceStats | None = None,
+    cfg: ReadConfig | None = None,
 ) -> Iterator[str]:
-    """Stream the documents of one file (an empty file simply yields nothing)."""
-    if doc_sep not in DOC_SEPS:
-        raise PrepError(f"unknown --doc-sep {doc_sep!r}; choose one of {', '.join(DOC_SEPS)}")
+    """Stream the documents of one file (too-long ones are counted and left out)."""
+    cfg = cfg or ReadConfig(doc_sep=doc_sep, text_field=text_field)
+    cfg.validate()
     stats = stats if stats is not None else SourceStats()
-    stats.files += 1
-    lines = _text_lines(path, stats)
-    if _is_jsonl(path):
-        docs = _jsonl_documents(path, lines, text_field, stats)
-    else:
-        docs = _text_documents(lines, doc_sep)
-    for doc in docs:
-        stats.documents += 1
-        yield doc
+    for doc in read_range(Path(path), cfg, stats):
+        if doc is not None:
+            yield doc
 
 
 def iter_documents(
@@ -205,6 +623,8 @@ def iter_documents(
     doc_sep: str = "blank",
     text_field: str = "text",
     stats: SourceStats | None = None,
+    cfg: ReadConfig | None = None,
+    pattern: str = "*",
 ) -> Iterator[str]:
     """Stream documents (str, lines joined by "\\n") from all inputs in order.
 
@@ -212,12 +632,23 @@ def iter_documents(
     would only fail later, far from the cause. JSONL documents may be empty strings; the
     encoder counts them as dropped.
     """
-    files = expand_inputs(paths)
+    cfg = cfg or ReadConfig(doc_sep=doc_sep, text_field=text_field)
+    stats = stats if stats is not None else SourceStats()
+    files = expand_inputs(paths, pattern)
     any_text = False
     for path in files:
-        for doc in iter_file_documents(path, doc_sep=doc_sep, text_field=text_field, stats=stats):
+        for doc in iter_file_documents(path, stats=stats, cfg=cfg):
             any_text = any_text or bool(doc.strip())
             yield doc
     if not any_text:
-        names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
-        raise PrepError(f"no text found in {names}; check the files, --doc-sep and --text-field")
+        raise PrepError(no_text_message(files, stats))
+
+
+def no_text_message(files: Sequence[Path], stats: SourceStats) -> str:
+    names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+    skipped = "; ".join(f"{p} skipped ({r})" for p, r in stats.problems[:3])
+    return (
+        f"no text found in {names}"
+        + (f" ({skipped})" if skipped else "")
+        + "; check the files, --format, --doc-sep, --text-field and --encoding"
+    )

@@ -13,13 +13,22 @@ Files written to the tokenizer directory:
 
 Japanese: BERT's uncased normalisation strips accents, which turns ガ into カ, so a Japanese
 tokenizer is never lowercased/accent-stripped, and SentencePiece never strips accents at all.
+
+`--pretokenize mecab` (WordPiece only) is the Tohoku BERT recipe: NFKC, then MeCab with the
+unidic-lite dictionary (fugashi) cuts sentences into words, then WordPiece splits the words.
+tokenizer.json then expects text already cut into space-separated words (`load_segmenter`
+gives the cutter; the encoder applies it), and tokenizer_config.json names transformers'
+`BertJapaneseTokenizer` with the same MeCab settings, so `AutoTokenizer.from_pretrained` on
+raw text gives the same ids as our encoder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
-from collections.abc import Iterator, Sequence
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +37,17 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.models import BPE, Unigram, WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
+from data_prep.clean import CleanConfig, clean_text, length_reason
 from data_prep.errors import PrepError
-from data_prep.sentences import char_counts, split_sentences
+from data_prep.sentences import char_counts, detect_lang, split_sentences
 from data_prep.shard_format import file_sha256
-from data_prep.sources import expand_inputs, iter_file_documents
+from data_prep.sources import ReadConfig, SourceStats, expand_inputs, read_range
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 """Ids 0..4 in this order."""
 SPECIAL_NAMES = ["pad", "unk", "cls", "sep", "mask"]
 KINDS = ("wordpiece", "sentencepiece")
+PRETOKENIZERS = ("none", "mecab")
 SP_MODEL_TYPES = ("unigram", "bpe")
 MIN_VOCAB_SIZE = 10
 META_FILE = "bert_tokenizer.json"
@@ -71,30 +82,50 @@ def write_sample(
     *,
     sample_bytes: int,
     lang: str,
-    doc_sep: str,
-    text_field: str,
+    doc_sep: str = "blank",
+    text_field: str = "text",
+    read: ReadConfig | None = None,
+    clean: CleanConfig | None = None,
+    pattern: str = "*",
+    segment: Callable[[str], str] | None = None,
 ) -> SampleInfo:
-    """Write up to `sample_bytes` of sentences (one per line) from the inputs.
+    """Write at most about `sample_bytes` of cleaned sentences (one per line) from the inputs.
 
     Each file contributes in proportion to its size on disk, taking its first documents, so a
-    sample of a many-file corpus is not just the first file and nothing is loaded whole.
+    sample of a many-file corpus is not just the first file and nothing is loaded whole: the
+    budget is checked after every sentence, so the sample exceeds `sample_bytes` by at most
+    one sentence per file, and memory holds one document (<= --max-doc-chars) at a time.
     """
-    files = expand_inputs(inputs)
+    read = read or ReadConfig(doc_sep=doc_sep, text_field=text_field)
+    clean = clean or CleanConfig()
+    files = expand_inputs(inputs, pattern)
     sizes = [max(1, p.stat().st_size) for p in files]
     total = sum(sizes)
     written = 0
     chars = cjk = kana = 0
+    stats = SourceStats()
     with open(out_file, "w", encoding="utf-8") as out:
         for path, size in zip(files, sizes, strict=True):
             budget = max(1, sample_bytes * size // total)
             used = 0
-            for doc in iter_file_documents(path, doc_sep=doc_sep, text_field=text_field):
+            for doc in read_range(path, read, stats):
+                if doc is None:
+                    continue
+                doc_lang = lang if lang != "auto" else detect_lang(doc)
+                doc = clean_text(doc, clean, doc_lang)
+                if length_reason(doc, clean) is not None:
+                    continue
                 counts = char_counts(doc[:1000])  # the head of every document: cheap, spread
                 chars, cjk, kana = chars + counts[0], cjk + counts[1], kana + counts[2]
-                for sentence in split_sentences(doc, lang):
-                    line = sentence.replace("\n", " ") + "\n"
+                for sentence in split_sentences(doc, doc_lang):
+                    sentence = sentence.replace("\n", " ")
+                    if segment is not None:
+                        sentence = segment(sentence)
+                    line = sentence + "\n"
                     out.write(line)
                     used += len(line.encode("utf-8"))
+                    if used >= budget:
+                        break
                 if used >= budget:
                     break
             written += used
@@ -125,14 +156,21 @@ def _post_processor() -> processors.TemplateProcessing:
     )
 
 
-def _train_wordpiece(sample: Path, vocab_size: int, lowercase: bool) -> Tokenizer:
+def _train_wordpiece(
+    sample: Path, vocab_size: int, lowercase: bool, pretokenize: str = "none"
+) -> Tokenizer:
     tok = Tokenizer(WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    # strip_accents=None follows lowercase, exactly like transformers' BertTokenizer, so the
-    # exported tokenizer_config (do_lower_case only) rebuilds the same normaliser.
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
-    )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if pretokenize == "mecab":
+        # Input is NFKC text already cut into words by MeCab: split on the spaces only,
+        # exactly like BertJapaneseTokenizer's WordpieceTokenizer (never lowercases).
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    else:
+        # strip_accents=None follows lowercase, exactly like transformers' BertTokenizer, so
+        # the exported tokenizer_config (do_lower_case only) rebuilds the same normaliser.
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     trainer = WordPieceTrainer(
         vocab_size=vocab_size,
@@ -227,8 +265,15 @@ def train_tokenizer(
     sample_bytes: int = 100_000_000,
     doc_sep: str = "blank",
     text_field: str = "text",
+    pretokenize: str = "none",
+    read: ReadConfig | None = None,
+    clean: CleanConfig | None = None,
+    pattern: str = "*",
 ) -> Path:
     """Train a tokenizer on a sample of `files` and write the directory; returns it.
+
+    The sample is read and cleaned like `bert-prep encode` does (pass the same `read` and
+    `clean` settings) so the vocabulary fits the text it will encode.
 
     WordPiece is lowercased and accent-stripped (BERT uncased) unless `cased` or the sample
     holds Japanese kana (more than KANA_LIMIT of its characters); SentencePiece (unigram or
@@ -246,6 +291,17 @@ def train_tokenizer(
         )
     if sample_bytes <= 0:
         raise PrepError(f"--sample-bytes must be positive, got {sample_bytes}")
+    if pretokenize not in PRETOKENIZERS:
+        raise PrepError(f"unknown --pretokenize {pretokenize!r}; choose none or mecab")
+    if pretokenize == "mecab" and kind != "wordpiece":
+        raise PrepError(
+            "--pretokenize mecab goes with --kind wordpiece (SentencePiece reads raw text)"
+        )
+    read = read or ReadConfig(doc_sep=doc_sep, text_field=text_field)
+    read.validate()
+    clean = clean or CleanConfig()
+    clean.validate()
+    segment = mecab_segmenter() if pretokenize == "mecab" else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bert-prep-sample-") as tmp:
@@ -255,14 +311,21 @@ def train_tokenizer(
             sample,
             sample_bytes=sample_bytes,
             lang=lang,
-            doc_sep=doc_sep,
-            text_field=text_field,
+            read=read,
+            clean=clean,
+            pattern=pattern,
+            segment=segment,
         )
         lang = sample_info.lang
         if kind == "wordpiece":
             # Uncased = accent stripping, which turns ガ into カ: only for text without kana.
-            lowercase = not cased and lang == "en" and sample_info.kana_fraction < KANA_LIMIT
-            tok = _train_wordpiece(sample, vocab_size, lowercase)
+            lowercase = (
+                not cased
+                and pretokenize == "none"
+                and lang == "en"
+                and sample_info.kana_fraction < KANA_LIMIT
+            )
+            tok = _train_wordpiece(sample, vocab_size, lowercase, pretokenize)
         else:
             lowercase = False
             tok = _train_sentencepiece(sample, out, vocab_size, sp_model_type, lang)
@@ -272,9 +335,10 @@ def train_tokenizer(
     tok.add_special_tokens(SPECIAL_TOKENS)  # never split, never normalised
     tok.post_processor = _post_processor()
     tok.save(str(out / "tokenizer.json"))
-    _write_hf_files(out, tok, kind, lowercase)
+    _write_hf_files(out, tok, kind, lowercase, pretokenize)
     meta = {
         "kind": kind,
+        "pretokenize": pretokenize,
         "vocab_size": tok.get_vocab_size(),
         "lowercase": lowercase,
         "lang": lang,
@@ -287,7 +351,9 @@ def train_tokenizer(
     return out
 
 
-def _write_hf_files(out: Path, tok: Tokenizer, kind: str, lowercase: bool) -> None:
+def _write_hf_files(
+    out: Path, tok: Tokenizer, kind: str, lowercase: bool, pretokenize: str = "none"
+) -> None:
     """tokenizer_config.json + special_tokens_map.json (+ vocab.txt) for transformers."""
     special_map = {
         f"{name}_token": token for name, token in zip(SPECIAL_NAMES, SPECIAL_TOKENS, strict=True)
@@ -298,7 +364,17 @@ def _write_hf_files(out: Path, tok: Tokenizer, kind: str, lowercase: bool) -> No
         "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
         "clean_up_tokenization_spaces": False,
     }
-    if kind == "wordpiece":
+    if kind == "wordpiece" and pretokenize == "mecab":
+        # The Tohoku BERT settings: transformers runs NFKC + MeCab (fugashi, unidic-lite) and
+        # then WordPiece on vocab.txt, which is what our encoder does.
+        config.update(
+            tokenizer_class="BertJapaneseTokenizer",
+            do_lower_case=False,
+            word_tokenizer_type="mecab",
+            subword_tokenizer_type="wordpiece",
+            mecab_kwargs={"mecab_dic": "unidic_lite"},
+        )
+    elif kind == "wordpiece":
         # transformers 5 rebuilds BERT's pipeline from these flags plus the vocabulary.
         config.update(
             tokenizer_class="BertTokenizerFast",
@@ -306,6 +382,7 @@ def _write_hf_files(out: Path, tok: Tokenizer, kind: str, lowercase: bool) -> No
             strip_accents=None,
             tokenize_chinese_chars=True,
         )
+    if kind == "wordpiece":
         vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
         with open(out / "vocab.txt", "w", encoding="utf-8") as f:
             f.writelines(token + "\n" for token, _ in vocab)
@@ -339,6 +416,34 @@ def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
             "`bert-prep tokenizer`"
         )
     return Tokenizer.from_file(str(path))
+
+
+def mecab_segmenter() -> Callable[[str], str]:
+    """NFKC + MeCab (fugashi, unidic-lite) word segmentation, words joined by one space: the
+    same words as transformers' MecabTokenizer(mecab_dic="unidic_lite", normalize_text=True)."""
+    try:
+        import fugashi
+        import unidic_lite
+    except ImportError:
+        raise PrepError(
+            "--pretokenize mecab needs fugashi and unidic-lite: pip install "
+            "'bert-pretrain[ja]' (or pip install fugashi unidic-lite)"
+        ) from None
+    dic = unidic_lite.DICDIR
+    tagger = fugashi.GenericTagger(f'-d "{dic}" -r "{os.path.join(dic, "mecabrc")}" -Owakati')
+
+    def segment(text: str) -> str:
+        text = unicodedata.normalize("NFKC", text)
+        return " ".join(tagger.parse(text).split()) if text.strip() else ""
+
+    return segment
+
+
+def load_segmenter(tokenizer_dir: str | Path) -> Callable[[str], str] | None:
+    """The word segmenter the tokenizer expects before tokenizer.json (None: raw text)."""
+    if tokenizer_info(tokenizer_dir).get("pretokenize", "none") == "mecab":
+        return mecab_segmenter()
+    return None
 
 
 def continuation_mask(tokenizer_dir: str | Path) -> np.ndarray:

@@ -76,11 +76,12 @@ def test_verify_passes_then_names_a_corrupt_shard(dataset: Path, tmp_path: Path)
     for path in (dataset / "data").iterdir():
         if path.is_file():
             (copy / path.name).write_bytes(path.read_bytes())
-    data = bytearray((copy / "shard_00001.bin").read_bytes())
+    name = json.loads((copy / "manifest.json").read_text())["shards"][1]["name"]
+    data = bytearray((copy / f"{name}.bin").read_bytes())
     data[3] ^= 0x80
-    (copy / "shard_00001.bin").write_bytes(bytes(data))
+    (copy / f"{name}.bin").write_bytes(bytes(data))
     bad = prep("verify", copy)
-    assert bad.returncode == 1 and "shard_00001" in bad.stdout
+    assert bad.returncode == 1 and name in bad.stdout
 
 
 def test_merge(dataset: Path, tmp_path: Path) -> None:
@@ -102,11 +103,47 @@ def test_merge(dataset: Path, tmp_path: Path) -> None:
         ("tokenizer", "--input", "{data}/in", "--out", "{tmp}/t", "--vocab-size", "4"),
         ("encode", "--input", "{data}/in", "--tokenizer", "{tmp}", "--out", "{tmp}/o"),
         ("verify", "{tmp}"),
+        (
+            "encode",
+            "--input",
+            "{data}/in",
+            "--pattern",
+            "wiki_*",
+            "--tokenizer",
+            "{data}/tok",
+            "--out",
+            "{tmp}/o",
+        ),
+        (
+            "encode",
+            "--input",
+            "{data}/in",
+            "--tokenizer",
+            "{tmp}/other_tok",
+            "--out",
+            "{data}/data",
+        ),
+        (
+            "encode",
+            "--input",
+            "{data}/in",
+            "--tokenizer",
+            "{data}/tok",
+            "--out",
+            "{tmp}/o",
+            "--encoding",
+            "utf-16",
+        ),
+        ("encode", "--input", "{tmp}/binary.dat", "--tokenizer", "{data}/tok", "--out", "{tmp}/o"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) -> None:
     """Oracle: DESIGN.md: a user error exits non-zero (2) with one line and no traceback."""
     (tmp_path / "binary.dat").write_bytes(b"\0\1\2" * 100)
+    if "{tmp}/other_tok" in args:  # a tokenizer other than the one that made {data}/data
+        other = prep("tokenizer", "--input", dataset / "in", "--out", tmp_path / "other_tok",
+                     "--vocab-size", "900")  # fmt: skip
+        assert other.returncode == 0, other.stderr
     res = prep(*(a.format(tmp=tmp_path, data=dataset) for a in args))
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert "Traceback" not in res.stderr
@@ -120,3 +157,39 @@ def test_help_for_every_subcommand() -> None:
                         ("verify", "DIR"), ("merge", "--out")]:  # fmt: skip
         res = prep(sub, "--help")
         assert res.returncode == 0 and option in res.stdout, res.stderr
+
+
+def test_bad_inputs_are_skipped_counted_and_reported(dataset: Path, tmp_path: Path) -> None:
+    """Oracle: the issue's list of bad inputs, one file each, beside one good file: the run
+    succeeds, and the summary table and manifest count every loss by reason (nothing is
+    dropped silently); progress lines appear on a non-terminal stderr."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    text = gzip.decompress((CORPUS_DIR / "gutenberg_excerpt.txt.gz").read_bytes())[:40_000]
+    (bad / "good.txt").write_bytes(text)
+    (bad / "binary.bin").write_bytes(b"\x7fELF\0\0" * 500)
+    (bad / "empty.txt").write_bytes(b"")
+    (bad / "latin1.txt").write_bytes(b"Caf\xe9 au lait is a drink.\nIt is good.\n")
+    packed = gzip.compress(text * 8)
+    (bad / "truncated.txt.gz").write_bytes(packed[: len(packed) // 2])
+    with open(bad / "one_line.txt", "wb") as f:  # 50 MB without a newline
+        for _ in range(50):
+            f.write(b"word " * 209715 + b"w")
+    (bad / "records.jsonl").write_text(
+        '{"text": "A fine record with enough words to be kept as a document."}\n'
+        "{not json\n"
+        '{"title": "no text field"}\n'
+    )
+    res = prep("encode", "--input", bad, "--tokenizer", dataset / "tok", "--out",
+               tmp_path / "data", "--log-every", "0", "--max-doc-chars", "1000000")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    stats = json.loads((tmp_path / "data" / "manifest.json").read_text())["stats"]
+    assert stats["skipped_files"] == {"binary": 1, "empty": 1, "corrupt": 1}
+    assert stats["invalid_utf8_lines"] == 1
+    assert stats["invalid_json_lines"] == 1 and stats["missing_field_records"] == 1
+    assert stats["dropped"]["too_long"] == 1
+    for expected in ["skipped: binary 1, empty 1, corrupt 1", "too_long 1", "undecodable 1",
+                     "invalid JSON 1", "records without the text field 1", "peak memory",
+                     f"skipped {bad / 'binary.bin'}: binary", "tokens/s"]:  # fmt: skip
+        assert expected in res.stdout, (expected, res.stdout)
+    assert "MB/s" in res.stderr and "docs/s" in res.stderr and "ETA" in res.stderr

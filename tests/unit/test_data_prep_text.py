@@ -6,13 +6,23 @@ import bz2
 import gzip
 import json
 import lzma
+import sys
 from pathlib import Path
 
 import pytest
 
 from data_prep.errors import PrepError
 from data_prep.sentences import detect_lang, split_sentences
-from data_prep.sources import SourceStats, expand_inputs, iter_documents
+from data_prep.sources import (
+    ReadConfig,
+    SourceStats,
+    expand_inputs,
+    iter_documents,
+    read_range,
+    split_points,
+)
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 TEXT = "Doc one line one.\nDoc one line two.\n\nDoc two.\n\f\nDoc three.\n\n\n\nDoc four.\n"
 
@@ -109,12 +119,20 @@ def test_invalid_utf8_line_is_dropped_and_counted(tmp_path: Path) -> None:
     assert stats.invalid_utf8_lines == 1
 
 
-def test_binary_file_is_a_user_error(tmp_path: Path) -> None:
-    """Oracle: NUL bytes in the first 8 KB mean binary; the message names the file."""
-    path = tmp_path / "model.bin"
-    path.write_bytes(b"abc\0def" * 10)
-    with pytest.raises(PrepError, match="model.bin.*binary"):
-        _docs(path)
+def test_binary_file_is_skipped_and_counted(tmp_path: Path) -> None:
+    """Oracle: NUL bytes in the first 8 KB mean binary: the file is skipped with its name and
+    reason recorded, the text beside it is read; alone it gives the one-line 'no text' error
+    naming it."""
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"abc\0def" * 10)
+    text = tmp_path / "a.txt"
+    text.write_text("Some text.\n")
+    stats = SourceStats()
+    assert _docs([binary, text], stats=stats) == ["Some text."]
+    assert stats.skipped_files["binary"] == 1 and stats.files == 2
+    assert stats.problems == [[str(binary), "binary"]]
+    with pytest.raises(PrepError, match="model.bin skipped \\(binary\\)"):
+        _docs(binary)
 
 
 def test_missing_path_is_a_user_error(tmp_path: Path) -> None:
@@ -188,3 +206,148 @@ def test_auto_language_detection() -> None:
     assert split_sentences("It rains. It shines.", "auto") == ["It rains.", "It shines."]
     with pytest.raises(ValueError):
         split_sentences("x", "fr")
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats, encodings and bad input at corpus scale
+
+
+def test_zstd_reads_like_plain(tmp_path: Path) -> None:
+    """Oracle: the same bytes uncompressed (zstandard is the optional 'zstd' extra)."""
+    zstandard = pytest.importorskip("zstandard")
+    plain = tmp_path / "a.txt"
+    plain.write_text(TEXT)
+    packed = tmp_path / "a.txt.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(TEXT.encode()))
+    assert _docs(packed) == _docs(plain)
+
+
+def test_zstd_without_zstandard_is_a_one_line_user_error(tmp_path: Path, monkeypatch) -> None:
+    """Oracle: the message names the package and the extra to install."""
+    path = tmp_path / "a.txt.zst"
+    path.write_bytes(b"(\xb5/\xfd\x00\x00")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import fails as if not installed
+    with pytest.raises(PrepError, match=r"zstandard.*bert-pretrain\[zstd\]"):
+        _docs(path)
+
+
+def test_declared_encoding_cp932(tmp_path: Path) -> None:
+    """Oracle: Shift_JIS bytes decode to the original text with --encoding cp932; read as
+    UTF-8 the lines are undecodable and counted, not silently garbled."""
+    text = "羅生門の下で雨やみを待っていた。\n\n下人は途方にくれた。\n"
+    path = tmp_path / "sjis.txt"
+    path.write_bytes(text.encode("cp932"))
+    assert _docs(path, cfg=ReadConfig(encoding="cp932")) == [
+        "羅生門の下で雨やみを待っていた。",
+        "下人は途方にくれた。",
+    ]
+    stats = SourceStats()
+    with pytest.raises(PrepError, match="no text"):
+        _docs(path, stats=stats)
+    assert stats.invalid_utf8_lines == 2
+    with pytest.raises(PrepError, match="ASCII-compatible"):
+        ReadConfig(encoding="utf-16").validate()
+
+
+def test_shared_aozora_shift_jis_matches_its_utf8_version() -> None:
+    """Oracle: shared/data's UTF-8 conversion of the same Aozora file (decode('cp932'))."""
+    raw = SHARED / "aozora-akutagawa" / "raw_sjis" / "rashomon.txt"
+    if not raw.is_file():
+        pytest.skip(f"shared data not found at {SHARED}")
+    utf8 = SHARED / "aozora-akutagawa" / "utf8" / "rashomon.txt"
+    assert _docs(raw, cfg=ReadConfig(encoding="cp932")) == _docs(utf8)
+
+
+def test_wikiextractor_documents(tmp_path: Path) -> None:
+    """Oracle: hand-written WikiExtractor output: one document per <doc>, the title line
+    dropped, every line its own paragraph, HTML escapes undone, text outside <doc> ignored."""
+    path = tmp_path / "wiki_00"
+    path.write_text(
+        '<doc id="1" url="https://x/?curid=1" title="Anarchism">\nAnarchism\n\n'
+        "Anarchism is a political philosophy.\nIt is &lt;old&gt; &amp; new.\n</doc>\n"
+        "stray line\n"
+        '<doc id="2" url="u" title="Tokyo">\nTokyo\n\n東京は日本の首都である。\n</doc>\n'
+    )
+    assert _docs(path) == [
+        "Anarchism is a political philosophy.\n\nIt is <old> & new.",
+        "東京は日本の首都である。",
+    ]
+
+
+def test_globs_and_directory_patterns(tmp_path: Path) -> None:
+    """Oracle: sorted matches; a directory or glob matching nothing is a one-line user error."""
+    for name in ["b.jsonl", "a.jsonl", "notes.md"]:
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    assert [p.name for p in expand_inputs([str(tmp_path / "*.jsonl")])] == ["a.jsonl", "b.jsonl"]
+    assert [p.name for p in expand_inputs([tmp_path], "*.md")] == ["notes.md"]
+    with pytest.raises(PrepError, match="no files matching"):
+        expand_inputs([tmp_path], "wiki_*")
+    with pytest.raises(PrepError, match="matches no files"):
+        expand_inputs([str(tmp_path / "*.txt")])
+
+
+def test_empty_and_truncated_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    """Oracle: an empty file and a .gz cut in half are counted by reason; the documents that
+    were complete before the damage are kept (here: the first ones of the cut file)."""
+    (tmp_path / "a_empty.txt").write_bytes(b"")
+    body = "".join(f"Document number {i} has some words.\n\n" for i in range(40000)).encode()
+    packed = gzip.compress(body)
+    (tmp_path / "b_cut.txt.gz").write_bytes(packed[: len(packed) // 2])
+    stats = SourceStats()
+    docs = _docs(tmp_path, stats=stats)
+    assert 0 < len(docs) < 40000
+    assert docs == [f"Document number {i} has some words." for i in range(len(docs))]
+    assert dict(stats.skipped_files) == {"empty": 1, "corrupt": 1}
+    assert [r.split(":")[0] for _, r in stats.problems] == ["empty", "corrupt"]
+
+
+def test_a_50_mb_line_is_dropped_without_being_held(tmp_path: Path) -> None:
+    """Oracle: the line is longer than --max-doc-chars, so it is dropped as too long and
+    counted; the reader's peak memory stays far below the line's size (tracemalloc)."""
+    import tracemalloc
+
+    path = tmp_path / "big.txt"
+    with open(path, "wb") as f:
+        f.write(b"Before.\n\n")
+        chunk = b"x" * (1 << 20)
+        for _ in range(50):
+            f.write(chunk)
+        f.write(b"\n\nAfter.\n")
+    stats = SourceStats()
+    cfg = ReadConfig(max_doc_chars=1_000_000)
+    tracemalloc.start()
+    docs = list(read_range(path, cfg, stats))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert docs == ["Before.", None, "After."]
+    assert stats.too_long_documents == 1 and stats.documents == 3
+    assert peak < 12 * 2**20, peak  # the cap (4 MB + slack), not 50 MB
+
+
+def test_byte_ranges_read_the_same_documents_as_the_whole_file(tmp_path: Path) -> None:
+    """Oracle: reading the whole file; split points must fall on document starts for every
+    format and separator, so the ranges' documents concatenate to the same list."""
+    text = "".join(
+        f"Para {i} line one.\nline two {i}.\n" + ("\n" if i % 3 else "\n\f\n\n") for i in range(300)
+    )
+    cases = {
+        "blank": ("a.txt", text, ReadConfig()),
+        "formfeed": ("a.txt", text, ReadConfig(doc_sep="formfeed")),
+        "line": ("a.txt", text, ReadConfig(doc_sep="line")),
+        "jsonl": ("a.jsonl", "".join(json.dumps({"text": f"r{i}"}) + "\n" for i in range(500)),
+                  ReadConfig()),
+        "wiki": ("w", "".join(f'<doc id="{i}" title="T{i}">\nT{i}\nBody {i}.\n</doc>\n'
+                              for i in range(300)), ReadConfig()),
+    }  # fmt: skip
+    for name, (filename, content, cfg) in cases.items():
+        path = tmp_path / name / filename
+        path.parent.mkdir()
+        path.write_text(content)
+        whole = list(read_range(path, cfg, SourceStats()))
+        points = split_points(path, 997, cfg)
+        assert len(points) > 3, name
+        bounds = [0, *points, None]
+        parts = []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            parts.extend(read_range(path, cfg, SourceStats(), start, end))
+        assert parts == whole, name

@@ -21,10 +21,14 @@ from data_prep.sources import CORPUS_DIR, iter_documents
 from data_prep.tokenizer import (
     SPECIAL_TOKENS,
     continuation_mask,
+    load_segmenter,
     load_tokenizer,
     tokenizer_info,
     train_tokenizer,
+    write_sample,
 )
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 transformers = pytest.importorskip("transformers")
 
@@ -181,3 +185,65 @@ def test_edited_tokenizer_json_is_refused(tmp_path: Path, english) -> None:
     (copy / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(PrepError, match="hash"):
         load_tokenizer(copy)
+
+
+def test_mecab_wordpiece_is_what_bert_japanese_tokenizer_computes(tmp_path: Path) -> None:
+    """Oracle: transformers' BertJapaneseTokenizer (MeCab via fugashi + unidic-lite, then
+    WordPiece on vocab.txt), loaded by AutoTokenizer from the files we write, on real text
+    the tokenizer never saw (livedoor news when shared data is there, else held-out Aozora),
+    both directly and through `bert-prep encode`'s shards. Accents survive (ガ ≠ カ)."""
+    pytest.importorskip("fugashi")
+    pytest.importorskip("unidic_lite")
+    corpus = CORPUS_DIR / "akutagawa.txt"
+    head = tmp_path / "train.txt"
+    text = corpus.read_text(encoding="utf-8")
+    head.write_text(text[:100_000], encoding="utf-8")
+    tok_dir = train_tokenizer([head], tmp_path / "tok", "wordpiece", 3000, pretokenize="mecab")
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "BertJapaneseTokenizer"
+    assert config["word_tokenizer_type"] == "mecab"
+    assert config["subword_tokenizer_type"] == "wordpiece"
+    assert config["mecab_kwargs"] == {"mecab_dic": "unidic_lite"}
+    assert config["do_lower_case"] is False
+    info = tokenizer_info(tok_dir)
+    assert info["pretokenize"] == "mecab" and info["lowercase"] is False
+
+    livedoor = SHARED_DATA / "livedoor-news" / "articles.jsonl.gz"
+    held_out = tmp_path / "held_out.txt"
+    if livedoor.is_file():
+        docs = iter_documents([livedoor], text_field="body")
+        held_out.write_text("\n\n".join(next(docs) for _ in range(40)), encoding="utf-8")
+    else:
+        held_out.write_text(text[100_000:], encoding="utf-8")
+    sentences = _sentences(held_out, "ja", 300) + ["ガラスのカラスがパンを食べた。ｶﾞｷﾞ！"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    assert type(hf).__name__ == "BertJapaneseTokenizer"
+    ours, segment = load_tokenizer(tok_dir), load_segmenter(tok_dir)
+    for sentence in sentences:
+        ids = ours.encode(segment(sentence), add_special_tokens=False).ids
+        assert hf(sentence, add_special_tokens=False)["input_ids"] == ids, sentence
+    assert ours.encode(segment("ガ"), add_special_tokens=False).ids != ours.encode("カ").ids[1:-1]
+
+    from data_prep.encode import encode_corpus
+    from data_prep.shard_format import IndexedDataset
+
+    encode_corpus([held_out], tok_dir, tmp_path / "data", lang="ja", nfkc="off")
+    ds = IndexedDataset(tmp_path / "data")
+    first = [ds.sentence(i).tolist() for i in range(*ds.document_sentence_range(0))]
+    doc = next(iter_documents([held_out]))
+    expected = [hf(s, add_special_tokens=False)["input_ids"] for s in split_sentences(doc, "ja")]
+    assert first == [ids for ids in expected if ids]
+
+
+def test_training_sample_is_bounded(tmp_path: Path) -> None:
+    """Oracle: --sample-bytes: the sample file never exceeds the budget by more than one
+    sentence per input file, however large the input (here 40x the budget)."""
+    text = gzip.decompress((CORPUS_DIR / "gutenberg_excerpt.txt.gz").read_bytes()).decode()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(text[:1_200_000])
+    (tmp_path / "in" / "b.txt").write_text(text[1_200_000:2_000_000])
+    sample = tmp_path / "sample.txt"
+    info = write_sample([tmp_path / "in"], sample, sample_bytes=50_000, lang="auto")
+    longest = max(len(s.encode()) for s in _sentences(tmp_path / "in" / "a.txt", "en", 10**6))
+    assert 50_000 <= sample.stat().st_size <= 50_000 + 2 * (longest + 1)
+    assert info.lang == "en"
