@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pretrain.blend import parse_blend_spec
+
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message is shown as is."""
@@ -67,8 +69,9 @@ class MLMConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""
-    """A directory written by `bert-prep encode`."""
+    path: str | list = ""
+    """A directory written by `bert-prep encode`, or weight/path pairs to blend several:
+    [0.7, runs/en/data, 0.3, runs/ja/data] (same tokenizer; deterministic and resumable)."""
     tokenizer: str | None = None
     """Tokenizer directory; defaults to DATA/tokenizer (bert-prep copies it there)."""
     seq_len: int = 128
@@ -179,6 +182,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             choices = "|".join(str(a) for a in args)
             raise ConfigError(f"{key}={value!r} is not one of {choices}")
         return value
+    if annotation is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{key} must be a list, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key} must be a list of {len(args)} numbers, got {value!r}")
@@ -334,6 +341,11 @@ def validate(config: Config) -> None:
         raise ConfigError("mlm.visible_replace_rate must be in [0, 1)")
     if mlm.visible_weight < 0:
         raise ConfigError("mlm.visible_weight must be >= 0")
+    if d.path:
+        try:
+            parse_blend_spec(d.path)
+        except ValueError as error:
+            raise ConfigError(f"data.path: {error}") from None
     if not 0.0 <= d.valid_fraction < 1.0:
         raise ConfigError("data.valid_fraction must be in [0, 1)")
     if d.seq_len < 8:

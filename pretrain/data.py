@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_prep.shard_format import IndexedDataset
 from data_prep.tokenizer import continuation_mask
+from pretrain.blend import blend_index, parse_blend_spec
 from pretrain.config import ConfigError, MLMConfig
 from pretrain.objectives import IGNORE, mask_tokens
 
@@ -280,42 +281,91 @@ def eval_batches(
     return batches
 
 
+class BlendedData(Dataset):
+    """Several datasets mixed by weight: stream position g → (dataset d, its own position k)
+    by a closed formula (pretrain.blend), so resuming at `consumed_samples` needs nothing else.
+    Each part keeps its own epoch shuffle and masking seed."""
+
+    def __init__(self, parts: list[PretrainingData], weights: list[float]) -> None:
+        self.parts = parts
+        self.weights = weights
+        self.seq_len = parts[0].seq_len
+        self.seed = parts[0].seed
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, position: int) -> dict[str, np.ndarray]:
+        dataset, local = blend_index(self.weights, [position])
+        return self.parts[int(dataset[0])][int(local[0])]
+
+
 @dataclass
 class TrainingData:
-    dataset: IndexedDataset
-    train: PretrainingData
-    valid: PretrainingData | None
+    dataset: IndexedDataset  # the first (all share one tokenizer)
+    train: PretrainingData | BlendedData
+    valid: PretrainingData | BlendedData | None
     tokenizer_dir: Path
 
 
+def _open_dataset(path: str) -> IndexedDataset:
+    if not (Path(path) / "manifest.json").is_file():
+        raise ConfigError(
+            f"data.path={path} has no manifest.json: prepare it with `bert-prep encode`"
+        )
+    return IndexedDataset(Path(path))
+
+
 def open_training_data(
-    path: str, tokenizer: str | None, seq_len: int, valid_fraction: float, mlm: MLMConfig, seed: int
+    path: str | list,
+    tokenizer: str | None,
+    seq_len: int,
+    valid_fraction: float,
+    mlm: MLMConfig,
+    seed: int,
 ) -> TrainingData:
-    """Open a prepared dataset and build the train/valid samples; user errors → ConfigError."""
+    """Open prepared dataset(s) and build the train/valid samples; user errors → ConfigError."""
     if not path:
         raise ConfigError(
             "data.path is not set: point it at a directory made by `bert-prep encode`"
         )
-    root = Path(path)
-    if not (root / "manifest.json").is_file():
-        raise ConfigError(
-            f"data.path={path} has no manifest.json: prepare it with `bert-prep encode`"
-        )
-    dataset = IndexedDataset(root)
-    tokenizer_dir = Path(tokenizer) if tokenizer else root / "tokenizer"
+    try:
+        paths, weights = parse_blend_spec(path)
+    except ValueError as error:
+        raise ConfigError(f"data.path: {error}") from None
+    datasets = [_open_dataset(p) for p in paths]
+    for p, ds in zip(paths[1:], datasets[1:], strict=True):
+        if ds.tokenizer_hash != datasets[0].tokenizer_hash:
+            raise ConfigError(
+                f"data.path: {p} was encoded with another tokenizer than {paths[0]}: "
+                "blend only datasets prepared with the same tokenizer"
+            )
+    tokenizer_dir = Path(tokenizer) if tokenizer else Path(paths[0]) / "tokenizer"
     continuation = continuation_mask(tokenizer_dir) if mlm.whole_word else None
     pairs = mlm.pair_task != "none"
-    train_docs, valid_docs = split_documents(dataset.num_documents, valid_fraction)
-    train_split = build_split(dataset, train_docs, seq_len, pairs)
-    train = PretrainingData(dataset, train_split, seq_len, mlm, seed, continuation=continuation)
-    valid = None
-    if len(valid_docs):
+    train_parts, valid_parts = [], []
+    for i, dataset in enumerate(datasets):
+        part_seed = seed + 1009 * i
+        train_docs, valid_docs = split_documents(dataset.num_documents, valid_fraction)
+        train_split = build_split(dataset, train_docs, seq_len, pairs)
+        train_parts.append(
+            PretrainingData(
+                dataset, train_split, seq_len, mlm, part_seed, continuation=continuation
+            )
+        )
         valid_split = build_split(dataset, valid_docs, seq_len, pairs=False)
         if len(valid_split.samples):
-            valid = PretrainingData(
-                dataset, valid_split, seq_len, EVAL_MLM, seed + 1, shuffle=False
+            valid_parts.append(
+                PretrainingData(
+                    dataset, valid_split, seq_len, EVAL_MLM, part_seed + 1, shuffle=False
+                )
             )
-    return TrainingData(dataset, train, valid, tokenizer_dir)
+    if len(datasets) == 1:
+        return TrainingData(
+            datasets[0], train_parts[0], valid_parts[0] if valid_parts else None, tokenizer_dir
+        )
+    valid = BlendedData(valid_parts, weights) if len(valid_parts) == len(datasets) else None
+    return TrainingData(datasets[0], BlendedData(train_parts, weights), valid, tokenizer_dir)
 
 
 def most_frequent_token(dataset: IndexedDataset, max_sentences: int = 20000) -> int:

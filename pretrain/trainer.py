@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import kernels
 from launch.signals import EXIT_RESUBMIT, StopRequest
+from pretrain.blend import parse_blend_spec
 from pretrain.checkpoint import (
     check_shape,
     latest_checkpoint,
@@ -264,7 +265,7 @@ def _train(
             "model_shape": asdict(shape),
             "layout": {"tp": dims.tp_size, "dp": dims.dp_size, "world_size": dims.world_size},
             "tokenizer_hash": data.dataset.tokenizer_hash,
-            "data_path": str(Path(config.data.path).resolve()),
+            "data_paths": [str(Path(p).resolve()) for p in parse_blend_spec(config.data.path)[0]],
             "tokenizer_dir": str(data.tokenizer_dir.resolve()),
         }
 

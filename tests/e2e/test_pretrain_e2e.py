@@ -205,3 +205,41 @@ def test_kernels_name_does_not_fool_transformers():
     from transformers.utils.import_utils import is_kernels_available
 
     assert not is_kernels_available()
+
+
+def test_blended_datasets_train_and_resume_exactly(small_dataset, tmp_path):
+    """data.path as weight/path pairs: batches mix the datasets by weight, and a resumed run
+    continues exactly (oracle: the uninterrupted blended run)."""
+    from pretrain.data import open_training_data
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_dataset, copy)
+    blend = f"data.path=[0.7, {small_dataset}, 0.3, {copy}]"
+    config = _config(small_dataset, tmp_path / "a", "train.steps=4", blend)
+    data = open_training_data(config.data.path, None, 64, 0.05, config.mlm, 1)
+    assert len(data.train) == 2 * len(data.train.parts[0])
+
+    straight = train(config)
+    stopped = train(_config(small_dataset, tmp_path / "b", "train.steps=4", blend,
+                            "train.walltime_s=0"))  # fmt: skip
+    assert stopped.exit_code == EXIT_RESUBMIT
+    resumed = train(_config(small_dataset, tmp_path / "b", "train.steps=4", blend))
+    assert resumed.step == 4
+    losses = [[r["loss"] for r in _metrics(tmp_path / d) if "split" not in r] for d in "ab"]
+    assert losses[0] == losses[1]
+    assert straight.exit_code == 0
+
+
+def test_blending_datasets_of_different_tokenizers_is_refused(
+    small_dataset, small_corpus, tmp_path
+):
+    from data_prep.encode import encode_corpus
+    from data_prep.tokenizer import train_tokenizer
+
+    train_tokenizer([small_corpus], tmp_path / "tok", "wordpiece", 900, lang="en")
+    encode_corpus([small_corpus], tmp_path / "tok", tmp_path / "other", lang="en")
+    proc = _bert_train("--config", str(REPO / "configs" / "tiny.yaml"), *TINY,
+                       f"data.path=[0.5, {small_dataset}, 0.5, {tmp_path / 'other'}]",
+                       f"train.out_dir={tmp_path / 'run'}")  # fmt: skip
+    assert proc.returncode == 2 and "another tokenizer" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
