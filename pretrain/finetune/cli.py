@@ -33,37 +33,74 @@ def build_parser() -> argparse.ArgumentParser:
         "optionally gzipped. Defaults suit BERT-base; tiny models want a larger --lr (~1e-3).",
     )
     add = parser.add_argument
-    add("--model", required=True, type=Path, help="export directory (config.json, weights, "
-        "tokenizer)")  # fmt: skip
-    add("--task", required=True, choices=["classify", "pair", "ner"],
-        help="classify: one text; pair: text + text_b; ner: BIO token tags")  # fmt: skip
+    add(
+        "--model",
+        required=True,
+        type=Path,
+        help="export directory (config.json, weights, tokenizer)",
+    )
+    add(
+        "--task",
+        required=True,
+        choices=["classify", "pair", "ner"],
+        help="classify: one text; pair: text + text_b; ner: BIO token tags",
+    )
     add("--train", required=True, type=Path, help="training file")
     add("--dev", required=True, type=Path, help="dev file (early stopping and the dev score)")
-    add("--test", type=Path, help="test file, scored once with the best dev weights; "
-        "without labels, only predictions are written")  # fmt: skip
-    add("--text-column", help="text (ner JSONL: token list) column; default: the first of "
-        "text, sentence, sentence1, text_a, question (ner: tokens, words)")  # fmt: skip
+    add(
+        "--test",
+        type=Path,
+        help="test file, scored once with the best dev weights; "
+        "without labels, only predictions are written",
+    )
+    add(
+        "--text-column",
+        help="text (ner JSONL: token list) column; default: the first of "
+        "text, sentence, sentence1, text_a, question (ner: tokens, words)",
+    )
     add("--text-b-column", help="second text for --task pair; default text_b or sentence2")
-    add("--label-column", help="label (ner JSONL: tag list) column; default label, labels, "
-        "category or class (ner: tags, ner_tags)")  # fmt: skip
+    add(
+        "--label-column",
+        help="label (ner JSONL: tag list) column; default label, labels, "
+        "category or class (ner: tags, ner_tags)",
+    )
     add("--epochs", type=float, default=3.0, help="default 3 (fractions allowed)")
     add("--lr", type=float, default=5e-5, help="peak AdamW learning rate (default 5e-5)")
     add("--warmup-ratio", type=float, default=0.1, help="fraction of steps warming up (0.1)")
     add("--weight-decay", type=float, default=0.01, help="default 0.01")
     add("--batch-size", type=int, default=32, help="default 32")
-    add("--max-length", type=int, default=128, help="sub-words per example incl. [CLS]/[SEP] "
-        "(default 128)")  # fmt: skip
+    add(
+        "--max-length",
+        type=int,
+        help="sub-words per example incl. [CLS]/[SEP] (default 128, "
+        "or the model's position count if smaller)",
+    )
     add("--seed", type=int, default=42, help="head initialisation and data order (default 42)")
-    add("--patience", type=int, default=2, help="stop after this many evaluations without a "
-        "better dev score (default 2; 0 = never)")  # fmt: skip
-    add("--eval-every", type=int, default=0, help="evaluate on dev every N steps (default: "
-        "once per epoch)")  # fmt: skip
-    add("--max-train-examples", type=int, help="train on a random subset of this size (the "
-        "same subset for every --seed)")  # fmt: skip
+    add(
+        "--patience",
+        type=int,
+        default=2,
+        help="stop after this many evaluations without a better dev score (default 2; 0 = never)",
+    )
+    add(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="evaluate on dev every N steps (default: once per epoch)",
+    )
+    add(
+        "--max-train-examples",
+        type=int,
+        help="train on a random subset of this size (the same subset for every --seed)",
+    )
     add("--out", type=Path, help="output directory (default: MODEL-TASK beside the model)")
     add("--force", action="store_true", help="replace an earlier bert-finetune output in --out")
-    add("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-        help="autocast precision (default fp32; bf16 is faster on recent CPUs and GPUs)")  # fmt: skip
+    add(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="autocast precision (default fp32; bf16 is faster on recent CPUs and GPUs)",
+    )
     add("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     add("--no-progress", action="store_true", help="no progress bar (default: on a terminal)")
     return parser
@@ -131,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(table(report))
     print(json.dumps({k: v for k, v in report.items() if k != "labels"}, ensure_ascii=False))
-    print(f"bert-finetune: wrote {report['out']} (model, tokenizer, metrics.json)",
-          file=sys.stderr)  # fmt: skip
+    print(f"bert-finetune: wrote {report['out']} (model, tokenizer, metrics.json)", file=sys.stderr)
     return 0
 
 

@@ -79,8 +79,10 @@ def file_format(path: Path, task: str) -> str:
         if suffix == ".csv":
             return "csv"
     known = ".tsv, .conll, .txt, .jsonl" if task == "ner" else ".tsv, .csv, .jsonl"
-    raise DataError(f"{path}: unknown file type {suffix or '(none)'!r} for --task {task} "
-                    f"(expected {known}, optionally .gz)")  # fmt: skip
+    raise DataError(
+        f"{path}: unknown file type {suffix or '(none)'!r} for --task {task} "
+        f"(expected {known}, optionally .gz)"
+    )
 
 
 def _read_text(path: Path) -> str:
@@ -262,13 +264,9 @@ def read_token_examples(
         for number, row in rows:
             tokens, tags = row.get(tok_col), row.get(tag_col)
             if not isinstance(tokens, list) or not isinstance(tags, list):
-                raise DataError(
-                    f"{path}: line {number}: {tok_col!r} and {tag_col!r} must be lists"
-                )
+                raise DataError(f"{path}: line {number}: {tok_col!r} and {tag_col!r} must be lists")
             if len(tokens) != len(tags):
-                raise DataError(
-                    f"{path}: line {number}: {len(tokens)} tokens but {len(tags)} tags"
-                )
+                raise DataError(f"{path}: line {number}: {len(tokens)} tokens but {len(tags)} tags")
             if not tokens:
                 continue
             tags = [str(t) for t in tags]

@@ -203,9 +203,11 @@ def collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def word_predictions(
-    encoded: Encoded, examples: Sequence[TokenExample], logits_argmax: Sequence[list[int]],
+    encoded: Encoded,
+    examples: Sequence[TokenExample],
+    logits_argmax: Sequence[list[int]],
     id2label: dict[int, str],
-) -> list[list[str]]:  # fmt: skip
+) -> list[list[str]]:
     """Per-word tags from per-sub-word argmax ids; words without a start position get 'O'."""
     out = []
     for ex, starts, ids in zip(examples, encoded.word_starts, logits_argmax, strict=True):

@@ -26,9 +26,9 @@ import torch
 from pretrain.config import ConfigError
 from pretrain.finetune import data as data_mod
 from pretrain.finetune import metrics, tasks
-from pretrain.finetune.data import DataError
 
 METRICS_FILE = "metrics.json"
+DEFAULT_MAX_LENGTH = 128
 PRIMARY_METRIC = {"classify": "accuracy", "pair": "accuracy", "ner": "f1"}
 
 
@@ -53,7 +53,8 @@ class FinetuneOptions:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     batch_size: int = 32
-    max_length: int = 128
+    max_length: int | None = None
+    """Sub-words per example; None = 128, or the model's position count if smaller."""
     seed: int = 42
     patience: int = 2
     eval_every: int = 0
@@ -75,6 +76,7 @@ def say(message: str) -> None:
 
 
 def check_options(opt: FinetuneOptions) -> None:
+    """Raise FinetuneError on a bad option or model directory; fills in max_length if None."""
     if opt.task not in tasks.TASKS:
         raise FinetuneError(f"--task {opt.task!r}: choose one of {', '.join(tasks.TASKS)}")
     if not opt.epochs > 0:
@@ -85,7 +87,7 @@ def check_options(opt: FinetuneOptions) -> None:
         raise FinetuneError(f"--warmup-ratio {opt.warmup_ratio} must be in [0, 1)")
     if opt.batch_size < 1:
         raise FinetuneError(f"--batch-size {opt.batch_size} must be at least 1")
-    if opt.max_length < 8:
+    if opt.max_length is not None and opt.max_length < 8:
         raise FinetuneError(f"--max-length {opt.max_length} must be at least 8")
     if opt.patience < 0 or opt.eval_every < 0:
         raise FinetuneError("--patience and --eval-every must be >= 0")
@@ -100,16 +102,23 @@ def check_options(opt: FinetuneOptions) -> None:
             f"--model {opt.model} has no config.json: pass a directory written by bert-export "
             "(or any Hugging Face BERT directory)"
         )
-    config = json.loads((opt.model / "config.json").read_text(encoding="utf-8"))
+    try:
+        config = json.loads((opt.model / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FinetuneError(f"cannot read {opt.model / 'config.json'}: {error}") from None
     positions = config.get("max_position_embeddings")
-    if isinstance(positions, int) and opt.max_length > positions:
+    if not isinstance(positions, int):
+        positions = DEFAULT_MAX_LENGTH
+    if opt.max_length is None:
+        opt.max_length = min(DEFAULT_MAX_LENGTH, positions)
+    elif opt.max_length > positions:
         raise FinetuneError(
             f"--max-length {opt.max_length} exceeds the model's {positions} positions"
         )
 
 
 def output_dir(opt: FinetuneOptions) -> Path:
-    """--out, or MODEL-finetuned-TASK beside the model; refuses to clobber other files."""
+    """--out, or MODEL-TASK beside the model (runs/demo/hf-ner); never clobbers other files."""
     out = opt.out if opt.out is not None else opt.model.parent / f"{opt.model.name}-{opt.task}"
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--out {out} exists and is not a directory")
@@ -201,9 +210,9 @@ def load_model(opt: FinetuneOptions, labels: list[str]):
     # The load report lists the pre-training heads that fine-tuning drops: we summarise it.
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    auto = AutoModelForTokenClassification if opt.task == "ner" else (
-        AutoModelForSequenceClassification
-    )  # fmt: skip
+    auto = AutoModelForSequenceClassification
+    if opt.task == "ner":
+        auto = AutoModelForTokenClassification
     try:
         tokenizer = AutoTokenizer.from_pretrained(opt.model)
         model, info = auto.from_pretrained(
@@ -216,10 +225,12 @@ def load_model(opt: FinetuneOptions, labels: list[str]):
     except (OSError, ValueError, KeyError, ImportError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise FinetuneError(f"cannot load {opt.model} with transformers: {first}") from None
-    head = ("classifier.",)
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith(head))
-    if missing or info.get("mismatched_keys"):
-        bad = missing or sorted(info["mismatched_keys"])
+    # Only the task head may be new: a missing encoder weight would silently fine-tune a
+    # partly random model.
+    encoder = model.base_model_prefix + "."
+    bad = sorted(k for k in info["missing_keys"] if k.startswith(encoder))
+    bad += sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if bad:
         raise FinetuneError(
             f"{opt.model}: {len(bad)} encoder weights are missing or of the wrong shape "
             f"(e.g. {bad[0]}): is it a complete BERT export?"
@@ -244,16 +255,16 @@ def no_decay(name: str) -> bool:
 
 
 @torch.no_grad()
-def predict(model, split: Split, batch_size: int, pad_id: int, device, precision) -> list:
+def predict(model, split: Split, opt: FinetuneOptions, pad_id: int, device) -> list:
     """Argmax label ids per example (NER: per sub-word position, unpadded)."""
     model.eval()
     features = split.encoded.features
     # Longest first: batches of similar length waste less padding.
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     out: list[Any] = [None] * len(features)
-    for chunk, batch in batches(features, order, batch_size * 2, pad_id):
+    for chunk, batch in batches(features, order, opt.batch_size * 2, pad_id):
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with autocast(device, precision):
+        with autocast(device, opt.precision):
             logits = model(**batch).logits
         ids = logits.argmax(-1).cpu().tolist()  # a device→host sync, once per batch
         for index, row in zip(chunk, ids, strict=True):
@@ -262,13 +273,15 @@ def predict(model, split: Split, batch_size: int, pad_id: int, device, precision
     return out
 
 
-def score(opt, split: Split, predictions: list, labels: list[str], train_ids: list[int]) -> dict:
+def score(opt, split: Split, predictions: list, labels: list[str], train: Split) -> dict:
+    """Dev/test scores; classification also gets the majority-class baseline of `train`."""
     id2label = dict(enumerate(labels))
     if opt.task == "ner":
         pred_tags = tasks.word_predictions(split.encoded, split.examples, predictions, id2label)
         result = metrics.entity_scores([ex.tags for ex in split.examples], pred_tags)
     else:
         gold = [f["labels"] for f in split.encoded.features]
+        train_ids = [f["labels"] for f in train.encoded.features]
         result = metrics.classification_scores(gold, predictions, len(labels), train_ids)
     if split.encoded.truncated:
         result["truncated"] = split.encoded.truncated
@@ -289,43 +302,78 @@ def run(opt: FinetuneOptions) -> dict[str, Any]:
         raise FinetuneError("--precision bf16: this GPU has no bf16 support; use fp16")
 
     # Data first: a wrong column should fail in a second, not after loading the model.
-    train_examples = read_examples(opt, opt.train, require_labels=True)
-    train_examples = data_mod.sample(train_examples, opt.max_train_examples)
+    train_examples = data_mod.sample(read_examples(opt, opt.train, True), opt.max_train_examples)
     labels = tasks.build_labels(opt.task, train_examples)
     label2id = {label: i for i, label in enumerate(labels)}
+    read = [("train", opt.train, train_examples, True)]
     dev_examples = read_examples(opt, opt.dev, require_labels=True)
-    tasks.check_labels(opt.dev, opt.task, dev_examples, labels)
-    test_examples = read_examples(opt, opt.test, require_labels=False) if opt.test else None
-    test_labelled = bool(test_examples) and tasks.check_labels(
-        opt.test, opt.task, test_examples, labels
+    read.append(
+        ("dev", opt.dev, dev_examples, tasks.check_labels(opt.dev, opt.task, dev_examples, labels))
     )
+    if opt.test is not None:
+        test_examples = read_examples(opt, opt.test, require_labels=False)
+        labelled = tasks.check_labels(opt.test, opt.task, test_examples, labels)
+        read.append(("test", opt.test, test_examples, labelled))
 
     # Seed before the model is built: the fresh head's initialisation depends on it.
     random.seed(opt.seed)
     torch.manual_seed(opt.seed)
     tokenizer, model = load_model(opt, labels)
     model.to(device)
-    pad_id = tokenizer.pad_token_id
-
-    train = Split("train", opt.train, train_examples, None, True)  # type: ignore[arg-type]
-    train.encoded = encode(opt, train_examples, tokenizer, label2id)
-    splits = [Split("dev", opt.dev, dev_examples, encode(opt, dev_examples, tokenizer, label2id),
-                    True)]  # fmt: skip
-    if test_examples is not None:
-        encoded = encode(opt, test_examples, tokenizer, label2id)
-        splits.append(Split("test", opt.test, test_examples, encoded, test_labelled))
-    for split in (train, *splits):
-        if split.encoded.truncated:
+    splits = {}
+    for name, path, examples, labelled in read:
+        splits[name] = Split(
+            name, path, examples, encode(opt, examples, tokenizer, label2id), labelled
+        )
+        if splits[name].encoded.truncated:
             say(
-                f"{split.name}: {split.encoded.truncated} of {len(split.examples)} examples "
-                f"longer than --max-length {opt.max_length} were truncated"
+                f"{name}: {splits[name].encoded.truncated} of {len(examples)} examples longer "
+                f"than --max-length {opt.max_length} were truncated"
             )
-    if opt.task == "ner":
-        train_ids = []
-    else:
-        train_ids = [f["labels"] for f in train.encoded.features]
 
-    # Optimiser and schedule: linear warm-up to lr, then linear decay to 0.
+    best, history, steps, steps_per_epoch = train_loop(
+        opt, model, tokenizer.pad_token_id, splits, labels, device
+    )
+    model.load_state_dict(best["state"])
+    report: dict[str, Any] = {
+        "task": opt.task,
+        "model": str(opt.model),
+        "primary_metric": PRIMARY_METRIC[opt.task],
+        "labels": labels,
+        "train_examples": len(train_examples),
+        "best_step": best["step"],
+        "steps": steps,
+        "epochs_run": round(steps / steps_per_epoch, 3),
+        "dev": best["dev"],
+    }
+    test_predictions = None
+    if "test" in splits:
+        test = splits["test"]
+        test_predictions = predict(model, test, opt, tokenizer.pad_token_id, device)
+        if test.labelled:
+            report["test"] = score(opt, test, test_predictions, labels, splits["train"])
+        else:
+            report["test"] = {"examples": len(test.examples), "labelled": False}
+    report.update(
+        seconds=round(time.perf_counter() - started, 1),
+        device=device.type,
+        precision=opt.precision,
+        out=str(out),
+    )
+    metrics_file = {**report, "options": _jsonable(asdict(opt)), "history": history}
+    save(model, tokenizer, out, metrics_file, splits.get("test"), test_predictions, labels, opt)
+    return report
+
+
+def train_loop(opt, model, pad_id: int, splits: dict[str, Split], labels, device):
+    """AdamW + linear warm-up/decay; evaluates on dev and keeps the best weights (on the CPU).
+
+    Returns (best, history, steps taken, steps per epoch); best["state"] is the state dict
+    of the best dev evaluation.
+    """
+    from tqdm.auto import tqdm
+
+    train, dev = splits["train"], splits["dev"]
     steps_per_epoch = math.ceil(len(train.examples) / opt.batch_size)
     total_steps = max(1, math.ceil(opt.epochs * steps_per_epoch))
     warmup = int(opt.warmup_ratio * total_steps)
@@ -336,37 +384,34 @@ def run(opt: FinetuneOptions) -> dict[str, Any]:
         {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(0.9, 0.999), eps=1e-8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: step / max(1, warmup)
-        if step < warmup
-        else max(0.0, (total_steps - step) / max(1, total_steps - warmup)),
-    )
+
+    def lr_factor(step: int) -> float:  # linear warm-up to lr, then linear decay to 0
+        if step < warmup:
+            return step / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=opt.precision == "fp16")
     primary = PRIMARY_METRIC[opt.task]
+    sizes = " / ".join(f"{len(s.examples)} {name}" for name, s in splits.items())
     say(
-        f"{opt.task}: {len(train.examples)} train / {len(dev_examples)} dev"
-        + (f" / {len(test_examples)} test" if test_examples is not None else "")
-        + f" examples, {len(labels)} labels; {total_steps} steps ({opt.epochs:g} epochs of "
-        f"{steps_per_epoch}), batch {opt.batch_size}, lr {opt.lr:g}, warm-up {warmup} steps, "
-        f"{device.type} {opt.precision}; early stopping on dev {primary}"
+        f"{opt.task}: {sizes} examples, {len(labels)} labels; {total_steps} steps "
+        f"({opt.epochs:g} epochs of {steps_per_epoch}), batch {opt.batch_size}, lr {opt.lr:g}, "
+        f"warm-up {warmup} steps, {device.type} {opt.precision}; early stopping on dev {primary}"
         + (f" (patience {opt.patience} evaluations)" if opt.patience else " (off)")
     )
 
-    from tqdm.auto import tqdm
-
     generator = torch.Generator().manual_seed(opt.seed)
     best: dict[str, Any] = {"score": -math.inf, "step": 0, "state": None, "dev": None}
+    history: list[dict[str, Any]] = []
     evals_without_gain = 0
-    history = []
     step = 0
-    stop = False
-    model.train()
+    running, count = 0.0, 0
     disable = None if opt.progress is None else not opt.progress  # None: only on a terminal
     bar = tqdm(total=total_steps, disable=disable, desc="fine-tune", unit="step", file=sys.stderr)
-    while step < total_steps and not stop:
+    model.train()
+    while step < total_steps:
         order = torch.randperm(len(train.examples), generator=generator).tolist()
-        running, count = 0.0, 0
         for _, batch in batches(train.encoded.features, order, opt.batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, opt.precision):
@@ -379,82 +424,65 @@ def run(opt: FinetuneOptions) -> dict[str, Any]:
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            running += loss.item()  # a sync per step; negligible next to a CPU step
+            running += loss.item()  # a device→host sync per step; small next to a CPU step
             count += 1
             bar.update(1)
-            if step % eval_every == 0 or step == total_steps:
-                predictions = predict(model, splits[0], opt.batch_size, pad_id, device,
-                                      opt.precision)  # fmt: skip
-                dev = score(opt, splits[0], predictions, labels, train_ids)
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
-                          "train_loss": running / count, "dev": dev}  # fmt: skip
-                history.append(record)
-                running, count = 0.0, 0
-                improved = dev[primary] > best["score"]
-                say(
-                    f"step {step}/{total_steps} (epoch {record['epoch']:g}): train loss "
-                    f"{record['train_loss']:.4f}, dev {primary} {dev[primary]:.4f}"
-                    + (" (best)" if improved else "")
-                )
-                if improved:
-                    best = {"score": dev[primary], "step": step, "dev": dev,
-                            "state": {k: v.detach().to("cpu", copy=True)
-                                      for k, v in model.state_dict().items()}}  # fmt: skip
-                    evals_without_gain = 0
-                else:
-                    evals_without_gain += 1
-                    if opt.patience and evals_without_gain >= opt.patience:
-                        say(f"early stop: no better dev {primary} in {opt.patience} evaluations")
-                        stop = True
-                        break
+            if step % eval_every and step < total_steps:
+                continue
+            dev_scores = score(opt, dev, predict(model, dev, opt, pad_id, device), labels, train)
+            record = {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 3),
+                "train_loss": running / count,
+                "dev": dev_scores,
+            }
+            history.append(record)
+            running, count = 0.0, 0
+            improved = dev_scores[primary] > best["score"]
+            say(
+                f"step {step}/{total_steps} (epoch {record['epoch']:g}): train loss "
+                f"{record['train_loss']:.4f}, dev {primary} {dev_scores[primary]:.4f}"
+                + (" (best)" if improved else "")
+            )
+            if improved:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best = {
+                    "score": dev_scores[primary],
+                    "step": step,
+                    "dev": dev_scores,
+                    "state": state,
+                }
+                evals_without_gain = 0
+            else:
+                evals_without_gain += 1
+                if opt.patience and evals_without_gain >= opt.patience:
+                    say(f"early stop: no better dev {primary} in {opt.patience} evaluations")
+                    total_steps = step  # ends both loops
             if step >= total_steps:
                 break
     bar.close()
-
-    model.load_state_dict(best["state"])
-    report: dict[str, Any] = {
-        "task": opt.task,
-        "model": str(opt.model),
-        "primary_metric": primary,
-        "labels": labels,
-        "train_examples": len(train.examples),
-        "best_step": best["step"],
-        "steps": step,
-        "epochs_run": round(step / steps_per_epoch, 3),
-        "dev": best["dev"],
-    }
-    if len(splits) > 1:
-        test = splits[1]
-        predictions = predict(model, test, opt.batch_size, pad_id, device, opt.precision)
-        if test.labelled:
-            report["test"] = score(opt, test, predictions, labels, train_ids)
-        else:
-            report["test"] = {"examples": len(test.examples), "labelled": False}
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    report["device"] = device.type
-    report["precision"] = opt.precision
-    report["out"] = str(out)
-    save(model, tokenizer, out, report, history, opt, splits, predictions if len(splits) > 1
-         else None, labels)  # fmt: skip
-    return report
+    return best, history, step, steps_per_epoch
 
 
-def save(model, tokenizer, out: Path, report, history, opt, splits, test_predictions, labels):
-    """safetensors weights + config + tokenizer + metrics.json, written to a temp dir first."""
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+
+
+def save(model, tokenizer, out: Path, metrics_file, test, test_predictions, labels, opt) -> None:
+    """safetensors weights + config + tokenizer + metrics.json (+ test predictions), written
+    to a temporary directory and renamed, so `out` never holds half a model."""
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     try:
         model.save_pretrained(temp)  # safetensors by default
         tokenizer.save_pretrained(temp)
-        options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opt).items()}
-        body = {**report, "options": options, "history": history}
-        (temp / METRICS_FILE).write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-        if test_predictions is not None:
-            write_predictions(temp / "test_predictions.jsonl", opt, splits[1], test_predictions,
-                              labels)  # fmt: skip
+        text = json.dumps(metrics_file, indent=1, ensure_ascii=False) + "\n"
+        (temp / METRICS_FILE).write_text(text, encoding="utf-8")
+        if test is not None:
+            write_predictions(temp / "test_predictions.jsonl", opt, test, test_predictions, labels)
         if out.exists():
-            shutil.rmtree(out)  # output_dir() made sure it is an earlier run (and --force)
+            shutil.rmtree(out)  # output_dir() made sure it is an earlier run and --force
         os.replace(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -462,6 +490,7 @@ def save(model, tokenizer, out: Path, report, history, opt, splits, test_predict
 
 
 def write_predictions(path: Path, opt, split: Split, predictions: list, labels: list[str]):
+    """One JSON line per example: its text (or tokens) and the predicted label (or tags)."""
     id2label = dict(enumerate(labels))
     with open(path, "w", encoding="utf-8") as handle:
         if opt.task == "ner":
@@ -475,6 +504,3 @@ def write_predictions(path: Path, opt, split: Split, predictions: list, labels: 
                 if ex.text_b is not None:
                     line["text_b"] = ex.text_b
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-
-
-__all__ = ["DataError", "FinetuneError", "FinetuneOptions", "run"]
