@@ -26,6 +26,7 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.40"],
+        "finetune": ["transformers>=4.40"],
         "ja": ["fugashi>=1.3", "unidic-lite>=1.0.8"],
         "mpi": ["mpi4py>=3.1"],
         "tensorboard": ["tensorboard>=2.10"],
@@ -40,6 +41,7 @@ setup(
             "zstandard>=0.22",
             "fugashi>=1.3",
             "unidic-lite>=1.0.8",
+            "seqeval>=1.2",
         ],
     },
     entry_points={
@@ -48,6 +50,7 @@ setup(
             "bert-train=pretrain.__main__:main",
             "bert-export=pretrain.export_hf:main",
             "bert-launch=launch.cli:main",
+            "bert-finetune=pretrain.finetune.cli:main",
         ]
     },
 )
