@@ -13,8 +13,9 @@ NFKC would also fold ligatures and superscripts, which the tokenizer handles); l
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import asdict, dataclass
+
+from tokenizers.normalizers import NFKC
 
 from data_prep.errors import PrepError
 
@@ -30,6 +31,9 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newline
 _SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")
 _BLANK_RUNS = re.compile(r"\n{3,}")
+# The tokenizers library's NFKC: the same result as unicodedata.normalize on the shared
+# corpora and 2.5x faster, which is 5% of Japanese encode time (docs/benchmarks.md).
+_NFKC = NFKC()
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ def clean_text(text: str, cfg: CleanConfig, lang: str) -> str:
     if cfg.remove_control:
         text = _CONTROL.sub("", text)
     if cfg.nfkc == "on" or (cfg.nfkc == "auto" and lang == "ja"):
-        text = unicodedata.normalize("NFKC", text)
+        text = _NFKC.normalize_str(text)
     if cfg.fold_whitespace:
         # Spaces/tabs (and NBSP, ideographic space ...) → one space; line ends trimmed; at
         # most one blank line in a row, so paragraph breaks survive.
