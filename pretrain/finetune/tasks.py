@@ -90,7 +90,11 @@ def encode_text(
     texts = [ex.text for ex in examples]
     texts_b = [ex.text_b for ex in examples] if examples[0].text_b is not None else None
     full = tokenizer(texts, texts_b, truncation=False)["input_ids"]
-    enc = tokenizer(texts, texts_b, truncation=True, max_length=max_length)
+    # Asked for explicitly: some tokenizers (BertJapaneseTokenizer configs without
+    # model_input_names) leave segment ids out, and pairs would all read as segment 0.
+    enc = tokenizer(
+        texts, texts_b, truncation=True, max_length=max_length, return_token_type_ids=True
+    )
     features = []
     for i, ex in enumerate(examples):
         feature = {
@@ -121,7 +125,13 @@ def encode_tokens(
 
 def _encode_tokens_fast(examples, tokenizer, label2id, max_length) -> Encoded:
     words = [list(ex.tokens) for ex in examples]
-    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    enc = tokenizer(
+        words,
+        is_split_into_words=True,
+        truncation=True,
+        max_length=max_length,
+        return_token_type_ids=True,
+    )
     encoded = Encoded([])
     for i, ex in enumerate(examples):
         starts: list[int | None] = [None] * len(ex.tokens)

@@ -221,6 +221,7 @@ def test_pair_inputs_carry_segment_ids(export):
         ("foreign_out", "not an earlier bert-finetune output"),
         ("incomplete_model", "1 encoder weights are missing .*output.dense.weight"),
         ("bad_config", "cannot read .*config.json"),
+        ("no_cuda", "--device cuda: CUDA is not available here"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(case, message, export, tmp_path, capsys):
@@ -256,6 +257,10 @@ def test_user_errors_are_one_line_exit_2(case, message, export, tmp_path, capsys
             tensors = load_file(str(weights))
             del tensors["bert.encoder.layer.0.output.dense.weight"]
             save_file(tensors, str(weights), metadata={"format": "pt"})
+    elif case == "no_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        extra = ["--device", "cuda"]
     elif case == "foreign_out":
         (tmp_path / "busy").mkdir()
         (tmp_path / "busy" / "notes.txt").write_text("mine")

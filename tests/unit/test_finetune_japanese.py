@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 
@@ -47,7 +48,7 @@ def sentences() -> list[str]:
     return [s for s in parts if 8 <= len(s) <= 60][:200]
 
 
-def test_mecab_export_loads_as_bert_japanese_tokenizer(mecab_export):
+def test_mecab_export_loads_as_bert_japanese_tokenizer(mecab_export, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(mecab_export)
     assert type(tokenizer).__name__ == "BertJapaneseTokenizer"
     assert tokenizer.word_tokenizer_type == "mecab" and not tokenizer.is_fast
@@ -55,6 +56,15 @@ def test_mecab_export_loads_as_bert_japanese_tokenizer(mecab_export):
     text = "ある日の暮方の事である。一人の下人が、羅生門の下で雨やみを待っていた。"
     assert tokenizer.word_tokenizer.tokenize(text) == mecab_segmenter()(text).split()
 
+    # Segment ids even from a config without model_input_names (e.g. an older Tohoku-style
+    # tokenizer_config.json), where the tokenizer leaves them out unless asked.
+    bare = tmp_path / "bare"
+    shutil.copytree(mecab_export, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("model_input_names", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bare)
+    assert "token_type_ids" not in tokenizer("雨が降る。", "下人が待つ。")
     pair = tasks.encode_text(
         [TextExample("雨が降る。", "下人が待つ。", "x")], tokenizer, {"x": 0}, 32
     )
