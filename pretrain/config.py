@@ -114,6 +114,9 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full"] = "none"
     walltime_s: float | None = None
     """Checkpoint and exit with code 75 this long after start (for schedulers with no signal)."""
+    comm_stats: bool = False
+    """Count the bytes every collective moves and log them per step (`comm_bytes` in
+    metrics.jsonl, by group and kind); costs a Python call per operator, so off by default."""
     device: str = "auto"
     """auto = cuda:<local_rank> when CUDA is available, else cpu."""
 

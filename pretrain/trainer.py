@@ -6,8 +6,10 @@ Run it with `bert-train --config configs/tiny.yaml data.path=... train.steps=200
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,7 @@ from pretrain.model import (
 )
 from pretrain.objectives import LossOutput, pretraining_loss
 from pretrain.optim import build_param_groups, clip_grad_norm_, lr_at, optimizer_for_groups, set_lr
+from pretrain.parallel.comm_stats import CommCounter, analytic_bytes, lamb_tensors
 from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout, tp_grad_norm_fn
 from pretrain.parallel.zero import ZeroRedundancy
 from pretrain.precision import DynamicLossScaler, autocast_context
@@ -284,7 +287,22 @@ def _train(
         say(f"checkpoint written: {path}")
         result.checkpoint = path
 
-    interval = _Interval()
+    # The collectives of each training step (not logging or evaluation) are counted on request.
+    comm = None
+    if config.train.comm_stats:
+        comm = CommCounter({"tp": dims.tp_group, "dp": dims.dp_group})
+        comm.minimum = partial(
+            analytic_bytes,
+            shape,
+            tp=dims.tp_size,
+            dp=dims.dp_size,
+            local_params=sum(p.numel() for p in params),
+            optimizer_tensors=lamb_tensors(optimizer),
+            zero=bool(config.parallel.zero),
+            autocast_bytes=4 if config.train.precision == "fp32" else 2,
+        )
+    counting = comm if comm is not None else nullcontext()
+    interval = _Interval(comm)
     loss_step.train()
     while step < config.train.steps:
         lr = lr_at(
@@ -298,20 +316,21 @@ def _train(
         )
         set_lr(optimizer, lr)
         step_loss = 0.0
-        for micro in range(accumulation):
-            batch = _to_device(next(batches), device)
-            last = micro == accumulation - 1
-            sync = nullcontext() if last or dims.dp_size == 1 else loss_step.no_sync()
-            with sync:
-                with autocast_context(config.train.precision, device.type):
-                    out = loss_step(batch)
-                scaler.scale_loss(out.loss / accumulation).backward()
-            step_loss += float(out.loss.detach()) / accumulation  # CPU-GPU sync point
-            interval.add(out, int(batch["attention_mask"].sum()))
-        found_inf = scaler.unscale_and_check(params)
-        grad_norm = clip_grad_norm_(params, config.optim.clip_grad, norm_fn=grad_norm_fn)
-        if not found_inf:
-            optimizer.step()
+        with counting:
+            for micro in range(accumulation):
+                batch = _to_device(next(batches), device)
+                last = micro == accumulation - 1
+                sync = nullcontext() if last or dims.dp_size == 1 else loss_step.no_sync()
+                with sync:
+                    with autocast_context(config.train.precision, device.type):
+                        out = loss_step(batch)
+                    scaler.scale_loss(out.loss / accumulation).backward()
+                step_loss += float(out.loss.detach()) / accumulation  # CPU-GPU sync point
+                interval.add(out, int(batch["attention_mask"].sum()), batch["input_ids"].numel())
+            found_inf = scaler.unscale_and_check(params)
+            grad_norm = clip_grad_norm_(params, config.optim.clip_grad, norm_fn=grad_norm_fn)
+            if not found_inf:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_scale = scaler.scale
         scaler.update(found_inf)
@@ -326,7 +345,7 @@ def _train(
             metrics.write(record)
             result.history.append(record)
             say(format_line(record))
-            interval = _Interval()
+            interval = _Interval(comm)
         if held_out and (step % config.train.eval_every == 0 or step == config.train.steps):
             shard = held_out[dims.dp_rank :: dims.dp_size]
             record = {"split": "valid", "step": step, **evaluate(model, shard, config, dims)}
@@ -357,22 +376,26 @@ def _quiet(message: str) -> None:
 class _Interval:
     """Accumulates one logging interval's statistics."""
 
-    def __init__(self) -> None:
+    def __init__(self, comm: CommCounter | None = None) -> None:
         self.start = time.perf_counter()
+        self.comm = comm
+        self.comm_before = Counter(comm.bytes) if comm is not None else Counter()
         self.losses: list[float] = []
         self.masked_loss = 0.0
         self.correct = 0.0
         self.masked = 0.0
         self.tokens = 0
         self.scored = 0
+        self.encoded = 0
         self.skipped = False
 
-    def add(self, out: Any, tokens: int) -> None:
+    def add(self, out: Any, tokens: int, encoded: int) -> None:
         self.masked_loss += float(out.masked_loss_sum)
         self.correct += float(out.masked_correct)
         self.masked += float(out.masked_count)
         self.tokens += tokens
         self.scored += out.scored_count
+        self.encoded += encoded
 
     def end_step(self, loss: float, skipped: bool) -> None:
         self.losses.append(loss)
@@ -417,6 +440,12 @@ class _Interval:
             "tflops": flops / elapsed / dims.world_size / 1e12,  # per device
             "elapsed_s": elapsed,
         }
+        if self.comm is not None:
+            moved = self.comm.bytes - self.comm_before
+            steps = len(self.losses)
+            record["comm_bytes"] = {k: v // steps for k, v in sorted(moved.items())}
+            minimum = self.comm.minimum(encoded=self.encoded, scored=self.scored)
+            record["comm_bytes_min"] = {k: v // steps for k, v in sorted(minimum.items())}
         if self.skipped:
             record["skipped"] = True
         return record

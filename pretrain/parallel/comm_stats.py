@@ -1,0 +1,132 @@
+"""Communication accounting: the bytes each collective moves, by process group and kind.
+
+`CommCounter` is a dispatch mode that sees every c10d collective issued while it is active —
+ours (tp mappings, vocabulary-parallel cross-entropy, LAMB's norms, ZeRO-1's broadcasts) and
+DDP's bucketed gradient all-reduce alike — so nothing has to be instrumented by hand and
+nothing can be forgotten. It costs a Python call per operator, so the trainer turns it on only
+with `train.comm_stats=true`.
+
+Bytes are payload bytes: the tensor of an all-reduce or broadcast, the gathered result of an
+all-gather, the input of a reduce-scatter. (A ring algorithm puts 2(p-1)/p of an all-reduce's
+payload on each rank's link, (p-1)/p of the others'.) `analytic_bytes` is the minimum the
+configuration needs, which the benchmark compares the measurement with.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pretrain.config import ModelShape
+
+# c10d operator -> (kind, position of the process group, position of the counted tensor(s)).
+_COLLECTIVES: dict[str, tuple[str, int, int]] = {
+    "allreduce_": ("all_reduce", 1, 0),
+    "allreduce_coalesced_": ("all_reduce", 1, 0),
+    "broadcast_": ("broadcast", 1, 0),
+    "allgather_": ("all_gather", 2, 0),
+    "_allgather_base_": ("all_gather", 2, 0),
+    "allgather_into_tensor_coalesced_": ("all_gather", 2, 0),
+    "reduce_scatter_": ("reduce_scatter", 2, 1),
+    "_reduce_scatter_base_": ("reduce_scatter", 2, 1),
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 2, 1),
+}
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+class CommCounter(TorchDispatchMode):
+    """Counts calls and payload bytes per "group.kind" (e.g. "tp.all_reduce") while active.
+
+    `groups` names the process groups ({"tp": group, "dp": group}); the default world group is
+    "world" and any other group "other".
+    """
+
+    minimum: Callable[..., dict[str, int]] | None = None
+    """Set by the trainer: the analytic minimum for a step, given its encoded/scored positions."""
+
+    def __init__(self, groups: dict[str, dist.ProcessGroup | None]) -> None:
+        super().__init__()
+        self.names = {g.group_name: name for name, g in groups.items() if g is not None}
+        if dist.is_initialized():
+            self.names.setdefault(dist.group.WORLD.group_name, "world")
+        self.bytes: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "c10d" and func.__name__.split(".")[0] in _COLLECTIVES:
+            kind, group_at, tensor_at = _COLLECTIVES[func.__name__.split(".")[0]]
+            group = dist.ProcessGroup.unbox(args[group_at])
+            key = f"{self.names.get(group.group_name, 'other')}.{kind}"
+            self.bytes[key] += _nbytes(args[tensor_at])
+            self.calls[key] += 1
+        return func(*args, **kwargs)
+
+
+def analytic_bytes(
+    shape: ModelShape,
+    *,
+    encoded: int,
+    scored: int,
+    tp: int,
+    dp: int,
+    local_params: int,
+    optimizer_tensors: int,
+    zero: bool,
+    autocast_bytes: int = 4,
+) -> dict[str, int]:
+    """The minimum payload per optimizer step on one rank, by "group.kind".
+
+    encoded: positions this rank runs through the encoder in the step (micro-batches × b × s);
+    scored: positions whose logits it computes (every non-special position in dense MLM, the
+    picked ones in sparse MLM); local_params: parameters this rank holds (its tp shard);
+    optimizer_tensors: parameter tensors its LAMB updates (0 for AdamW; with ZeRO-1 only the
+    ones it owns); autocast_bytes: 2 when matmuls run under bf16/fp16 autocast.
+
+    TP, per layer: the row-parallel attention-out and MLP-out all-reduce [encoded, h] in
+    forward (in the autocast dtype), and the column-parallel QKV and MLP-in inputs all-reduce
+    their fp32 gradient in backward. The vocabulary-parallel embedding all-reduces its
+    output; the vocabulary-parallel decoder all-reduces its input's gradient (the MLM
+    transform's output, in the autocast dtype); the
+    cross-entropy all-reduces three fp32 numbers per scored row (max, sum of exponentials,
+    target logit) and all-gathers each rank's best logit (fp32) and its index (int64) for
+    accuracy. LAMB all-reduces two fp32 norms per tensor (whole-parameter trust ratios) and
+    the global gradient norm (logged, and clipped to) one fp32 square.
+    DP: the fp32 gradients once (DDP), and with ZeRO-1 the updated parameters (one broadcast
+    per owner).
+    """
+    h = shape.hidden
+    out: dict[str, int] = {}
+    if tp > 1:
+        encoder = 2 * shape.layers * encoded * h * (autocast_bytes + 4)
+        embedding = encoded * h * 4
+        decoder = scored * h * autocast_bytes
+        cross_entropy = 3 * scored * 4
+        norms = 2 * optimizer_tensors * 4 + 4
+        out["tp.all_reduce"] = encoder + embedding + decoder + cross_entropy + norms
+        out["tp.all_gather"] = scored * (4 + 8) * tp
+    if dp > 1:
+        out["dp.all_reduce"] = local_params * 4
+        if zero:
+            out["dp.broadcast"] = local_params * 4
+    return out
+
+
+def lamb_tensors(optimizer: Any) -> int:
+    """Parameter tensors whose LAMB trust ratios this rank all-reduces over tp (0 for AdamW)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeroRedundancy wraps this rank's share
+    if type(inner).__name__ != "Lamb":
+        return 0
+    return sum(len(group["params"]) for group in inner.param_groups)
