@@ -197,7 +197,8 @@ def test_mecab_wordpiece_is_what_bert_japanese_tokenizer_computes(tmp_path: Path
     corpus = CORPUS_DIR / "akutagawa.txt"
     head = tmp_path / "train.txt"
     text = corpus.read_text(encoding="utf-8")
-    head.write_text(text[:100_000], encoding="utf-8")
+    cut = len(text) * 4 // 5  # the rest is held out when the shared data is absent
+    head.write_text(text[:cut], encoding="utf-8")
     tok_dir = train_tokenizer([head], tmp_path / "tok", "wordpiece", 3000, pretokenize="mecab")
     config = json.loads((tok_dir / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "BertJapaneseTokenizer"
@@ -214,7 +215,7 @@ def test_mecab_wordpiece_is_what_bert_japanese_tokenizer_computes(tmp_path: Path
         docs = iter_documents([livedoor], text_field="body")
         held_out.write_text("\n\n".join(next(docs) for _ in range(40)), encoding="utf-8")
     else:
-        held_out.write_text(text[100_000:], encoding="utf-8")
+        held_out.write_text(text[cut:], encoding="utf-8")
     sentences = _sentences(held_out, "ja", 300) + ["ガラスのカラスがパンを食べた。ｶﾞｷﾞ！"]
     hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     assert type(hf).__name__ == "BertJapaneseTokenizer"
