@@ -7,6 +7,8 @@ and 18 fine-tuning runs (about 22 CPU minutes in all, 1 thread):
     .venv/bin/python -m bench.finetune_downstream
     .venv/bin/python -m bench.finetune_downstream --stage pretrain     # only the three exports
     .venv/bin/python -m bench.finetune_downstream --reuse              # keep stored results
+    .venv/bin/python -m bench.finetune_downstream --stage export --export-step 8000 --cache C
+                                                  # export step 8000 of the runs in C/runs/
 
 Three exports of the same model shape (configs/tiny.yaml: 2 layers, hidden 128, 2 heads,
 seq 128) and tokenizer (8000-piece uncased WordPiece trained on the shared English corpus,
@@ -30,6 +32,10 @@ and the table reports mean ± sample standard deviation over the seeds, with the
 With several fine-tuning learning rates (--lrs 1e-3,3e-4), each variant is scored at the rate
 with the best mean dev score over the seeds (the usual BERT protocol: a pre-trained model
 usually wants a smaller rate than a randomly initialised one); every rate's row is printed too.
+A long pre-training (a bert-train run with the same settings and `checkpoint.every`, stopped
+and resumed as often as needed) is read out at any stored step with `--stage export
+--export-step N`: it exports CACHE/runs/NAME/checkpoints/step_N of each pre-trained variant and
+takes the held-out eval at that step from the run's metrics.jsonl.
 Results go to CACHE/results.json (default runs/bench/finetune); printed as Markdown tables.
 """
 
@@ -109,6 +115,33 @@ def pretrain(name: str, data_dir: Path, cache: Path, steps: int, seed: int) -> d
         "masked_loss": final.get("masked_loss"),
         "mlm_acc": final.get("mlm_acc"),
         "seconds": time.perf_counter() - start,
+        "export": str(export),
+    }
+
+
+def export_step(name: str, cache: Path, step: int) -> dict[str, Any]:
+    """Export step `step` of the stored run CACHE/runs/NAME, with its held-out eval."""
+    from pretrain import export_hf
+
+    run_dir = cache / "runs" / name
+    checkpoint = run_dir / "checkpoints" / f"step_{step:06d}"
+    if not checkpoint.is_dir():
+        raise SystemExit(f"{name}: no checkpoint {checkpoint}")
+    evals = [
+        row
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        if (row := json.loads(line)).get("split") == "valid" and row["step"] == step
+    ]
+    if not evals:
+        raise SystemExit(f"{name}: {run_dir}/metrics.jsonl has no held-out eval at step {step}")
+    export = cache / "exports" / name
+    log(f"export {checkpoint} -> {export}")
+    export_hf.export_checkpoint(checkpoint, export, force=True)
+    return {
+        "overrides": ["(stored run)"],
+        "steps": step,
+        "masked_loss": evals[-1]["masked_loss"],
+        "mlm_acc": evals[-1]["mlm_acc"],
         "export": str(export),
     }
 
@@ -193,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--stage", choices=["all", "pretrain", "finetune"], default="all")
+    parser.add_argument("--stage", choices=["all", "pretrain", "export", "finetune"], default="all")
+    parser.add_argument(
+        "--export-step", type=int, help="with --stage export: the checkpoint step to export"
+    )
     parser.add_argument("--pretrain-steps", type=int, default=600, help="default 600")
     parser.add_argument("--pretrain-seed", type=int, default=1234)
     parser.add_argument("--seeds", default="1,2,3", help="fine-tuning seeds (default 1,2,3)")
@@ -259,17 +295,29 @@ def main(argv: list[str] | None = None) -> int:
             )
             mine["pretrain"].add(name)
             save()
+    if args.stage == "export":
+        if args.export_step is None:
+            parser.error("--stage export needs --export-step")
+        for name in variants:
+            if name != "random":
+                results["pretrain"][name] = export_step(name, args.cache, args.export_step)
+                mine["pretrain"].add(name)
+                save()
     if args.stage in ("all", "finetune"):
         for task in tasks:
             for name in variants:
                 export = Path(results["pretrain"][name]["export"])
+                steps = results["pretrain"][name]["steps"]
                 for lr in lrs:
                     for seed in seeds:
                         key = run_key(name, task, seed, lr)
-                        if args.reuse and key in results["finetune"]:
+                        stored = results["finetune"].get(key)
+                        # Runs stored before an export of another step are redone.
+                        if args.reuse and stored and stored.get("pretrain_steps", steps) == steps:
                             continue
                         log(f"fine-tune {key}")
                         results["finetune"][key] = finetune(export, task, seed, lr, args)
+                        results["finetune"][key]["pretrain_steps"] = steps
                         mine["finetune"].add(key)
                         log(f"  {results['finetune'][key]['dev']}")
                         save()
