@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -243,3 +245,39 @@ def test_blending_datasets_of_different_tokenizers_is_refused(
                        f"train.out_dir={tmp_path / 'run'}")  # fmt: skip
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_to_the_process_group_checkpoints(small_dataset, tmp_path, signum):
+    """Slurm's time limit (and `--signal=USR1` without B:) signals every process of the step,
+    data-loader workers included: the run must still checkpoint and exit 75, not crash because
+    a worker died first."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "pretrain", "--config", str(REPO / "configs" / "tiny.yaml"),
+               *TINY, f"data.path={small_dataset}", f"train.out_dir={out}", "train.steps=100000",
+               "data.workers=2", "checkpoint.every=100000"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signum)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_RESUBMIT, output
+    assert f"received {signal.Signals(signum).name}" in output
+    assert "Traceback" not in output
+    last = max(m["step"] for m in _metrics(out) if "split" not in m)
+    assert (out / "checkpoints" / f"step_{last:06d}").is_dir()
