@@ -11,19 +11,6 @@ import signal
 import time
 
 EXIT_RESUBMIT = 75  # "checkpointed and stopped on request; resubmit to continue"
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """For helper processes (data-loader workers): leave stop signals to the trainer.
-
-    Slurm's time limit, `--signal` without `B:` and a terminal's process-group kill reach every
-    process of the job, and by default they kill a worker at once; the trainer would then die
-    on the lost worker instead of checkpointing. Workers still exit when the trainer shuts
-    them down or dies.
-    """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopRequest:
@@ -33,7 +20,7 @@ class StopRequest:
         self.signal_name: str | None = None
 
     def install(self) -> None:
-        for sig in STOP_SIGNALS:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:

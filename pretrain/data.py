@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_prep.shard_format import IndexedDataset
 from data_prep.tokenizer import continuation_mask
-from launch.signals import ignore_stop_signals
 from pretrain.blend import blend_index, parse_blend_spec
 from pretrain.config import ConfigError, MLMConfig
 from pretrain.objectives import IGNORE, mask_tokens
@@ -266,7 +265,6 @@ def build_loader(data: PretrainingData, sampler: Sampler[list[int]], workers: in
         num_workers=workers,
         collate_fn=_Collate(data.seq_len),
         persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(data.seed),
     )
 
