@@ -30,6 +30,7 @@ CONFIG = REPO / "configs" / "tiny.yaml"
 CORPUS = REPO.parent / "shared" / "data" / "gutenberg-en" / "clean_all.txt.gz"
 SEED = 1
 VALID_FRACTION = 0.08
+MLM = ["mlm.mode=sparse", "mlm.mask_rate=0.15"]  # both sides draw their batches with these
 
 
 def ours(data_dir: Path, out_dir: Path, steps: int, eval_every: int) -> dict[int, tuple]:
@@ -49,8 +50,7 @@ def ours(data_dir: Path, out_dir: Path, steps: int, eval_every: int) -> dict[int
             f"train.out_dir={out_dir}",
             f"checkpoint.every={steps}",
             "checkpoint.keep=1",
-            "mlm.mode=sparse",
-            "mlm.mask_rate=0.15",
+            *MLM,
             "optim.name=adamw",
             "optim.lr=1e-3",
             f"optim.warmup_steps={steps // 10}",
@@ -70,7 +70,7 @@ def reference(data_dir: Path, steps: int, eval_every: int) -> dict[int, tuple]:
     from pretrain.config import load_config, resolve_model_shape
     from pretrain.data import StreamBatches, build_loader, eval_batches, open_training_data
 
-    config = load_config(CONFIG, [f"data.path={data_dir}", "mlm.mode=sparse"])
+    config = load_config(CONFIG, [f"data.path={data_dir}", *MLM])
     data = open_training_data(
         str(data_dir), None, config.data.seq_len, VALID_FRACTION, config.mlm, SEED
     )
