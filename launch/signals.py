@@ -7,10 +7,34 @@ checks it between steps, writes a checkpoint and exits with EXIT_RESUBMIT.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 
 EXIT_RESUBMIT = 75  # "checkpointed and stopped on request; resubmit to continue"
+STOP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
+
+
+def leave_stop_signals_to_the_trainer(_worker_id: int = 0) -> None:
+    """For data-loader workers (their `worker_init_fn`): survive a stop signal meant for the job.
+
+    `scancel`, a preemption, `qdel` and a terminal's process-group kill send SIGTERM to every
+    process of the job, workers included. By default a worker dies of it at once and the
+    trainer then fails on the lost worker instead of checkpointing. Here a thread takes the
+    stop signals instead: a SIGTERM from the trainer itself (multiprocessing's `terminate()`,
+    used to shut workers down) still ends the worker, as torch's own handler does; any other
+    sender is left to the trainer, which got the same signal and will stop the worker.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_take_stop_signals, args=(os.getppid(),), daemon=True).start()
+
+
+def _take_stop_signals(trainer_pid: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == trainer_pid:
+            os._exit(0)
 
 
 class StopRequest:
@@ -20,7 +44,7 @@ class StopRequest:
         self.signal_name: str | None = None
 
     def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_prep.shard_format import IndexedDataset
 from data_prep.tokenizer import continuation_mask
+from launch.signals import leave_stop_signals_to_the_trainer
 from pretrain.blend import blend_index, parse_blend_spec
 from pretrain.config import ConfigError, MLMConfig
 from pretrain.objectives import IGNORE, mask_tokens
@@ -265,6 +266,7 @@ def build_loader(data: PretrainingData, sampler: Sampler[list[int]], workers: in
         num_workers=workers,
         collate_fn=_Collate(data.seq_len),
         persistent_workers=workers > 0,
+        worker_init_fn=leave_stop_signals_to_the_trainer,
         generator=torch.Generator().manual_seed(data.seed),
     )
 

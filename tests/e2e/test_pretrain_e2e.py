@@ -247,11 +247,11 @@ def test_blending_datasets_of_different_tokenizers_is_refused(
     assert "Traceback" not in proc.stderr
 
 
-def test_warning_signal_to_the_process_group_checkpoints(small_dataset, tmp_path):
-    """Slurm's `--signal=USR1@margin` without B: signals every process of the step, data-loader
-    workers included: the run must still checkpoint and exit 75 (the workers, forked after the
-    trainer installed its handler, only set their own copy of the flag)."""
-    signum = signal.SIGUSR1
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_to_the_process_group_checkpoints(small_dataset, tmp_path, signum):
+    """`scancel`, a preemption, `qdel`, Slurm's `--signal=USR1@margin` without B: and a
+    terminal's process-group kill signal every process of the job, data-loader workers
+    included: the run must still checkpoint and exit 75, not fail on a worker that died first."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "pretrain", "--config", str(REPO / "configs" / "tiny.yaml"),
                *TINY, f"data.path={small_dataset}", f"train.out_dir={out}", "train.steps=100000",
