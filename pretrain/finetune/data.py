@@ -103,6 +103,12 @@ def _read_text(path: Path) -> str:
     return text
 
 
+def _lines(text: str) -> list[str]:
+    """Lines ended by \n (or \r\n) only: str.splitlines() would also cut at U+2028, U+0085
+    and other separators that JSON strings and tokens may hold verbatim."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def read_rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict[str, object]]]]:
     """Column names and (line number, row) pairs of a TSV, CSV or JSONL file."""
     text = _read_text(path)
@@ -135,7 +141,7 @@ def read_rows(path: Path, fmt: str) -> tuple[list[str], list[tuple[int, dict[str
 def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[str, object]]]]:
     rows: list[tuple[int, dict[str, object]]] = []
     columns: dict[str, None] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -226,7 +232,7 @@ def _conll_sentences(path: Path, text: str) -> Iterator[tuple[int, list[str], li
     tokens: list[str] = []
     tags: list[str] = []
     start = 1
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("-DOCSTART-"):
             if tokens:

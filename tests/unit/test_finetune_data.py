@@ -53,6 +53,17 @@ def test_jsonl_numbers_become_label_strings(tmp_path):
     assert [e.label for e in examples] == ["3", "x"]
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028 and U+0085 verbatim (livedoor news has
+    U+2028): only \n ends a JSONL record, and CRLF files read the same."""
+    rows = [{"text": "first\u2028second\x85third", "label": "a"}, {"text": "x\x1cy", "label": "b"}]
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    for name, newline in (("lf.jsonl", "\n"), ("crlf.jsonl", "\r\n")):
+        path = write(tmp_path / name, newline.join(lines) + newline)
+        examples = data.read_text_examples(path)
+        assert examples == [TextExample(r["text"], None, r["label"]) for r in rows]
+
+
 def test_unlabelled_test_file_is_accepted_only_when_allowed(tmp_path):
     path = write(tmp_path / "test.tsv", "index\tsentence\n0\tfoo\n")
     assert data.read_text_examples(path, require_labels=False) == [TextExample("foo")]
