@@ -131,22 +131,10 @@ def livedoor_split(cache: Path) -> Path:
 
 def prepare_ja(cache: Path, vocab_size: int) -> Path:
     """SentencePiece tokenizer + shards of the livedoor train bodies, made once and reused."""
-    from data_prep import cli as prep_cli
+    from bench.learning_efficiency import prepare
 
     corpus = livedoor_split(cache) / "corpus.jsonl"
-    tokenizer_dir, data_dir = cache / "tokenizer", cache / "data"
-    common = ["--input", str(corpus), "--lang", "ja"]
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        log(f"training a {vocab_size}-piece SentencePiece tokenizer on {corpus}")
-        args = ["tokenizer", *common, "--out", str(tokenizer_dir), "--kind", "sentencepiece"]
-        if prep_cli.main([*args, "--vocab-size", str(vocab_size)]) != 0:
-            raise SystemExit("tokenizer training failed")
-    if not (data_dir / "manifest.json").is_file():
-        log(f"encoding {corpus} into {data_dir}")
-        args = ["encode", *common, "--tokenizer", str(tokenizer_dir), "--out", str(data_dir)]
-        if prep_cli.main([*args, "--workers", "2"]) != 0:
-            raise SystemExit("encoding failed")
-    return data_dir
+    return prepare(corpus, cache, vocab_size, ("--lang", "ja"), "sentencepiece")
 
 
 def pretrain(name: str, data_dir: Path, cache: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -89,15 +89,22 @@ def log(message: str) -> None:
     print(f"[learning-efficiency] {message}", flush=True)
 
 
-def prepare(corpus: Path, cache: Path, vocab_size: int) -> Path:
-    """Tokenizer + shards of the corpus (one document per book), made once and reused."""
+def prepare(
+    corpus: Path,
+    cache: Path,
+    vocab_size: int,
+    reader_args: tuple[str, ...] = ("--doc-sep", "formfeed", "--lang", "en"),
+    kind: str = "wordpiece",
+) -> Path:
+    """Tokenizer + shards of the corpus, made once and reused. The default reader arguments
+    take the shared Gutenberg file as one document per book."""
     from data_prep import cli as prep_cli
 
     tokenizer_dir, data_dir = cache / "tokenizer", cache / "data"
-    common = ["--input", str(corpus), "--doc-sep", "formfeed", "--lang", "en"]
+    common = ["--input", str(corpus), *reader_args]
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        log(f"training a {vocab_size}-piece WordPiece tokenizer on {corpus}")
-        args = ["tokenizer", *common, "--out", str(tokenizer_dir), "--kind", "wordpiece"]
+        log(f"training a {vocab_size}-piece {kind} tokenizer on {corpus}")
+        args = ["tokenizer", *common, "--out", str(tokenizer_dir), "--kind", kind]
         if prep_cli.main([*args, "--vocab-size", str(vocab_size)]) != 0:
             raise SystemExit("tokenizer training failed")
     if not (data_dir / "manifest.json").is_file():
