@@ -104,7 +104,7 @@ def _read_text(path: Path) -> str:
 
 
 def _lines(text: str) -> list[str]:
-    """Lines ended by \n (or \r\n) only: str.splitlines() would also cut at U+2028, U+0085
+    """Lines ended by LF (or CR LF) only: str.splitlines() would also cut at U+2028, U+0085
     and other separators that JSON strings and tokens may hold verbatim."""
     return [line.removesuffix("\r") for line in text.split("\n")]
 

@@ -55,7 +55,7 @@ def test_jsonl_numbers_become_label_strings(tmp_path):
 
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     """json.dumps(ensure_ascii=False) writes U+2028 and U+0085 verbatim (livedoor news has
-    U+2028): only \n ends a JSONL record, and CRLF files read the same."""
+    U+2028): only LF ends a JSONL record, and CRLF files read the same."""
     rows = [{"text": "first\u2028second\x85third", "label": "a"}, {"text": "x\x1cy", "label": "b"}]
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     for name, newline in (("lf.jsonl", "\n"), ("crlf.jsonl", "\r\n")):
