@@ -137,6 +137,17 @@ def prepare_ja(cache: Path, vocab_size: int) -> Path:
     return prepare(corpus, cache, vocab_size, ("--lang", "ja"), "sentencepiece")
 
 
+def recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The pre-training settings a stored export was made with (compared by --reuse)."""
+    return {
+        "seq_len": args.pretrain_seq_len,
+        "batch": args.pretrain_batch,
+        "optimizer": args.pretrain_optimizer,
+        "lr": args.pretrain_lr,
+        "seed": args.pretrain_seed,
+    }
+
+
 def pretrain(name: str, data_dir: Path, cache: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train (or for `random`, initialise) one variant and export it to CACHE/exports/NAME."""
     from pretrain import export_hf
@@ -180,6 +191,7 @@ def pretrain(name: str, data_dir: Path, cache: Path, args: argparse.Namespace) -
     final = result.evals[-1] if result.evals else {}
     return {
         "overrides": PRETRAIN_VARIANTS[name],
+        "recipe": recipe(args),
         "steps": result.step,
         "masked_loss": final.get("masked_loss"),
         "mlm_acc": final.get("mlm_acc"),
@@ -196,11 +208,12 @@ def export_step(name: str, cache: Path, step: int) -> dict[str, Any]:
     checkpoint = run_dir / "checkpoints" / f"step_{step:06d}"
     if not checkpoint.is_dir():
         raise SystemExit(f"{name}: no checkpoint {checkpoint}")
-    evals = [
-        row
-        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        if (row := json.loads(line)).get("split") == "valid" and row["step"] == step
-    ]
+    evals = []
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").split("\n"):
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a hard kill
+            row = json.loads(line)
+            if row.get("split") == "valid" and row["step"] == step:
+                evals.append(row)
     if not evals:
         raise SystemExit(f"{name}: {run_dir}/metrics.jsonl has no held-out eval at step {step}")
     export = cache / "exports" / name
@@ -396,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in variants:
             stored = results["pretrain"].get(name)
             steps = 1 if name == "random" else args.pretrain_steps
-            if args.reuse and stored and stored["steps"] == steps:
+            same = name == "random" or stored and stored.get("recipe") == recipe(args)
+            if args.reuse and stored and stored["steps"] == steps and same:
                 log(f"pre-train {name}: reusing {stored['export']}")
                 continue
             results["pretrain"][name] = pretrain(name, data_dir, args.cache, args)
