@@ -1,6 +1,9 @@
 """A real `mpirun -np 2` (Open MPI) without MASTER_ADDR: rank 0 picks its address and a free
 port, mpi4py broadcasts them, and both ranks join one gloo group.
 
+Each rank writes its report to its own file: mpirun forwards the ranks' stdout through one pipe
+and may splice two ranks' lines together.
+
 Oracle: an all-reduce of (rank + 1) over the group must give 1 + 2 = 3 on both ranks, and both
 must report the same master; exact integers.
 """
@@ -19,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 PROBE = """
-import json, torch, torch.distributed as dist
+import json, os, pathlib, torch, torch.distributed as dist
 from launch.env import detect_environment
 from launch.rendezvous import init_distributed
 torch.set_num_threads(1)
@@ -27,8 +30,10 @@ env = detect_environment()
 joined = init_distributed(env, "gloo", 60)
 total = torch.tensor([env.rank + 1.0])
 dist.all_reduce(total)
-print(json.dumps({"line": joined.describe(), "rank": env.rank, "total": total.item(),
-                  "master": [joined.master_addr, joined.master_port]}), flush=True)
+report = {"line": joined.describe(), "rank": env.rank, "total": total.item(),
+          "master": [joined.master_addr, joined.master_port]}
+out = pathlib.Path(os.environ["PROBE_OUT"]) / f"rank{env.rank}.json"
+out.write_text(json.dumps(report))
 dist.destroy_process_group()
 """
 
@@ -41,7 +46,7 @@ def mpirun_env() -> dict[str, str]:
     return env
 
 
-def test_mpi4py_agrees_on_the_master():
+def test_mpi4py_agrees_on_the_master(tmp_path: Path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not installed: apt-get install -y openmpi-bin libopenmpi-dev")
     try:
@@ -51,14 +56,14 @@ def test_mpi4py_agrees_on_the_master():
     result = subprocess.run(
         ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-c",
          PROBE],
-        env=mpirun_env(), capture_output=True, text=True, timeout=120, cwd=REPO,
+        env={**mpirun_env(), "PROBE_OUT": str(tmp_path)},
+        capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    ranks = sorted(
-        (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-        key=lambda r: r["rank"],
-    )
-    assert [r["rank"] for r in ranks] == [0, 1], result.stdout + result.stderr
+    reports = sorted(tmp_path.glob("rank*.json"))
+    assert [p.name for p in reports] == ["rank0.json", "rank1.json"], result.stdout + result.stderr
+    ranks = [json.loads(p.read_text()) for p in reports]
+    assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["total"] for r in ranks] == [3.0, 3.0]
     assert ranks[0]["master"] == ranks[1]["master"]
     assert ranks[0]["master"][0] == "127.0.0.1"  # both ranks on this host
