@@ -236,12 +236,10 @@ def run_key(name: str, task: str, seed: int, lr: str) -> str:
     return f"{name}/{task}/{seed}" + ("" if lr == DEFAULT_LR else f"/lr{lr}")
 
 
-def finetune(
+def finetune_argv(
     export: Path, task: str, seed: int, lr: str, args: argparse.Namespace
-) -> dict[str, Any]:
-    """One bert-finetune run; returns its dev metrics and wall time."""
-    from pretrain.finetune import cli
-
+) -> list[str]:
+    """The bert-finetune command line of one run (stored with it; --reuse compares it)."""
     cache: Path = args.cache
     suffix = "" if lr == DEFAULT_LR else f"-lr{lr}"
     out = cache / "finetuned" / f"{export.name}-{task}-seed{seed}{suffix}"
@@ -283,12 +281,20 @@ def finetune(
         "--lr", lr,
         "--seed", str(seed),
         "--warmup-ratio", "0.1",
-        "--patience", "2",
+        "--patience", str(args.patience),
         "--precision", args.precision,
         "--out", str(out),
         "--force",
         "--no-progress",
     ]  # fmt: skip
+    return argv
+
+
+def finetune(argv: list[str]) -> dict[str, Any]:
+    """One bert-finetune run; returns its dev metrics and wall time."""
+    from pretrain.finetune import cli
+
+    out = Path(argv[argv.index("--out") + 1])
     start, cpu_start = time.perf_counter(), time.process_time()
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -355,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sst2-epochs", type=float, default=1.0)
     parser.add_argument("--ncbi-epochs", type=float, default=3.0)
     parser.add_argument("--livedoor-epochs", type=float, default=3.0)
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=2,
+        help="early stopping: dev evaluations without a better score (default 2; 0 = never)",
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -433,11 +445,13 @@ def main(argv: list[str] | None = None) -> int:
                     for seed in seeds:
                         key = run_key(name, task, seed, lr)
                         stored = results["finetune"].get(key)
-                        # Runs stored before an export of another step are redone.
-                        if args.reuse and stored and stored.get("pretrain_steps", steps) == steps:
+                        argv = finetune_argv(export, task, seed, lr, args)
+                        # Redone: runs of an export of another step, or with other settings.
+                        same = stored and stored["argv"] == argv
+                        if args.reuse and same and stored.get("pretrain_steps", steps) == steps:
                             continue
                         log(f"fine-tune {key}")
-                        results["finetune"][key] = finetune(export, task, seed, lr, args)
+                        results["finetune"][key] = finetune(argv)
                         results["finetune"][key]["pretrain_steps"] = steps
                         mine["finetune"].add(key)
                         log(f"  {results['finetune'][key]['dev']}")
