@@ -143,7 +143,9 @@ class MLMHead(nn.Module):
         self.norm = LayerNorm(shape.hidden, LAYER_NORM_EPS)
         self.bias = nn.Parameter(torch.zeros(shape.vocab_size))
         # -inf on vocabulary padding (tensor parallelism pads the vocabulary; see parallelize).
-        self.vocab_mask: torch.Tensor | None = None
+        # A buffer so that it moves with the model; not saved: parallelize rebuilds it.
+        self.vocab_mask: torch.Tensor | None
+        self.register_buffer("vocab_mask", None, persistent=False)
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(F.gelu(self.dense(hidden)))

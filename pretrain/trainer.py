@@ -188,7 +188,10 @@ def _train(
             f"model.vocab_size={shape.vocab_size} is smaller than the tokenizer's "
             f"{data.dataset.vocab_size}: unset model.vocab_size"
         )
-    model = build_model(shape, device)
+    # Built whole on the host and moved once split: a tp rank's GPU then never holds the full
+    # model (3.9B in fp32 is 15.6 GB, more than a 16 GB V100 has), and every device starts from
+    # the same weights.
+    model = build_model(shape, "cpu")
     apply_recompute(model, config.train.recompute)
     resume_path = _find_resume(config)
     if resume_path is None and config.train.init_from:
@@ -198,6 +201,7 @@ def _train(
         apply_tensor_parallel(model, dims)
     except ValueError as error:
         raise ConfigError(f"parallel.tp={dims.tp_size}: {error}") from None
+    model.to(device)
     sharding = shard_layout(model, dims)
     groups = build_param_groups(model, config.optim.weight_decay)
 
@@ -231,6 +235,7 @@ def _train(
             loss_step,
             process_group=dims.dp_group,
             device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # the one buffer, the vocabulary mask, is built alike
         )
 
     out_dir = Path(config.train.out_dir)

@@ -11,8 +11,9 @@
 | mlm_head.bias               | vocabulary, like the decoder            |
 | everything else             | replicated (LayerNorms, positions, pooler, heads' transform) |
 
-Every rank builds the full model from the same seed first and keeps its shard, so a tp run
-starts from exactly the weights of a tp = 1 run.
+Every rank builds the full model from the same seed first (on the host; the trainer moves the
+shards to the GPU) and keeps its shard, so a tp run starts from exactly the weights of a tp = 1
+run.
 """
 
 from __future__ import annotations

@@ -98,3 +98,26 @@ def test_indivisible_heads_are_refused():
     shape = resolve_model_shape(load_config(None, ["model.size=base"]), vocab_size=30522)
     with pytest.raises(ValueError, match="model.heads=12 is not divisible by parallel.tp=8"):
         check_tp_shapes(shape, 8)
+
+
+def test_split_model_moves_whole_with_its_vocabulary_mask():
+    """The trainer splits the model on the host and then moves it to the GPU; everything the
+    forward pass reads must follow, the vocabulary-padding mask included (and stay out of the
+    checkpoint). Moving to float64 stands in for the device move here."""
+    from pretrain.distributed import ParallelDims
+    from pretrain.parallel.parallelize import apply_tensor_parallel
+
+    shape = resolve_model_shape(load_config(None, ["model.hidden=32", "model.heads=2"]), 131)
+    model = build_model(shape)
+    dims = ParallelDims(
+        world_size=2, rank=1, tp_size=2, dp_size=1, tp_rank=1, dp_rank=0,
+        dp_group=None, tp_group=None, device=torch.device("cpu"),
+    )  # fmt: skip
+    apply_tensor_parallel(model, dims)  # builds the shards only; no collective runs here
+    mask = model.mlm_head.vocab_mask
+    assert mask is not None and mask.shape == (128,)  # 131 padded to 256, half of it
+    assert torch.isinf(mask[3:]).all() and not mask[:3].any()  # rank 1 holds ids 128-255
+    model.to(torch.float64)
+    assert model.mlm_head.vocab_mask.dtype == torch.float64
+    assert model.mlm_head.logit_bias().dtype == torch.float64
+    assert not any("vocab_mask" in name for name in model.state_dict())
