@@ -189,7 +189,7 @@ def _train(
             f"{data.dataset.vocab_size}: unset model.vocab_size"
         )
     # Built whole on the host and moved once split: a tp rank's GPU then never holds the full
-    # model (3.9B in fp32 is 15.6 GB, more than a 16 GB V100 has), and every device starts from
+    # model (3.9B in fp32 is 15.6 GB, about all of a 16 GB V100), and every device starts from
     # the same weights.
     model = build_model(shape, "cpu")
     apply_recompute(model, config.train.recompute)
