@@ -203,17 +203,17 @@ def pretrain(name: str, data_dir: Path, cache: Path, args: argparse.Namespace) -
 def export_step(name: str, cache: Path, step: int) -> dict[str, Any]:
     """Export step `step` of the stored run CACHE/runs/NAME, with its held-out eval."""
     from pretrain import export_hf
+    from pretrain.metrics import read_records
 
     run_dir = cache / "runs" / name
     checkpoint = run_dir / "checkpoints" / f"step_{step:06d}"
     if not checkpoint.is_dir():
         raise SystemExit(f"{name}: no checkpoint {checkpoint}")
-    evals = []
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").split("\n"):
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a hard kill
-            row = json.loads(line)
-            if row.get("split") == "valid" and row["step"] == step:
-                evals.append(row)
+    evals = [
+        row
+        for row in read_records(run_dir / "metrics.jsonl")
+        if row.get("split") == "valid" and row["step"] == step
+    ]
     if not evals:
         raise SystemExit(f"{name}: {run_dir}/metrics.jsonl has no held-out eval at step {step}")
     export = cache / "exports" / name

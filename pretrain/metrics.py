@@ -34,15 +34,8 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink()
             return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a hard kill
-                continue
-            if record.get("step", 0) <= resume_step:
-                kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        kept = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -59,6 +52,17 @@ class MetricsLog:
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, skipping a last line cut by a hard kill."""
+    records = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a cut line, or the empty string after the last newline
+            continue
+    return records
 
 
 def _json_number(value: Any) -> Any:
