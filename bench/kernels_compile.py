@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from torch._dynamo.utils import counters
 
+from data_prep.shard_format import SPECIAL_TOKEN_COUNT
 from pretrain.config import MLMConfig, ModelShape
-from pretrain.model import SPECIAL_TOKEN_COUNT, build_model
-from pretrain.objectives import mask_tokens, pretraining_loss
+from pretrain.masking import mask_tokens
+from pretrain.model import build_model
+from pretrain.objectives import pretraining_loss
 from pretrain.optim import build_optimizer, clip_grad_norm_
 
 SIZES = {  # name: (layers, hidden, heads, vocab, batch)

@@ -50,10 +50,12 @@ from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import BertConfig, BertForMaskedLM
 
+from data_prep.shard_format import SPECIAL_TOKEN_COUNT
 from pretrain.config import Config, MLMConfig, ModelShape, load_config, resolve_model_shape
 from pretrain.data import CLS_ID, SEP_ID
-from pretrain.model import SPECIAL_TOKEN_COUNT, build_model, flops_per_token
-from pretrain.objectives import IGNORE, mask_tokens, pretraining_loss
+from pretrain.masking import IGNORE, mask_tokens
+from pretrain.model import build_model, flops_per_token
+from pretrain.objectives import pretraining_loss
 
 HIDDEN, LAYERS, HEADS, FFN, VOCAB = 768, 4, 12, 3072, 30522
 SEQ, BATCH, DROPOUT = 128, 16, 0.1

@@ -28,6 +28,11 @@ from data_prep.errors import PrepError
 
 MAGIC = b"BERTIDX1"
 FORMAT_VERSION = 1
+# Every tokenizer bert-prep writes holds these five tokens at ids 0..4, in this order; the
+# shards, the masking and the model rely on it. The one definition of the special-token ids.
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+SPECIAL_TOKEN_COUNT = len(SPECIAL_TOKENS)
 MANIFEST = "manifest.json"
 _HEADER = np.dtype([("magic", "S8"), ("code", "<u8"), ("sentences", "<u8"), ("documents", "<u8")])
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}

@@ -40,11 +40,9 @@ from tokenizers.trainers import WordPieceTrainer
 from data_prep.clean import CleanConfig, clean_text, length_reason
 from data_prep.errors import PrepError
 from data_prep.sentences import char_counts, detect_lang, split_sentences
-from data_prep.shard_format import file_sha256
+from data_prep.shard_format import SPECIAL_TOKENS, file_sha256
 from data_prep.sources import ReadConfig, SourceStats, expand_inputs, read_range
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-"""Ids 0..4 in this order."""
 SPECIAL_NAMES = ["pad", "unk", "cls", "sep", "mask"]
 KINDS = ("wordpiece", "sentencepiece")
 PRETOKENIZERS = ("none", "mecab")

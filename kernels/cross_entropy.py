@@ -1,35 +1,54 @@
-"""Linear + cross-entropy without the full logits: the chunked PyTorch reference and its dispatcher.
+"""Linear + cross-entropy without the full logits: the public function, the chunk loop and the
+PyTorch reference of the per-chunk maths.
 
 The MLM head's logits are [N, V] (N scored positions, V ~ 30k): for dense MLM at N = 64k that is
-8 GB in fp32, far more than the activations of the rest of the model. The reference computes the
+8 GB in fp32, far more than the activations of the rest of the model. The loop computes the
 logits of `chunk_rows` rows at a time in fp32, turns each chunk into its loss AND its gradients
 right away (softmax - onehot is all backward needs), and keeps only grad_hidden [N, H],
 grad_weight [V, H] and grad_bias [V]. Peak extra memory is one [chunk_rows, V] fp32 buffer.
 
-Tensor parallelism (a later issue) splits V across ranks: each rank holds weight[V_tp, H]. The
-row max, the row sums (sum-exp, target logit, logit sum), the argmax and grad_hidden are then
-partial per rank and need an all-reduce; each is computed in one small helper below (`_row_max`,
-`_row_sum`, `_target_logit`, `_row_argmax`) so the collectives slot in there.
+Tensor parallelism splits V across ranks: each rank holds weight[V_tp, H]. The row max, the row
+sums (sum-exp, target logit, logit sum), the argmax and grad_hidden are then partial per rank and
+need a reduction over the tp group; each is computed in one small helper below (`_row_max`,
+`_row_sum`, `_target_logit`, `_row_argmax`), through the caller's `kernels.collectives.
+TensorParallel` object. grad_hidden stays partial here: the caller's tp region sums it.
 
-The GPU path (kernels/cross_entropy_triton.py) shares the chunk loop and its GEMMs below
-(`run_chunked`) and replaces only the per-chunk maths on the [c, V] logits
-(`_chunk_math_reference`, about ten passes over the chunk) by two Triton kernels that read it
-twice and write the gradient in place, with the same tp reductions between them.
+The GPU path (kernels/cross_entropy_triton.py) runs in the same chunk loop and replaces only the
+per-chunk maths on the [c, V] logits (`chunk_math_reference`, about ten passes over the chunk)
+by two Triton kernels that read it twice and write the gradient in place, with the same tp
+reductions between them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from kernels.collectives import TensorParallel, VocabShard
 from kernels.dispatch import use_triton
 
 # One chunk's fp32 logits are at most 2**24 elements = 64 MB.
 _CHUNK_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True)
+class CrossEntropyOptions:
+    """The non-tensor arguments of `linear_cross_entropy`, checked once."""
+
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    chunk_rows: int | None = None  # default: 2**24 // V rows (64 MB of fp32 logits)
+    return_stats: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
 
 
 def linear_cross_entropy(
@@ -38,12 +57,12 @@ def linear_cross_entropy(
     target: Tensor,
     *,
     bias: Tensor | None = None,
-    ignore_index: int = -100,
     position_weight: Tensor | None = None,
-    tp_group: Any = None,
-    return_stats: bool = False,
+    tp: TensorParallel | None = None,
+    ignore_index: int = -100,
     label_smoothing: float = 0.0,
     chunk_rows: int | None = None,
+    return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Mean cross-entropy of `hidden @ weight.T (+ bias)` vs `target`, never holding all logits.
 
@@ -53,62 +72,22 @@ def linear_cross_entropy(
     `position_weight`), 0 with zero gradients when nothing is scored. With `return_stats`, also
     (per-row CE [N] fp32 without label smoothing and 0 on ignored rows, argmax [N] int64) for the
     N = prod(leading dims) rows, from the same pass. `label_smoothing` is as in F.cross_entropy.
-    `chunk_rows` defaults to 2**24 // V (64 MB of fp32 logits). With a `tp_group` of size > 1,
-    `weight` (and `bias`) are this rank's equal vocabulary shard, in rank order; label
-    smoothing is then not supported.
+    With `tp` (a group of size > 1), `weight` (and `bias`) are this rank's equal vocabulary
+    shard, in rank order; label smoothing is then not supported.
     """
-    impl = _pick_impl(hidden)
-    return impl(
-        hidden,
-        weight,
-        target,
-        bias=bias,
-        ignore_index=ignore_index,
-        position_weight=position_weight,
-        tp_group=tp_group,
-        return_stats=return_stats,
-        label_smoothing=label_smoothing,
-        chunk_rows=chunk_rows,
-    )
+    options = CrossEntropyOptions(ignore_index, label_smoothing, chunk_rows, return_stats)
+    chunk_math = _pick_chunk_math(hidden)
+    return run_chunked(chunk_math, hidden, weight, target, bias, position_weight, tp, options)
 
 
-def _pick_impl(hidden: Tensor) -> Callable[..., Any]:
-    """The Triton path on CUDA devices of compute capability >= 8.0 (see kernels.dispatch);
-    the chunked reference everywhere else, including V100."""
+def _pick_chunk_math(hidden: Tensor) -> ChunkMath:
+    """The Triton kernels on CUDA devices of compute capability >= 8.0 (see kernels.dispatch);
+    the PyTorch reference everywhere else, including V100."""
     if use_triton(hidden):
-        from kernels.cross_entropy_triton import linear_cross_entropy_triton
+        from kernels.cross_entropy_triton import chunk_math_triton
 
-        return linear_cross_entropy_triton
-    return linear_cross_entropy_reference
-
-
-def linear_cross_entropy_reference(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    position_weight: Tensor | None = None,
-    tp_group: Any = None,
-    return_stats: bool = False,
-    label_smoothing: float = 0.0,
-    chunk_rows: int | None = None,
-) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """The chunked PyTorch implementation of `linear_cross_entropy` (same arguments)."""
-    return run_chunked(
-        _chunk_math_reference,
-        hidden,
-        weight,
-        target,
-        bias=bias,
-        ignore_index=ignore_index,
-        position_weight=position_weight,
-        tp_group=tp_group,
-        return_stats=return_stats,
-        label_smoothing=label_smoothing,
-        chunk_rows=chunk_rows,
-    )
+        return chunk_math_triton
+    return chunk_math_reference
 
 
 def run_chunked(
@@ -116,19 +95,15 @@ def run_chunked(
     hidden: Tensor,
     weight: Tensor,
     target: Tensor,
-    *,
     bias: Tensor | None,
-    ignore_index: int,
     position_weight: Tensor | None,
-    tp_group: Any,
-    return_stats: bool,
-    label_smoothing: float,
-    chunk_rows: int | None,
+    tp: TensorParallel | None,
+    options: CrossEntropyOptions,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """`linear_cross_entropy` around a given per-chunk maths: the checks, then the chunk loop
-    (under autograd when a grad is needed). Shared by the reference and the Triton path."""
-    vocab_start, tp_size = _vocab_shard(tp_group, weight.shape[0])
-    if tp_size > 1 and label_smoothing > 0:
+    """`linear_cross_entropy` around a given per-chunk maths (the reference's or Triton's): the
+    checks, then the chunk loop (under autograd when a grad is needed)."""
+    shard = VocabShard.of(tp, weight.shape[0])
+    if shard.size > 1 and options.label_smoothing > 0:
         raise ValueError("label_smoothing is not supported with a vocabulary split over tp ranks")
     h_dim = hidden.shape[-1]
     if weight.ndim != 2 or weight.shape[1] != h_dim:
@@ -145,47 +120,24 @@ def run_chunked(
             f"position_weight shape {list(position_weight.shape)} must equal target's "
             f"{list(target.shape)}"
         )
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if chunk_rows is None:
-        chunk_rows = max(1, _CHUNK_ELEMENTS // weight.shape[0])
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    chunk_rows = options.chunk_rows or max(1, _CHUNK_ELEMENTS // weight.shape[0])
 
     hidden_2d = hidden.reshape(-1, h_dim)  # [N, H]
     target_1d = target.reshape(-1)  # [N]
-    row_scale = _row_scale(target_1d, position_weight, ignore_index)  # [N] fp32, w_i / sum(w)
-    shard = _Shard(tp_group, vocab_start, tp_size)
-    options = (ignore_index, label_smoothing, chunk_rows, shard, chunk_math)
+    row_scale = _row_scale(target_1d, position_weight, options.ignore_index)  # [N] w_i / sum(w)
+    plan = _ChunkPlan(options.ignore_index, options.label_smoothing, chunk_rows, shard, chunk_math)
     inputs = (hidden_2d, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         loss, row_loss, argmax = _LinearCrossEntropy.apply(
-            hidden_2d, weight, bias, target_1d, row_scale, options
+            hidden_2d, weight, bias, target_1d, row_scale, plan
         )
     else:  # evaluation: same pass, no gradient work
         loss, row_loss, argmax, _ = _chunked_pass(
-            hidden_2d, weight, bias, target_1d, row_scale, options, (False, False, False)
+            hidden_2d, weight, bias, target_1d, row_scale, plan, (False, False, False)
         )
-    if return_stats:
+    if options.return_stats:
         return loss, row_loss, argmax
     return loss
-
-
-class _Shard:
-    """Where this rank's vocabulary rows sit: [start, start + V_local) of tp_size * V_local."""
-
-    def __init__(self, group: Any, start: int, size: int) -> None:
-        self.group = group if size > 1 else None
-        self.start = start
-        self.size = size
-
-
-def _vocab_shard(tp_group: Any, local_vocab: int) -> tuple[int, int]:
-    """(first global vocabulary id of this rank's rows, tp size); equal shards per rank."""
-    if tp_group is None:
-        return 0, 1
-    size = dist.get_world_size(tp_group)
-    return dist.get_rank(tp_group) * local_vocab, size
 
 
 def _row_scale(target: Tensor, position_weight: Tensor | None, ignore_index: int) -> Tensor:
@@ -201,55 +153,47 @@ def _row_scale(target: Tensor, position_weight: Tensor | None, ignore_index: int
 
 
 # Per-chunk reductions over the vocabulary. With the vocabulary split over tp ranks each returns
-# a partial result, and the all-reduce (MAX or SUM over tp_group) goes inside these helpers.
+# a partial result, and the all-reduce (MAX or SUM over the tp group) goes inside these helpers.
 
 
-def _row_max(logits: Tensor, shard: _Shard) -> Tensor:
+def _row_max(logits: Tensor, shard: VocabShard) -> Tensor:
     """[c, V] -> [c] max over the vocabulary (tp: all-reduce MAX)."""
     result = logits.amax(dim=1)
-    if shard.group is not None:
-        dist.all_reduce(result, op=dist.ReduceOp.MAX, group=shard.group)
+    if shard.tp is not None:
+        shard.tp.all_reduce_max(result)
     return result
 
 
-def _row_sum(x: Tensor, shard: _Shard) -> Tensor:
+def _row_sum(x: Tensor, shard: VocabShard) -> Tensor:
     """[c, V] -> [c] sum over the vocabulary (tp: all-reduce SUM)."""
     result = x.sum(dim=1)
-    if shard.group is not None:
-        dist.all_reduce(result, group=shard.group)
+    if shard.tp is not None:
+        shard.tp.all_reduce_sum(result)
     return result
 
 
-def _local_target(target: Tensor, scored: Tensor, shard: _Shard, local_vocab: int) -> Tensor:
+def _local_target(target: Tensor, scored: Tensor, shard: VocabShard, local_vocab: int) -> Tensor:
     """[c] bool: the row's target lies in this rank's vocabulary rows."""
     return scored & (target >= shard.start) & (target < shard.start + local_vocab)
 
 
-def _target_logit(logits: Tensor, target: Tensor, scored: Tensor, shard: _Shard) -> Tensor:
+def _target_logit(logits: Tensor, target: Tensor, scored: Tensor, shard: VocabShard) -> Tensor:
     """[c] logit of each row's target, 0 where not scored (tp: targets outside this rank's shard
     count 0, then all-reduce SUM)."""
     here = _local_target(target, scored, shard, logits.shape[1])
     safe = torch.where(here, target - shard.start, 0)
     picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
     result = torch.where(here, picked, 0.0)
-    if shard.group is not None:
-        dist.all_reduce(result, group=shard.group)
+    if shard.tp is not None:
+        shard.tp.all_reduce_sum(result)
     return result
 
 
-def _row_argmax(logits: Tensor, shard: _Shard) -> Tensor:
+def _row_argmax(logits: Tensor, shard: VocabShard) -> Tensor:
     """[c] global index of the largest logit (tp: the first rank holding the max wins, which
     matches torch.argmax's first occurrence on the full row)."""
     values, index = logits.max(dim=1)
-    index = index + shard.start
-    if shard.group is None:
-        return index
-    all_values = [torch.empty_like(values) for _ in range(shard.size)]
-    all_index = [torch.empty_like(index) for _ in range(shard.size)]
-    dist.all_gather(all_values, values, group=shard.group)
-    dist.all_gather(all_index, index, group=shard.group)
-    best = torch.stack(all_values).argmax(dim=0)  # first rank with the max
-    return torch.stack(all_index).gather(0, best.unsqueeze(0)).squeeze(0)
+    return shard.global_argmax(values, index + shard.start)
 
 
 # The per-chunk maths: (logits [c, V] fp32, which it may overwrite, target [c], row_scale [c]
@@ -258,9 +202,20 @@ def _row_argmax(logits: Tensor, shard: _Shard) -> Tensor:
 # argmax [c] int64 over the whole vocabulary; d loss / d logits [c, V] fp32, possibly the
 # `logits` buffer itself, or None unless `want_grad`).
 ChunkMath = Callable[
-    [Tensor, Tensor, Tensor, int, float, bool, "_Shard"],
+    [Tensor, Tensor, Tensor, int, float, bool, VocabShard],
     tuple[Tensor, Tensor, Tensor, "Tensor | None"],
 ]
+
+
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """Everything the chunk loop needs besides the tensors (travels through autograd)."""
+
+    ignore_index: int
+    smoothing: float
+    chunk_rows: int
+    shard: VocabShard
+    chunk_math: ChunkMath
 
 
 def _chunked_pass(
@@ -269,7 +224,7 @@ def _chunked_pass(
     bias: Tensor | None,
     target: Tensor,
     row_scale: Tensor,
-    options: tuple[int, float, int, _Shard, ChunkMath],
+    plan: _ChunkPlan,
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """Loss, per-row CE, argmax and (if asked) grads of hidden, weight and bias, chunk by chunk.
@@ -277,7 +232,6 @@ def _chunked_pass(
     hidden [N, H], weight [V, H], bias [V], target [N], row_scale [N] fp32 = w_i / sum(w).
     All maths in fp32; the grads come back in their inputs' dtypes.
     """
-    ignore_index, smoothing, chunk_rows, shard, chunk_math = options
     need_h, need_w, need_b = needs_grad
     want_grad = need_h or need_w or need_b
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -293,20 +247,20 @@ def _chunked_pass(
     grad_weight = torch.zeros_like(weight_f) if need_w else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
 
-    for start in range(0, n_rows, chunk_rows):
-        end = min(start + chunk_rows, n_rows)
+    for start in range(0, n_rows, plan.chunk_rows):
+        end = min(start + plan.chunk_rows, n_rows)
         h = hidden[start:end].float()  # [c, H]
         logits = h @ weight_f.T  # [c, V] fp32: the only chunk-sized buffer
         if bias_f is not None:
             logits += bias_f
-        ce, chunk_loss, chunk_argmax, grad_logits = chunk_math(
+        ce, chunk_loss, chunk_argmax, grad_logits = plan.chunk_math(
             logits,
             target[start:end],
             row_scale[start:end],
-            ignore_index,
-            smoothing,
+            plan.ignore_index,
+            plan.smoothing,
             want_grad,
-            shard,
+            plan.shard,
         )
         del logits  # now grad_logits (or garbage): nothing else may hold the chunk buffer
         row_loss[start:end] = ce
@@ -315,7 +269,7 @@ def _chunked_pass(
         if grad_logits is None:
             continue
         if grad_hidden is not None:
-            # tp: partial over this rank's vocabulary; all-reduce SUM over tp_group.
+            # tp: partial over this rank's vocabulary; the caller's tp region sums it.
             grad_hidden[start:end] = grad_logits @ weight_f
         if grad_weight is not None:
             grad_weight.addmm_(grad_logits.T, h)
@@ -331,14 +285,14 @@ def _chunked_pass(
     return loss, row_loss, argmax, grads
 
 
-def _chunk_math_reference(
+def chunk_math_reference(
     logits: Tensor,
     target: Tensor,
     row_scale: Tensor,
     ignore_index: int,
     smoothing: float,
     want_grad: bool,
-    shard: _Shard,
+    shard: VocabShard,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One chunk's maths in PyTorch, in place on `logits` (see ChunkMath)."""
     vocab = logits.shape[1]
@@ -382,12 +336,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         bias: Tensor | None,
         target: Tensor,
         row_scale: Tensor,
-        options: tuple[int, float, int, _Shard, ChunkMath],
+        plan: _ChunkPlan,
     ) -> tuple[Tensor, Tensor, Tensor]:
         # Called under autocast, the GEMMs inside would drop to bf16/fp16; the pass is fp32.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss, row_loss, argmax, grads = _chunked_pass(
-                hidden, weight, bias, target, row_scale, options, ctx.needs_input_grad[:3]
+                hidden, weight, bias, target, row_scale, plan, ctx.needs_input_grad[:3]
             )
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
         ctx.has_grad = tuple(g is not None for g in grads)

@@ -1,8 +1,9 @@
 """Triton path of `kernels.linear_cross_entropy` (imported only when it is taken).
 
 The chunk loop and its three GEMMs per chunk (logits = h W^T, grad_h = G W, grad_W += G^T h, in
-fp32 on cuBLAS) are the reference's (`cross_entropy.run_chunked`); what changes is the maths on
-each [c, V] fp32 logits chunk, which the reference does in about ten full passes. Here:
+fp32 on cuBLAS) are the same as the reference's (`cross_entropy.run_chunked`, which calls
+`chunk_math_triton` here); what changes is the maths on each [c, V] fp32 logits chunk, which the
+reference does in about ten full passes. Here:
 
     _ce_row_stats   one pass, one program per row, online over BLOCK_V columns at a time:
                     row max, sum exp(x - max), the target's logit, the logit sum (label
@@ -20,12 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.cross_entropy import _Shard, run_chunked
+from kernels.collectives import VocabShard
 
 LAUNCH_OPTIONS: dict[str, Any] = {"enable_fp_fusion": True}
 BLOCK_V = 1024
@@ -102,33 +102,29 @@ def _ce_loss_grad(
 
 
 def _reduce_over_tp(
-    row_max: Tensor, sum_exp: Tensor, target_logit: Tensor, argmax: Tensor, shard: _Shard
+    row_max: Tensor, sum_exp: Tensor, target_logit: Tensor, argmax: Tensor, shard: VocabShard
 ) -> Tensor:
     """Turn this rank's row statistics into the full vocabulary's, in place; returns the
     global argmax. Only called with a tp group of size > 1 (label smoothing is refused then)."""
+    assert shard.tp is not None
     values = row_max.clone()  # for the argmax: the first rank holding the max wins
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
+    shard.tp.all_reduce_max(row_max)
     sum_exp.mul_(torch.exp(values - row_max))  # rescale to the global max, then add up
     sums = torch.stack([sum_exp, target_logit])
-    dist.all_reduce(sums, group=shard.group)
+    shard.tp.all_reduce_sum(sums)
     sum_exp.copy_(sums[0])
     target_logit.copy_(sums[1])
-    all_values = [torch.empty_like(values) for _ in range(shard.size)]
-    all_index = [torch.empty_like(argmax) for _ in range(shard.size)]
-    dist.all_gather(all_values, values, group=shard.group)
-    dist.all_gather(all_index, argmax, group=shard.group)
-    best = torch.stack(all_values).argmax(dim=0)
-    return torch.stack(all_index).gather(0, best.unsqueeze(0)).squeeze(0)
+    return shard.global_argmax(values, argmax)
 
 
-def _chunk_math_triton(
+def chunk_math_triton(
     logits: Tensor,
     target: Tensor,
     row_scale: Tensor,
     ignore_index: int,
     smoothing: float,
     want_grad: bool,
-    shard: _Shard,
+    shard: VocabShard,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One chunk's maths on the two kernels, in place on `logits` (see cross_entropy.ChunkMath)."""
     n_rows, n_cols = logits.shape
@@ -146,7 +142,7 @@ def _chunk_math_triton(
         num_warps=4, **LAUNCH_OPTIONS,
     )  # fmt: skip
     argmax = local_argmax.to(torch.int64) + shard.start
-    if shard.group is not None:
+    if shard.tp is not None:
         argmax = _reduce_over_tp(row_max, sum_exp, target_logit, argmax, shard)
     row_ce = torch.empty(n_rows, dtype=torch.float32, device=device)
     row_loss = torch.empty_like(row_ce)
@@ -157,36 +153,6 @@ def _chunk_math_triton(
         num_warps=4, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return row_ce, row_loss.sum(), argmax, logits if want_grad else None
-
-
-def linear_cross_entropy_triton(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    *,
-    bias: Tensor | None = None,
-    ignore_index: int = -100,
-    position_weight: Tensor | None = None,
-    tp_group: Any = None,
-    return_stats: bool = False,
-    label_smoothing: float = 0.0,
-    chunk_rows: int | None = None,
-) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """`kernels.linear_cross_entropy` with the per-chunk maths on Triton (same arguments; CUDA,
-    or CPU tensors under TRITON_INTERPRET=1)."""
-    return run_chunked(
-        _chunk_math_triton,
-        hidden,
-        weight,
-        target,
-        bias=bias,
-        ignore_index=ignore_index,
-        position_weight=position_weight,
-        tp_group=tp_group,
-        return_stats=return_stats,
-        label_smoothing=label_smoothing,
-        chunk_rows=chunk_rows,
-    )
 
 
 def build_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:

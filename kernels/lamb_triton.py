@@ -15,15 +15,13 @@ contraction is off, so each value is rounded as in the op-by-op `torch._foreach_
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from kernels.lamb import TensorNorms, tensor_square_norms
 
 LAUNCH_OPTIONS: dict[str, Any] = {"enable_fp_fusion": False}
 BLOCK = 1024
@@ -118,7 +116,7 @@ def lamb_step_triton(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
-    tensor_norms: TensorNorms = tensor_square_norms,
+    tensor_norms: Callable[[list[Tensor]], list[Tensor]],
     chunk: int = CHUNK,
 ) -> None:
     """`kernels.lamb_step` on the Triton kernels: fp32, contiguous tensors on one device (CUDA,

@@ -21,14 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_prep.shard_format import IndexedDataset
+from data_prep.shard_format import CLS_ID, PAD_ID, SEP_ID, IndexedDataset
 from data_prep.tokenizer import continuation_mask
 from launch.signals import leave_stop_signals_to_the_trainer
 from pretrain.blend import blend_index, parse_blend_spec
 from pretrain.config import ConfigError, MLMConfig
-from pretrain.objectives import IGNORE, mask_tokens
-
-PAD_ID, CLS_ID, SEP_ID = 0, 2, 3
+from pretrain.masking import IGNORE, mask_tokens
 
 # Validation always uses the same corruption so that runs with any training masking compare.
 EVAL_MLM = MLMConfig(mode="sparse", mask_rate=0.15, whole_word=False)

@@ -26,7 +26,6 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from pretrain.config import ModelShape
 
-SPECIAL_TOKEN_COUNT = 5  # [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0..4 (data_prep contract)
 LAYER_NORM_EPS = 1e-12
 
 

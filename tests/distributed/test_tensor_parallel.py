@@ -31,6 +31,7 @@ def _dims(tp: int):
 def _vocab_parallel_ce(position_weight: bool) -> dict:
     """Rank's view: loss, stats and full grads (gathered) of the vocab-parallel CE."""
     import kernels
+    from pretrain.parallel.collectives import tp_collectives
     from pretrain.parallel.mappings import copy_to_tp_region, gather_from_tp_region
 
     dims = _dims(2)
@@ -48,7 +49,7 @@ def _vocab_parallel_ce(position_weight: bool) -> dict:
     b = bias[rows].clone().requires_grad_()
     loss, row_loss, argmax = kernels.linear_cross_entropy(
         copy_to_tp_region(h, dims.tp_group), w, target, bias=b, position_weight=pw,
-        tp_group=dims.tp_group, return_stats=True, chunk_rows=4,
+        tp=tp_collectives(dims.tp_group), return_stats=True, chunk_rows=4,
     )  # fmt: skip
     loss.backward()
     grad_w = gather_from_tp_region(w.grad.T.contiguous(), dims.tp_group).T

@@ -203,7 +203,7 @@ def test_dispatch_picks_reference_on_cpu() -> None:
     """The device check is real: CPU tensors never take the Triton path."""
     t = torch.zeros(2, 3)
     assert kernels.dispatch.use_triton(t) is False
-    assert ce_module._pick_impl(t) is ce_module.linear_cross_entropy_reference
+    assert ce_module._pick_chunk_math(t) is ce_module.chunk_math_reference
 
 
 def test_shape_errors() -> None:

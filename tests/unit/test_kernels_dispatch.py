@@ -83,7 +83,7 @@ def test_cpu_tensors_take_the_references() -> None:
     x = torch.zeros(3, 8)
     w, b = torch.ones(8), torch.zeros(8)
     assert dispatch.use_triton(x) is False
-    assert ce_module._pick_impl(x) is ce_module.linear_cross_entropy_reference
+    assert ce_module._pick_chunk_math(x) is ce_module.chunk_math_reference
     assert layer_norm_module._triton_applies(x, w, b, None) is False
     assert bias_gelu_module._triton_applies(x, b) is False
     assert lamb_module._triton_applies([w], [w], [w], [w]) is False

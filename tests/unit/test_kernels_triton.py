@@ -171,6 +171,18 @@ def _full_logits_ce(hidden, weight, bias, target, position_weight, smoothing):
     return (w * rows).sum() / w.sum(), plain.detach(), logits.detach().argmax(1)
 
 
+def _triton_ce(hidden, weight, target, *, bias=None, position_weight=None, tp=None, **options):
+    """`kernels.linear_cross_entropy` with the Triton chunk maths forced (the dispatcher picks
+    it on CUDA only): the same chunk loop, `chunk_math_triton` in place of the reference's."""
+    from kernels.cross_entropy import CrossEntropyOptions, run_chunked
+    from kernels.cross_entropy_triton import chunk_math_triton
+
+    return run_chunked(
+        chunk_math_triton, hidden, weight, target, bias, position_weight, tp,
+        CrossEntropyOptions(**options),
+    )  # fmt: skip
+
+
 @case
 def cross_entropy() -> None:
     """Oracle: F.cross_entropy on the full fp32 logits (loss, per-row CE, argmax, and the grads
@@ -178,11 +190,9 @@ def cross_entropy() -> None:
     smoothing off/on (fp32), hidden in fp32/fp16/bf16 (the kernels only see the fp32 logits),
     37 rows in chunks of 16 (last chunk 5), vocabulary 1031 over blocks of 1024 (last block 7
     wide)."""
-    from kernels.cross_entropy_triton import linear_cross_entropy_triton
-
     for dtype, smoothing in [(d, 0.0) for d in DTYPES] + [(torch.float32, 0.1)]:
         hidden, weight, bias, target, pw = _ce_inputs(37, dtype, seed=3)
-        loss, row_ce, argmax = linear_cross_entropy_triton(
+        loss, row_ce, argmax = _triton_ce(
             hidden, weight, target, bias=bias, position_weight=pw, chunk_rows=16,
             label_smoothing=smoothing, return_stats=True,
         )  # fmt: skip
@@ -206,11 +216,9 @@ def cross_entropy() -> None:
 def cross_entropy_edges() -> None:
     """No-grad pass (stats only), all rows ignored (loss 0, zero grads, no NaN), and -inf bias
     entries as tensor parallelism uses to mask vocabulary padding (same as the unpadded CE)."""
-    from kernels.cross_entropy_triton import linear_cross_entropy_triton
-
     hidden, weight, bias, target, pw = _ce_inputs(20, torch.float32, seed=4)
     with torch.no_grad():
-        loss, row_ce, argmax = linear_cross_entropy_triton(
+        loss, row_ce, argmax = _triton_ce(
             hidden, weight, target, bias=bias, chunk_rows=7, return_stats=True
         )
     ref, ref_rows, ref_argmax = _full_logits_ce(hidden, weight, bias, target, torch.ones(20), 0)
@@ -219,7 +227,7 @@ def cross_entropy_edges() -> None:
     assert torch.equal(argmax, ref_argmax)
 
     ignored = torch.full_like(target, -100)
-    loss = linear_cross_entropy_triton(hidden, weight, ignored, bias=bias, chunk_rows=7)
+    loss = _triton_ce(hidden, weight, ignored, bias=bias, chunk_rows=7)
     grads = torch.autograd.grad(loss, (hidden, weight, bias))
     assert loss.item() == 0.0
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
@@ -227,7 +235,7 @@ def cross_entropy_edges() -> None:
     pad = 13
     padded_w = torch.cat([weight.detach(), torch.randn(pad, HIDDEN)]).requires_grad_()
     padded_b = torch.cat([bias.detach(), torch.full((pad,), float("-inf"))])
-    loss = linear_cross_entropy_triton(hidden, padded_w, target, bias=padded_b, chunk_rows=7)
+    loss = _triton_ce(hidden, padded_w, target, bias=padded_b, chunk_rows=7)
     (gh,) = torch.autograd.grad(loss, (hidden,))
     ref, _, _ = _full_logits_ce(hidden, weight, bias, target, torch.ones(20), 0)
     (rh,) = torch.autograd.grad(ref, (hidden,))
@@ -240,7 +248,7 @@ def _tp_worker(rank: int, world: int, port: int, queue) -> None:
     try:
         import torch.distributed as dist
 
-        from kernels.cross_entropy_triton import linear_cross_entropy_triton
+        from pretrain.parallel.collectives import GroupCollectives
 
         torch.set_num_threads(1)
         dist.init_process_group(
@@ -252,8 +260,9 @@ def _tp_worker(rank: int, world: int, port: int, queue) -> None:
         b_full = torch.cat([bias.detach(), torch.tensor([float("-inf")])])
         w = w_full[rank * local : (rank + 1) * local].clone().requires_grad_()
         b = b_full[rank * local : (rank + 1) * local].clone().requires_grad_()
-        loss, row_ce, argmax = linear_cross_entropy_triton(
-            hidden, w, target, bias=b, position_weight=pw, tp_group=dist.group.WORLD,
+        loss, row_ce, argmax = _triton_ce(
+            hidden, w, target, bias=b, position_weight=pw,
+            tp=GroupCollectives(dist.group.WORLD),
             chunk_rows=10, return_stats=True,
         )  # fmt: skip
         gh, gw, gb = torch.autograd.grad(loss, (hidden, w, b))

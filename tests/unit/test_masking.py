@@ -6,8 +6,9 @@ with tolerances of several binomial standard deviations.
 
 import numpy as np
 
+from data_prep.shard_format import MASK_ID
 from pretrain.config import MLMConfig
-from pretrain.objectives import IGNORE, MASK_ID, mask_tokens
+from pretrain.masking import IGNORE, mask_tokens
 
 VOCAB = 1000
 
