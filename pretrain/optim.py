@@ -63,6 +63,11 @@ class Lamb(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
+    def tensors_with_tp_norms(self) -> int:
+        """Parameter tensors whose two squared norms `step` all-reduces over the tp group
+        (read by `pretrain.parallel.comm_stats` for the analytic traffic)."""
+        return sum(len(group["params"]) for group in self.param_groups)
+
     def _tensor_norms(self, tensors: list[Tensor]) -> list[Tensor]:
         """Squared L2 norm (0-dim float32) of each tensor.
 
@@ -126,6 +131,13 @@ class Lamb(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
             tensor_norms=self._tensor_norms,
         )
+
+
+def tensors_with_tp_norms(optimizer: Any) -> int:
+    """Parameter tensors whose norms `optimizer` all-reduces over tp in each step: what its
+    `tensors_with_tp_norms()` says (LAMB, ZeRO around LAMB), 0 for optimizers without it."""
+    count = getattr(optimizer, "tensors_with_tp_norms", None)
+    return count() if count is not None else 0
 
 
 def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

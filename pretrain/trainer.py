@@ -63,8 +63,15 @@ from pretrain.model import (
     flops_per_token,
 )
 from pretrain.objectives import LossOutput, pretraining_loss
-from pretrain.optim import build_param_groups, clip_grad_norm_, lr_at, optimizer_for_groups, set_lr
-from pretrain.parallel.comm_stats import CommCounter, analytic_bytes, lamb_tensors
+from pretrain.optim import (
+    build_param_groups,
+    clip_grad_norm_,
+    lr_at,
+    optimizer_for_groups,
+    set_lr,
+    tensors_with_tp_norms,
+)
+from pretrain.parallel.comm_stats import CommCounter, analytic_bytes
 from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout, tp_grad_norm_fn
 from pretrain.parallel.zero import ZeroRedundancy
 from pretrain.precision import DynamicLossScaler, autocast_context
@@ -302,7 +309,7 @@ def _train(
             tp=dims.tp_size,
             dp=dims.dp_size,
             local_params=sum(p.numel() for p in params),
-            optimizer_tensors=lamb_tensors(optimizer),
+            optimizer_tensors=tensors_with_tp_norms(optimizer),
             zero=bool(config.parallel.zero),
             autocast_bytes=4 if config.train.precision == "fp32" else 2,
         )

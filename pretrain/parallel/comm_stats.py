@@ -122,11 +122,3 @@ def analytic_bytes(
         if zero:
             out["dp.broadcast"] = local_params * 4
     return out
-
-
-def lamb_tensors(optimizer: Any) -> int:
-    """Parameter tensors whose LAMB trust ratios this rank all-reduces over tp (0 for AdamW)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # ZeroRedundancy wraps this rank's share
-    if type(inner).__name__ != "Lamb":
-        return 0
-    return sum(len(group["params"]) for group in inner.param_groups)

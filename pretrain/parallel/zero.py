@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pretrain.distributed import ParallelDims
+from pretrain.optim import tensors_with_tp_norms
 
 
 def assign_owners(params: list[torch.Tensor], dp_size: int) -> list[int]:
@@ -54,6 +55,10 @@ class ZeroRedundancy:
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
+
+    def tensors_with_tp_norms(self) -> int:
+        """Those of the wrapped optimizer (this rank's share); 0 when it reduces none."""
+        return tensors_with_tp_norms(self.optimizer)
 
     @property
     def state(self) -> dict:
