@@ -209,7 +209,7 @@ def _train(
     except ValueError as error:
         raise ConfigError(f"parallel.tp={dims.tp_size}: {error}") from None
     model.to(device)
-    sharding = shard_layout(model, dims)
+    sharding = shard_layout(model)
     groups = build_param_groups(model, config.optim.weight_decay)
 
     def build(share: list[dict[str, Any]]) -> torch.optim.Optimizer:

@@ -1,6 +1,10 @@
 """Tensor-parallel layers; each is a plain layer when the tp group is None or of size 1.
 
 Shapes: X [..., in], A [in, out] as in Y = XA (stored as torch's weight = A^T).
+
+Every parameter these layers split is tagged where it is split (`mark_split`: the dimension and
+the whole, unpadded size, as Megatron tags `partition_dim`); clipping, checkpoints, resharding
+and export read the tags (`split_of`), never module types or parameter names.
 """
 
 from __future__ import annotations
@@ -10,6 +14,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.parallel.mappings import Group, copy_to_tp_region, reduce_from_tp_region
+
+TP_SPLIT = "tp_split"  # attribute name of the tag on a split nn.Parameter
+
+
+def mark_split(param: nn.Parameter, dim: int, whole_size: int) -> nn.Parameter:
+    """Tag `param` as this rank's shard along `dim` of a tensor `whole_size` long there
+    (without vocabulary padding). Returns `param`."""
+    setattr(param, TP_SPLIT, {"dim": dim, "size": whole_size})
+    return param
+
+
+def split_of(param: torch.Tensor) -> dict[str, int] | None:
+    """{"dim", "size"} of a split parameter; None for a replicated one."""
+    return getattr(param, TP_SPLIT, None)
 
 
 def _shard_rows(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -28,9 +46,12 @@ class ColumnParallelLinear(nn.Module):
         if linear.out_features % size:
             raise ValueError(f"{linear.out_features} output features do not split {size} ways")
         self.group = group
-        self.weight = nn.Parameter(_shard_rows(linear.weight, rank, size))  # [out/p, in]
-        self.bias = (
-            nn.Parameter(_shard_rows(linear.bias, rank, size)) if linear.bias is not None else None
+        out = linear.out_features
+        self.weight = mark_split(nn.Parameter(_shard_rows(linear.weight, rank, size)), 0, out)
+        self.bias = (  # [out/p, in] and [out/p]
+            mark_split(nn.Parameter(_shard_rows(linear.bias, rank, size)), 0, out)
+            if linear.bias is not None
+            else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +72,9 @@ class RowParallelLinear(nn.Module):
         self.group = group
         cols = linear.in_features // size
         weight = linear.weight[:, rank * cols : (rank + 1) * cols]
-        self.weight = nn.Parameter(weight.detach().clone())  # [out, in/p]
+        self.weight = mark_split(  # [out, in/p]
+            nn.Parameter(weight.detach().clone()), 1, linear.in_features
+        )
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,9 +97,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab
         self.per_rank = padded_vocab // size
         self.vocab_start = rank * self.per_rank
-        self.weight = nn.Parameter(
-            _shard_rows(full, rank, size).to(embedding.weight.device)
-        )  # [V_pad/p, H]
+        self.weight = mark_split(  # [V_pad/p, H]
+            nn.Parameter(_shard_rows(full, rank, size).to(embedding.weight.device)), 0, vocab
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start

@@ -27,7 +27,13 @@ from torch import nn
 from pretrain.config import ModelShape
 from pretrain.distributed import ParallelDims
 from pretrain.model import Bert
-from pretrain.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from pretrain.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    mark_split,
+    split_of,
+)
 from pretrain.parallel.rng import TPRegionRNG
 
 VOCAB_MULTIPLE = 128
@@ -75,22 +81,13 @@ def apply_tensor_parallel(model: Bert, dims: ParallelDims) -> None:
     mask = torch.zeros(padded, dtype=torch.float32, device=head.bias.device)
     mask[vocab:] = float("-inf")
     shard = slice(rank * per_rank, (rank + 1) * per_rank)
-    head.bias = nn.Parameter(bias[shard].clone())
+    head.bias = mark_split(nn.Parameter(bias[shard].clone()), 0, vocab)
     head.vocab_mask = mask[shard].clone()
 
 
 def tp_sharded_names(model: nn.Module) -> set[str]:
-    """Parameters split across tp ranks (the others are replicated)."""
-    names = set()
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
-            names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
-        elif isinstance(module, RowParallelLinear):
-            names.add(prefix + "weight")
-    if any(isinstance(m, VocabParallelEmbedding) for m in model.modules()):
-        names.add("mlm_head.bias")
-    return names
+    """Parameters split across tp ranks (the others are replicated), from their tags."""
+    return {name for name, param in model.named_parameters() if split_of(param) is not None}
 
 
 def tp_grad_norm_fn(
@@ -118,22 +115,15 @@ def tp_grad_norm_fn(
     return global_square
 
 
-def shard_layout(model: nn.Module, dims: ParallelDims) -> dict[str, dict[str, int]]:
-    """{name: {"dim": split dim, "size": whole unpadded size}} of every tp-split parameter.
+def shard_layout(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{name: {"dim": split dim, "size": whole unpadded size}} of every tp-split parameter,
+    from the tags the parallel layers put on them ({} at tp = 1).
 
     Stored in checkpoints so that they load at any tp: shards are concatenated along `dim`,
     cut to `size` (dropping vocabulary padding) and re-split for the new layout.
     """
-    if dims.tp_size == 1:
-        return {}
-    vocab = {"embeddings.word.weight", "mlm_head.bias"}
-    layout = {}
-    params = dict(model.named_parameters())
-    row_weights = {
-        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, RowParallelLinear)
+    return {
+        name: dict(split)
+        for name, param in model.named_parameters()
+        if (split := split_of(param)) is not None
     }
-    for name in tp_sharded_names(model):
-        dim = 1 if name in row_weights else 0
-        size = model.shape.vocab_size if name in vocab else params[name].shape[dim] * dims.tp_size
-        layout[name] = {"dim": dim, "size": size}
-    return layout

@@ -121,3 +121,33 @@ def test_split_model_moves_whole_with_its_vocabulary_mask():
     assert model.mlm_head.vocab_mask.dtype == torch.float64
     assert model.mlm_head.logit_bias().dtype == torch.float64
     assert not any("vocab_mask" in name for name in model.state_dict())
+
+
+def test_split_parameters_carry_their_layout_through_a_move():
+    """Oracle: the plan in pretrain/parallel/parallelize.py's docstring. QKV and MLP-in split by
+    output rows (dim 0, weight and bias), attention-out and MLP-out by input columns (dim 1,
+    weight only), the word embedding and the MLM bias by vocabulary (unpadded size); nothing
+    else is split. The tags survive the device/dtype move the trainer makes after splitting."""
+    from pretrain.distributed import ParallelDims
+    from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout
+
+    shape = resolve_model_shape(load_config(None, ["model.hidden=32", "model.heads=2"]), 131)
+    model = build_model(shape)
+    dims = ParallelDims(
+        world_size=2, rank=0, tp_size=2, dp_size=1, tp_rank=0, dp_rank=0,
+        dp_group=None, tp_group=None, device=torch.device("cpu"),
+    )  # fmt: skip
+    apply_tensor_parallel(model, dims)
+    model.to(torch.float64)
+    h, ffn = shape.hidden, shape.ffn_hidden
+    want = {"embeddings.word.weight": {"dim": 0, "size": 131}}
+    want["mlm_head.bias"] = {"dim": 0, "size": 131}
+    for i in range(shape.layers):
+        prefix = f"layers.{i}."
+        for name, size in (("attention.qkv", 3 * h), ("mlp.fc_in", ffn)):
+            want[f"{prefix}{name}.weight"] = {"dim": 0, "size": size}
+            want[f"{prefix}{name}.bias"] = {"dim": 0, "size": size}
+        want[f"{prefix}attention.out.weight"] = {"dim": 1, "size": h}
+        want[f"{prefix}mlp.fc_out.weight"] = {"dim": 1, "size": ffn}
+    assert shard_layout(model) == want
+    assert shard_layout(build_model(shape)) == {}  # tp = 1: nothing is split
