@@ -67,7 +67,9 @@ def test_one_rank_overflow_is_skipped_by_every_rank(small_dataset, tmp_path):
     scales = [scale for _, scale, _ in reference]
     assert scales == [1024.0] * INJECT_STEP + [512.0] * (STEPS - INJECT_STEP)
     for world, inject_rank in ((2, 1), (4, 3)):  # tp=2; dp 2 x tp 2 (the last tp rank)
-        ranks = run_distributed(_train_fp16, world, data, str(tmp_path / f"w{world}"), 2, inject_rank)
+        ranks = run_distributed(
+            _train_fp16, world, data, str(tmp_path / f"w{world}"), 2, inject_rank
+        )
         for rank, history in enumerate(ranks):
             assert [s for _, _, s in history] == skipped, (world, rank)
             assert [scale for _, scale, _ in history] == scales, (world, rank)

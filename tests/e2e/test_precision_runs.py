@@ -66,7 +66,9 @@ def test_auto_is_resolved_once_and_recorded(small_dataset, tmp_path, capsys):
     assert result.history[-1]["loss_scale"] in (256.0, 128.0)  # 128 if step 3 overflowed
 
 
-def test_bert_train_refuses_bf16_on_a_capability_7_gpu(small_dataset, tmp_path, capsys, monkeypatch):
+def test_bert_train_refuses_bf16_on_a_capability_7_gpu(
+    small_dataset, tmp_path, capsys, monkeypatch
+):
     """A simulated V100: CUDA availability and the capability query patched at torch's
     boundary (one process, so no NCCL group is created). Explicit bf16 ends in one line naming
     auto/fp16 with exit code 2, before any data is read."""
