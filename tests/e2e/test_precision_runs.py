@@ -111,3 +111,23 @@ def test_diverging_fp32_run_stops_and_keeps_a_finite_checkpoint(small_dataset, t
     weights = load_file(str(newest / "model_tp00.safetensors"))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((newest / "train_state.json").read_text())["finite"] is True
+
+
+def test_fp16_overflow_at_the_scale_floor_stops_the_run(small_dataset, tmp_path, capsys):
+    """fp16 with the scale already at its floor (init = min = 1) and a diverging rate: the
+    first overflow cannot be cured by backing off, so the run stops at once with EXIT_DIVERGED
+    and a finite checkpoint, instead of skipping every later step silently."""
+    out = tmp_path / "run"
+    result = train(
+        _config(
+            small_dataset, out, "train.precision=fp16", "optim.lr=1e6", "train.steps=100",
+            "train.loss_scale_init=1", "train.loss_scale_min=1", "checkpoint.every=100",
+        )
+    )  # fmt: skip
+    assert result.exit_code == EXIT_DIVERGED
+    assert [bool(r.get("skipped")) for r in result.history].count(True) == 1
+    assert result.history[-1]["skipped"] and result.history[-1]["loss_scale"] == 1.0
+    stops = [line for line in capsys.readouterr().out.splitlines() if "exit code 3" in line]
+    assert len(stops) == 1 and "train.loss_scale_min=1" in stops[0]
+    weights = load_file(str(result.checkpoint / "model_tp00.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
