@@ -167,7 +167,8 @@ class _LossStep(nn.Module):
 
 
 def train(config: Config) -> TrainResult:
-    """Pre-train as configured; returns the exit code (0, or 75 when stopped on request)."""
+    """Pre-train as configured; returns the exit code (0; 75 when stopped on request; 3,
+    EXIT_DIVERGED, when stopped because the run diverged)."""
     kernels.set_enabled(config.kernels.enabled)  # false: PyTorch references everywhere (debug)
     env, dims, device = setup_parallel(config)
     try:
@@ -204,7 +205,7 @@ def _train(
     dims: ParallelDims,
     launch_line: str,
     device: torch.device,
-    precision_reason: str = "as configured",
+    precision_reason: str,
 ) -> TrainResult:
     say = log if dims.is_main else _quiet
     say(launch_line)
@@ -430,9 +431,15 @@ def _train(
         diverged = _divergence(bad_steps, overflow_at_floor, config)
         if diverged is not None:
             checkpoint()
+            held = (
+                "holds the last finite state"
+                if _params_finite(model, dims)
+                else "has non-finite weights (an applied step overflowed them); rotation kept "
+                "the newest finite checkpoint"
+            )
             say(
                 f"stopping at step {step} (exit code {EXIT_DIVERGED}): {diverged}; no such step "
-                f"was applied, {result.checkpoint} holds the last finite state"
+                f"was applied, {result.checkpoint} {held}"
             )
             result.exit_code = EXIT_DIVERGED
             break
