@@ -11,8 +11,11 @@
 #
 # The base image's torch is kept: the project is installed under a constraints file that pins
 # it, so no dependency can replace it. BASE_IMAGE may be any CUDA PyTorch >= 2.4 image
-# (NGC: nvcr.io/nvidia/pytorch:<yy.mm>-py3). V100 (ABCI 2.0) needs a CUDA 12 build.
-ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+# (NGC: nvcr.io/nvidia/pytorch:<yy.mm>-py3). The default is a CUDA 12.6 build: it still has
+# V100 (sm_70) kernels besides sm_80/sm_90, which CUDA 12.8 builds of torch >= 2.11 and all
+# CUDA 13 builds dropped; torch 2.14 is the last release with CUDA 12.6 wheels (see README,
+# "Installing on a V100 cluster"). Blackwell GPUs need a CUDA 12.8+ image instead.
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ARG EXTRAS=hf,ja,tensorboard,triton
@@ -35,6 +38,7 @@ RUN { python -m pip freeze | grep -i '^torch==' || true; } > /tmp/torch-pin.txt 
     && python -m pip install --no-cache-dir -c /tmp/torch-pin.txt ".[${EXTRAS}]" \
     && rm /tmp/torch-pin.txt \
     && bert-train --help > /dev/null \
-    && bert-launch --help > /dev/null
+    && bert-launch --help > /dev/null \
+    && python -c "import torch; print('CUDA archs:', torch.cuda.get_arch_list())"
 
 CMD ["bert-train", "--help"]

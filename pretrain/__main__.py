@@ -3,6 +3,7 @@
 Examples:
     bert-train --config configs/tiny.yaml data.path=runs/demo/data train.steps=200
     bert-train --config configs/base.yaml train.precision=bf16 train.resume=auto
+    bert-train --selftest        # first job on a new node: PASS/FAIL per check, exit 0 if all pass
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Every config key can be overridden as section.key=value, e.g. train.steps=1000 "
             "mlm.mode=sparse optim.lr=2e-3. Keys: see DESIGN.md or --print-config. "
-            "Exit code 75 means: checkpointed and stopped on request, resubmit to continue."
+            "Exit code 75 means: checkpointed and stopped on request, resubmit to continue; "
+            "3 means: diverged (non-finite losses or gradients), stopped with a checkpoint of "
+            "the last finite state."
         ),
     )
     parser.add_argument("--config", help="YAML config file (e.g. configs/tiny.yaml)")
@@ -32,11 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    parser.add_argument(
+        "--selftest",
+        action="store_true",
+        help="check this node (precision auto picks, kernels, all-reduce, tp 1 vs tp 2) and exit",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.selftest:
+        from pretrain.selftest import run_selftest
+
+        return run_selftest()
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:

@@ -143,8 +143,25 @@ def _complete_steps(root: Path) -> list[tuple[int, Path]]:
 
 
 def _prune(root: Path, keep: int) -> None:
-    for _, path in _complete_steps(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    """Keep the newest `keep` checkpoints and, if none of them is finite, the newest finite
+    one (a diverged run's last good state)."""
+    steps = [path for _, path in _complete_steps(root)]
+    kept = steps[-keep:]
+    if not any(_is_finite(path) for path in kept):
+        finite = [path for path in steps if _is_finite(path)]
+        kept += finite[-1:]
+    for path in steps:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_finite(path: Path) -> bool:
+    """What the trainer recorded (checkpoints written before it recorded this count as finite;
+    an unreadable one does not)."""
+    try:
+        return bool(read_train_state(path).get("finite", True))
+    except CheckpointError:
+        return False
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -8,6 +8,7 @@ line. No interpolation, no registries: a YAML mapping per section, a dataclass p
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,7 +101,20 @@ class TrainConfig:
     steps: int = 1000
     micro_batch: int = 32
     global_batch: int = 32
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = fp16 on GPUs below compute capability 8.0 (V100), bf16 from 8.0; on the CPU bf16
+    where it has AVX512_BF16/AMX, else fp32. Resolved once at start-up; config.yaml and
+    checkpoints record the result."""
+    loss_scale_init: float = 65536.0
+    """fp16: the first loss scale (Megatron's initial_loss_scale)."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the scale doubles (Megatron's loss_scale_window)."""
+    loss_scale_min: float = 1.0
+    """fp16: the scale never backs off below this; an overflow at it stops the run (Megatron's
+    min_loss_scale)."""
+    max_bad_steps: int = 20
+    """Stop (checkpoint, exit code 3) after this many steps in a row with a non-finite loss or
+    gradient; such steps are never applied."""
     seed: int = 1234
     resume: str = "auto"
     """auto = latest checkpoint in checkpoint.dir if there is one; none; or a checkpoint path."""
@@ -369,6 +383,24 @@ def validate(config: Config) -> None:
         raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
     if config.optim.lr <= 0:
         raise ConfigError("optim.lr must be positive")
+    _validate_loss_scaling(t)
+
+
+def _validate_loss_scaling(t: TrainConfig) -> None:
+    """The fp16 loss-scaler and divergence-stop keys."""
+    for key in ("loss_scale_init", "loss_scale_min"):
+        value = getattr(t, key)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"train.{key}={value} must be a positive finite number")
+    if t.loss_scale_init < t.loss_scale_min:
+        raise ConfigError(
+            f"train.loss_scale_init={t.loss_scale_init} is below train.loss_scale_min="
+            f"{t.loss_scale_min}: raise the initial scale or lower the floor"
+        )
+    if t.loss_scale_window < 1:
+        raise ConfigError("train.loss_scale_window must be >= 1")
+    if t.max_bad_steps < 1:
+        raise ConfigError("train.max_bad_steps must be >= 1")
 
 
 def check_batch_layout(config: Config, dp_size: int) -> int:

@@ -107,6 +107,13 @@ def any_rank(flag: bool, dims: ParallelDims) -> bool:
     return bool(tensor.item())
 
 
+def max_over_world(flag: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """All-reduce MAX of a small tensor over every rank (tp and dp): one flag agreed by all."""
+    if dims.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
+
 def barrier(dims: ParallelDims) -> None:
     if dims.world_size > 1:
         dist.barrier()

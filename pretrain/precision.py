@@ -1,4 +1,10 @@
-"""Mixed precision: the autocast context for a `train.precision`, and fp16 dynamic loss scaling.
+"""Mixed precision: which precision a run uses, its autocast context, and fp16 loss scaling.
+
+`train.precision: auto` is resolved once at start-up by `choose_precision`: fp16 with loss
+scaling on GPUs below compute capability 8.0 (V100 has fp16 tensor cores but no bf16 ones; torch
+emulates bf16 there), bf16 from 8.0 on; on the CPU bf16 only where the CPU has native bf16
+instructions (AVX512_BF16 or AMX), else fp32 — without them bf16 matrix products run 8-10x
+slower than fp32.
 
 bf16 keeps fp32's exponent range, so it needs autocast only. fp16 gradients underflow without
 scaling: the loss is multiplied by a large power of two before backward, the gradients are
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,6 +25,75 @@ from torch import Tensor
 Precision = Literal["fp32", "bf16", "fp16"]
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# CPU flags (Linux /proc/cpuinfo names) that make bf16 matrix products faster than fp32.
+FAST_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def choose_precision(
+    device_type: str, capability: tuple[int, int] | None, cpu_flags: frozenset[str]
+) -> Precision:
+    """What `train.precision: auto` means on a device: the rule as a pure function of what
+    `detect_capability` and `cpu_flags` observe, so it can be tested for any machine."""
+    if device_type == "cuda":
+        return "bf16" if capability is not None and capability >= (8, 0) else "fp16"
+    if device_type == "cpu":
+        return "bf16" if cpu_flags & FAST_BF16_CPU_FLAGS else "fp32"
+    return "fp32"
+
+
+def detect_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability of `device`, or None for a non-CUDA device."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The instruction-set flags of this CPU (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def resolve_precision(setting: str, device: torch.device) -> tuple[Precision, str]:
+    """The precision to run (`auto` resolved) and why, or ValueError for bf16 on a GPU below
+    compute capability 8.0 (the message names the alternatives)."""
+    capability = detect_capability(device)
+    if setting == "auto":
+        chosen = choose_precision(device.type, capability, cpu_flags())
+        if capability is not None:
+            reason = f"auto: compute capability {capability[0]}.{capability[1]}"
+        elif device.type == "cpu":
+            native = sorted(cpu_flags() & FAST_BF16_CPU_FLAGS)
+            reason = f"auto: CPU {'with ' + ', '.join(native) if native else 'without native bf16'}"
+        else:
+            reason = f"auto: device {device.type}"
+        return chosen, reason
+    if setting == "bf16" and capability is not None and capability < (8, 0):
+        raise ValueError(
+            f"bf16 on a GPU of compute capability {capability[0]}.{capability[1]} (below 8.0, "
+            "e.g. V100) is emulated and slow: use precision auto or fp16"
+        )
+    if setting not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {setting!r}; use auto, fp32, bf16 or fp16")
+    return setting, "as configured"  # type: ignore[return-value]
+
+
+def dtype_summary(precision: Precision, device_type: str, grad_reduction: str) -> str:
+    """One line saying what runs in which dtype (for the start-up log)."""
+    compute = {"fp32": "fp32 (no autocast)", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+    scaling = "dynamic loss scaling" if precision == "fp16" else "no loss scaling"
+    return (
+        f"precision {precision}: matmuls in {compute[precision]} on {device_type}; master "
+        "weights fp32; optimizer state fp32; MLM head (decoder + cross-entropy) fp32 in "
+        f"kernels.linear_cross_entropy; gradients fp32, {grad_reduction}; {scaling}"
+    )
 
 
 def autocast_context(
@@ -31,9 +107,25 @@ def autocast_context(
     return torch.autocast(device_type=device_type, dtype=_AUTOCAST_DTYPES[precision])
 
 
+def unscale_and_find_nonfinite(grads: list[Tensor], inv_scale: float) -> Tensor:
+    """Multiply every gradient by `inv_scale` in place (skipped for 1.0) and return a float
+    flag of shape [1] on the first gradient's device, > 0 if any gradient holds inf or NaN.
+
+    Public per-tensor ops (torch's fused `_amp_foreach_non_finite_check_and_unscale_` is
+    private): two small kernels per parameter tensor, a few hundred per step for BERT, and no
+    CPU-GPU sync here."""
+    device = grads[0].device if grads else torch.device("cpu")
+    found = torch.zeros(1, dtype=torch.float32, device=device)
+    for g in grads:
+        if inv_scale != 1.0:
+            g.mul_(inv_scale)
+        found += (~torch.isfinite(g)).any().to(device=device, dtype=torch.float32)
+    return found
+
+
 class DynamicLossScaler:
-    """Dynamic loss scale for fp16; with `enabled=False` (fp32, bf16) every method is a no-op
-    and the scale stays 1.
+    """Dynamic loss scale for fp16; with `enabled=False` (fp32, bf16) the scale stays 1 and only
+    the finiteness check of `unscale_and_check` remains.
 
     Use per optimizer step:
         scaler.scale_loss(loss).backward()
@@ -79,26 +171,22 @@ class DynamicLossScaler:
     ) -> bool:
         """Divide every gradient by the scale in place; True if any was inf or NaN.
 
-        `reduce_found_inf` receives the local flag (float tensor of shape [1], > 0 means found)
-        and returns the flag agreed by all ranks (e.g. all-reduce MAX over the world), so every
-        rank skips the same steps. Returning a bool is a CPU-GPU sync point (one per step).
+        The check runs in every precision (a disabled scaler only skips the division), so a
+        non-finite step is never applied. `reduce_found_inf` receives the local flag (float
+        tensor of shape [1], > 0 means found) and returns the flag agreed by all ranks (e.g.
+        all-reduce MAX over the world), so every rank skips the same steps. Returning a bool is
+        a CPU-GPU sync point (one per step).
         """
-        if not self.enabled:
-            return False
         grads = [p.grad for p in params if p.grad is not None]
-        by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for g in grads:
-            by_key.setdefault((g.device, g.dtype), []).append(g)
-        device = grads[0].device if grads else torch.device("cpu")
-        found_inf = torch.zeros(1, dtype=torch.float32, device=device)
-        for (dev, _), group in by_key.items():
-            found_here = torch.zeros(1, dtype=torch.float32, device=dev)
-            inv_scale = torch.full((1,), 1.0 / self.scale, dtype=torch.float32, device=dev)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found_here, inv_scale)
-            found_inf += found_here.to(device)
+        found_inf = unscale_and_find_nonfinite(grads, 1.0 / self.scale if self.enabled else 1.0)
         if reduce_found_inf is not None:
             found_inf = reduce_found_inf(found_inf)
         return bool(found_inf.item() > 0)
+
+    @property
+    def at_floor(self) -> bool:
+        """Whether the scale cannot back off any further (an overflow now cannot be cured)."""
+        return self.enabled and self.scale <= self.min_scale
 
     def update(self, found_inf: bool) -> None:
         """Back off after an overflow; grow after `growth_interval` clean steps."""

@@ -5,6 +5,8 @@ Run it with `bert-train --config configs/tiny.yaml data.path=... train.steps=200
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -51,6 +53,7 @@ from pretrain.distributed import (
     ParallelDims,
     all_reduce_sum,
     any_rank,
+    max_over_world,
     setup_parallel,
     shutdown,
 )
@@ -74,7 +77,16 @@ from pretrain.optim import (
 from pretrain.parallel.comm_stats import CommCounter, analytic_bytes
 from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout, tp_grad_norm_fn
 from pretrain.parallel.zero import ZeroRedundancy
-from pretrain.precision import DynamicLossScaler, autocast_context
+from pretrain.precision import (
+    DynamicLossScaler,
+    autocast_context,
+    dtype_summary,
+    resolve_precision,
+)
+
+# Exit code of a run stopped because it diverged (non-finite losses or gradients): it wrote a
+# checkpoint of its last finite state. Distinct from EXIT_RESUBMIT, so job scripts do not retry.
+EXIT_DIVERGED = 3
 
 
 @dataclass
@@ -162,17 +174,45 @@ class _LossStep(nn.Module):
 
 
 def train(config: Config) -> TrainResult:
-    """Pre-train as configured; returns the exit code (0, or 75 when stopped on request)."""
+    """Pre-train as configured; returns the exit code (0; 75 when stopped on request; 3,
+    EXIT_DIVERGED, when stopped because the run diverged)."""
     kernels.set_enabled(config.kernels.enabled)  # false: PyTorch references everywhere (debug)
     env, dims, device = setup_parallel(config)
     try:
-        return _train(config, dims, env.describe(), device)
+        try:
+            precision, why = resolve_precision(config.train.precision, device)
+        except ValueError as error:
+            raise ConfigError(f"train.precision={config.train.precision}: {error}") from None
+        # From here on the resolved precision is the configuration: config.yaml, checkpoints
+        # and every later decision see fp32|bf16|fp16, never auto.
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, precision=precision)
+        )
+        return _train(config, dims, env.describe(), device, why)
     finally:
         shutdown()
 
 
+def _agreed_bad_step(flag: torch.Tensor, loss_is_finite: bool, dims: ParallelDims) -> torch.Tensor:
+    """Every rank's verdict on a step: bad if any rank (tp or dp) saw a non-finite loss or
+    gradient. An inf in one tp rank's weight-gradient shard is seen by that rank alone."""
+    if not loss_is_finite:
+        flag = flag + 1.0
+    return max_over_world(flag, dims)
+
+
+def _params_finite(model: nn.Module, dims: ParallelDims) -> bool:
+    """Whether every parameter of every rank's shard is finite."""
+    local_bad = any(not bool(torch.isfinite(p).all()) for p in model.parameters())
+    return not any_rank(local_bad, dims)
+
+
 def _train(
-    config: Config, dims: ParallelDims, launch_line: str, device: torch.device
+    config: Config,
+    dims: ParallelDims,
+    launch_line: str,
+    device: torch.device,
+    precision_reason: str,
 ) -> TrainResult:
     say = log if dims.is_main else _quiet
     say(launch_line)
@@ -217,7 +257,13 @@ def _train(
         return optimizer_for_groups(share, o.name, o.lr, o.betas, o.eps, dims.tp_group)
 
     optimizer = ZeroRedundancy(groups, build, dims) if config.parallel.zero else build(groups)
-    scaler = DynamicLossScaler(enabled=config.train.precision == "fp16")
+    t = config.train
+    scaler = DynamicLossScaler(
+        enabled=t.precision == "fp16",
+        init_scale=t.loss_scale_init,
+        growth_interval=t.loss_scale_window,
+        min_scale=t.loss_scale_min,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm_fn = tp_grad_norm_fn(model, params, dims)
 
@@ -226,7 +272,14 @@ def _train(
         check_shape(resume_path, read_train_state(resume_path).get("model_shape", {}), shape)
         state = load_checkpoint(resume_path, model, optimizer, dims, sharding)
         step, consumed = state["step"], state["consumed_samples"]
-        scaler.load_state_dict(state["scaler"])
+        saved_precision = state.get("config", {}).get("train", {}).get("precision")
+        if saved_precision in (None, t.precision):
+            scaler.load_state_dict(state["scaler"])
+        else:
+            say(
+                f"precision: the checkpoint was trained in {saved_precision}, this run uses "
+                f"{t.precision} ({precision_reason}); the loss scaler starts afresh"
+            )
         saved = state.get("layout", {})
         say(
             f"resumed from {resume_path} at step {step} ({consumed} samples consumed; saved at "
@@ -258,6 +311,13 @@ def _train(
         f"dp {dims.dp_size} x tp {dims.tp_size}, device {device}, {config.train.precision}, "
         f"mlm {config.mlm.mode}, {accumulation} micro-batch(es) per step"
     )
+    reduction = f"all-reduced over dp {dims.dp_size}" if dims.dp_size > 1 else "no dp all-reduce"
+    say(f"{dtype_summary(t.precision, device.type, reduction)} ({precision_reason})")
+    if scaler.enabled:
+        say(
+            f"loss scale: initial {scaler.scale:g}, doubles after {scaler.growth_interval} "
+            f"clean steps, floor {scaler.min_scale:g}"
+        )
 
     sampler = StreamBatches(
         consumed, config.train.global_batch, config.train.micro_batch, dims.dp_rank, dims.dp_size
@@ -282,6 +342,7 @@ def _train(
             "tokenizer_hash": data.dataset.tokenizer_hash,
             "data_paths": [str(Path(p).resolve()) for p in parse_blend_spec(config.data.path)[0]],
             "tokenizer_dir": str(data.tokenizer_dir.resolve()),
+            "finite": _params_finite(model, dims),  # rotation never removes the newest finite one
         }
 
     def checkpoint() -> None:
@@ -315,6 +376,7 @@ def _train(
         )
     counting = comm if comm is not None else nullcontext()
     interval = _Interval(comm)
+    bad_steps = 0  # steps in a row with a non-finite loss or gradient (none of them applied)
     loss_step.train()
     while step < config.train.steps:
         lr = lr_at(
@@ -339,13 +401,21 @@ def _train(
                     scaler.scale_loss(out.loss / accumulation).backward()
                 step_loss += float(out.loss.detach()) / accumulation  # CPU-GPU sync point
                 interval.add(out, int(batch["attention_mask"].sum()), batch["input_ids"].numel())
-            found_inf = scaler.unscale_and_check(params)
+            # One flag for the whole world (a sync point): every rank skips the same steps.
+            found_inf = scaler.unscale_and_check(
+                params,
+                reduce_found_inf=partial(
+                    _agreed_bad_step, loss_is_finite=math.isfinite(step_loss), dims=dims
+                ),
+            )
             grad_norm = clip_grad_norm_(params, config.optim.clip_grad, norm_fn=grad_norm_fn)
             if not found_inf:
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_scale = scaler.scale
+        overflow_at_floor = found_inf and scaler.at_floor
         scaler.update(found_inf)
+        bad_steps = bad_steps + 1 if found_inf else 0
         step += 1
         consumed += config.train.global_batch
         interval.end_step(step_loss, found_inf)
@@ -365,6 +435,21 @@ def _train(
             result.evals.append(record)
             say(format_line(record))
             interval.start = time.perf_counter()  # evaluation time is not training time
+        diverged = _divergence(bad_steps, overflow_at_floor, config)
+        if diverged is not None:
+            checkpoint()
+            held = (
+                "holds the last finite state"
+                if _params_finite(model, dims)
+                else "has non-finite weights (an applied step overflowed them); rotation kept "
+                "the newest finite checkpoint"
+            )
+            say(
+                f"stopping at step {step} (exit code {EXIT_DIVERGED}): {diverged}; no such step "
+                f"was applied, {result.checkpoint} {held}"
+            )
+            result.exit_code = EXIT_DIVERGED
+            break
         reason = stop.reason()
         if any_rank(reason is not None, dims) and step < config.train.steps:
             checkpoint()
@@ -379,6 +464,23 @@ def _train(
     metrics.close()
     result.step = step
     return result
+
+
+def _divergence(bad_steps: int, overflow_at_floor: bool, config: Config) -> str | None:
+    """Why the run must stop as diverged, or None. Every rank reaches the same verdict: both
+    inputs come from the world-agreed skip flag."""
+    t = config.train
+    if overflow_at_floor:
+        return (
+            f"fp16 overflow with the loss scale at its floor train.loss_scale_min="
+            f"{t.loss_scale_min:g} (lower optim.lr, or use bf16 on a GPU that has it)"
+        )
+    if bad_steps >= t.max_bad_steps:
+        return (
+            f"{bad_steps} steps in a row had a non-finite loss or gradient "
+            f"(train.max_bad_steps={t.max_bad_steps}; lower optim.lr)"
+        )
+    return None
 
 
 def _quiet(message: str) -> None:

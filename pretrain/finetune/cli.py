@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--force", action="store_true", help="replace an earlier bert-finetune output in --out")
     add(
         "--precision",
-        choices=["fp32", "bf16", "fp16"],
+        choices=["auto", "fp32", "bf16", "fp16"],
         default="fp32",
-        help="autocast precision (default fp32; bf16 is faster on recent CPUs and GPUs)",
+        help="autocast precision (default fp32; auto = fp16 below compute capability 8.0, bf16 "
+        "from 8.0, bf16 on CPUs with native bf16, else fp32)",
     )
     add("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     add("--no-progress", action="store_true", help="no progress bar (default: on a terminal)")

@@ -26,6 +26,7 @@ import torch
 from pretrain.config import ConfigError
 from pretrain.finetune import data as data_mod
 from pretrain.finetune import metrics, tasks
+from pretrain.precision import resolve_precision
 
 METRICS_FILE = "metrics.json"
 DEFAULT_MAX_LENGTH = 128
@@ -93,8 +94,8 @@ def check_options(opt: FinetuneOptions) -> None:
         raise FinetuneError("--patience and --eval-every must be >= 0")
     if opt.max_train_examples is not None and opt.max_train_examples < 1:
         raise FinetuneError("--max-train-examples must be at least 1")
-    if opt.precision not in ("fp32", "bf16", "fp16"):
-        raise FinetuneError(f"--precision {opt.precision!r}: choose fp32, bf16 or fp16")
+    if opt.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise FinetuneError(f"--precision {opt.precision!r}: choose auto, fp32, bf16 or fp16")
     if not opt.model.is_dir():
         raise FinetuneError(f"--model {opt.model}: no such directory")
     if not (opt.model / "config.json").is_file():
@@ -298,8 +299,10 @@ def run(opt: FinetuneOptions) -> dict[str, Any]:
     check_options(opt)
     out = output_dir(opt)
     device = pick_device(opt.device)
-    if opt.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise FinetuneError("--precision bf16: this GPU has no bf16 support; use fp16")
+    try:  # auto resolved as in bert-train; bf16 below compute capability 8.0 (V100) refused
+        opt.precision, _ = resolve_precision(opt.precision, device)
+    except ValueError as error:
+        raise FinetuneError(f"--precision {opt.precision}: {error}") from None
 
     # Data first: a wrong column should fail in a second, not after loading the model.
     train_examples = data_mod.sample(read_examples(opt, opt.train, True), opt.max_train_examples)

@@ -63,3 +63,32 @@ def test_model_shape_resolution():
     assert resolve_model_shape(load_config(None, ["model.size=base"]), 30522).norm == "post"
     with pytest.raises(ConfigError, match="not divisible"):
         resolve_model_shape(load_config(None, ["model.hidden=100", "model.heads=3"]), 100)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.loss_scale_init=nan", "train.loss_scale_init=nan must be a positive finite"),
+        ("train.loss_scale_init=0", "train.loss_scale_init=0.0 must be a positive finite"),
+        ("train.loss_scale_min=inf", "train.loss_scale_min=inf must be a positive finite"),
+        ("train.loss_scale_min=1e6", "is below train.loss_scale_min"),
+        ("train.loss_scale_window=0", "train.loss_scale_window must be >= 1"),
+        ("train.max_bad_steps=0", "train.max_bad_steps must be >= 1"),
+        ("train.precision=fp8", "train.precision='fp8' is not one of auto|fp32|bf16|fp16"),
+    ],
+)
+def test_loss_scaling_keys_are_validated(override, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert fragment in str(error.value)
+
+
+def test_every_shipped_config_leaves_precision_to_auto():
+    """Oracle: the issue — `auto` is the default and what every shipped config says."""
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert configs
+    assert load_config(None).train.precision == "auto"
+    for path in configs:
+        assert load_config(path).train.precision == "auto", path

@@ -321,3 +321,19 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"bert-finetune: error: --model {tmp_path / 'missing'}: no such directory"
     ]
+
+
+def test_bf16_refused_on_a_capability_7_gpu(export, tmp_path, capsys, monkeypatch):
+    """A simulated V100 (CUDA availability and the capability query patched at torch's
+    boundary): --precision bf16 ends in one line naming auto/fp16, before any data is read."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    train = write_tsv(tmp_path / "train.tsv", keyword_rows(8, 0))
+    code, stdout, stderr = run_cli(
+        ["--model", str(export), "--task", "classify", "--train", str(train), "--dev",
+         str(train), "--precision", "bf16", "--out", str(tmp_path / "o")],
+        capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1
+    assert "compute capability 7.0" in stderr and "auto or fp16" in stderr

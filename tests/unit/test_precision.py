@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.precision import DynamicLossScaler, autocast_context
+from pretrain.precision import (
+    DynamicLossScaler,
+    autocast_context,
+    choose_precision,
+    cpu_flags,
+    resolve_precision,
+)
 
 torch.set_num_threads(1)
 
@@ -83,16 +89,56 @@ def test_reduce_found_inf_hook_decides() -> None:
     assert seen == [0.0]
 
 
-def test_disabled_scaler_is_a_no_op() -> None:
-    """fp32/bf16: scale 1, gradients untouched, nothing ever skipped or grown."""
+def test_disabled_scaler_only_checks_finiteness() -> None:
+    """fp32/bf16: scale 1, gradients untouched, nothing grown; a non-finite gradient is still
+    reported (the divergence stop works in every precision)."""
     scaler = DynamicLossScaler(enabled=False)
     loss = torch.tensor(3.0)
     assert scaler.scale_loss(loss) is loss
+    finite = _param_with_grad(torch.tensor([3.0, -1.5]))
+    assert scaler.unscale_and_check([finite]) is False
+    assert torch.equal(finite.grad, torch.tensor([3.0, -1.5]))
     p = _param_with_grad(torch.tensor([float("inf")]))
-    assert scaler.unscale_and_check([p]) is False
+    assert scaler.unscale_and_check([p]) is True
     scaler.update(True)
-    assert scaler.scale == 1.0
+    assert scaler.scale == 1.0 and not scaler.at_floor
     assert torch.isinf(p.grad).all()
+
+
+def test_auto_precision_rule() -> None:
+    """Oracle: the rule of the issue — fp16 below compute capability 8.0, bf16 from 8.0; on the
+    CPU bf16 only with native bf16 instructions (AVX512_BF16 or AMX), fp32 on AVX2-only CPUs."""
+    avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+    assert choose_precision("cuda", (7, 0), avx2) == "fp16"  # V100
+    assert choose_precision("cuda", (7, 5), avx2) == "fp16"  # T4
+    assert choose_precision("cuda", (8, 0), avx2) == "bf16"  # A100
+    assert choose_precision("cuda", (9, 0), frozenset()) == "bf16"  # H100
+    assert choose_precision("cpu", None, avx2) == "fp32"
+    assert choose_precision("cpu", None, avx2 | {"avx512f", "avx512bw"}) == "fp32"
+    assert choose_precision("cpu", None, avx2 | {"avx512f", "avx512_bf16"}) == "bf16"
+    assert choose_precision("cpu", None, avx2 | {"amx_bf16", "amx_tile"}) == "bf16"
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path) -> None:
+    """Oracle: a hand-written /proc/cpuinfo excerpt; a missing file means no flags."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\nbogomips\t: 1\n")
+    assert cpu_flags(info) == frozenset({"fpu", "avx2", "avx512_bf16"})
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+
+
+def test_bf16_refused_below_capability_8(monkeypatch) -> None:
+    """A simulated V100 (the capability query patched): bf16 is refused naming auto/fp16, auto
+    resolves to fp16, fp16 and fp32 pass."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="auto or fp16"):
+        resolve_precision("bf16", gpu)
+    assert resolve_precision("auto", gpu)[0] == "fp16"
+    assert resolve_precision("fp16", gpu)[0] == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_precision("bf16", gpu)[0] == "bf16"
+    assert resolve_precision("auto", gpu)[0] == "bf16"
 
 
 def test_state_round_trip_through_json() -> None:
