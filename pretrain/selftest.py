@@ -31,8 +31,9 @@ from kernels import dispatch
 from kernels.lamb import lamb_step_reference
 from pretrain.config import MLMConfig, ModelShape
 from pretrain.distributed import ParallelDims, build_dims, max_over_world
+from pretrain.masking import IGNORE
 from pretrain.model import build_model
-from pretrain.objectives import IGNORE, pretraining_loss
+from pretrain.objectives import pretraining_loss
 from pretrain.optim import build_param_groups, clip_grad_norm_, optimizer_for_groups
 from pretrain.parallel.parallelize import apply_tensor_parallel, tp_grad_norm_fn
 from pretrain.precision import (
