@@ -136,7 +136,7 @@ def _print_timing_and_next_steps(
     tokens = result.step * config.train.global_batch * config.data.seq_len
     print(
         f"summary: demo took {seconds:.0f} s; training {train_seconds:.0f} s, {tokens:,} token "
-        f"slots, {tokens / max(train_seconds, 1e-9):,.0f} per second ({config.train.precision})"
+        f"slots, {tokens / max(train_seconds, 1e-9):,.0f} per second"
     )
     print(
         "next: fine-tune the export (after `make install`, which adds transformers): "
