@@ -60,6 +60,8 @@ def _split_sentences(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets = dataset.document_sentence_offsets()
     counts = offsets[docs + 1] - offsets[docs]
+    if len(docs) == 0:  # no held-out split (data.valid_fraction=0, or a one-document corpus)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), counts
     sentences = np.concatenate([np.arange(offsets[d], offsets[d + 1]) for d in docs] or [[]])
     sentences = sentences.astype(np.int64)
     doc_start = np.zeros(len(sentences), dtype=bool)
@@ -378,3 +380,16 @@ def most_frequent_token(dataset: IndexedDataset, max_sentences: int = 20000) -> 
         counts += np.bincount(np.asarray(dataset.sentence(i)), minlength=dataset.vocab_size)
     counts[:5] = 0
     return int(counts.argmax())
+
+
+def check_token_ids(batch: dict[str, torch.Tensor], vocab_size: int, source: str | list) -> None:
+    """Refuse token ids outside the tokenizer's vocabulary (a shard encoded with another
+    tokenizer, or corrupted): two max() per batch on the host, before the ids reach the model.
+    Every original token of a sample is in `input_ids` (unchanged positions) or in `labels`
+    (the masked ones)."""
+    largest = max(int(batch["input_ids"].max()), int(batch["labels"].max()))
+    if largest >= vocab_size:
+        raise ConfigError(
+            f"data.path={source} holds token id {largest}, but the tokenizer's vocabulary has "
+            f"{vocab_size} ids: re-encode the data with its tokenizer (bert-prep encode)"
+        )

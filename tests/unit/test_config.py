@@ -63,3 +63,44 @@ def test_model_shape_resolution():
     assert resolve_model_shape(load_config(None, ["model.size=base"]), 30522).norm == "post"
     with pytest.raises(ConfigError, match="not divisible"):
         resolve_model_shape(load_config(None, ["model.hidden=100", "model.heads=3"]), 100)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.layers=-1", "model.layers=-1 must be >= 1"),
+        ("model.dropout=5", "model.dropout=5.0 must be >= 0 and < 1"),
+        ("train.eval_batches=0", "train.eval_batches=0 must be >= 1"),
+        ("train.eval_batches=-3", "train.eval_batches=-3 must be >= 1"),
+        ("data.workers=-1", "data.workers=-1 must be >= 0"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps=-5 must be >= 0"),
+        ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+        ("optim.clip_grad=.inf", "optim.clip_grad=inf must be a finite number"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas=(0.9, 1.5) must be >= 0 and < 1"),
+        ("train.walltime_s=-1", "train.walltime_s=-1.0 must be >= 0"),
+        ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be > 0"),
+        ("mlm.mask_rate=1", "mlm.mask_rate=1.0 must be > 0 and < 1"),
+    ],
+)
+def test_out_of_range_numbers_are_refused(override, fragment):
+    """Oracle: the Range each field declares; before it, all of these were accepted."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert fragment in str(error.value)
+
+
+def test_every_numeric_field_declares_a_range():
+    """A new numeric key without a Range would silently accept nonsense again."""
+    import dataclasses
+    import typing
+
+    from pretrain.config import Config
+
+    config = Config()
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        hints = typing.get_type_hints(type(values))
+        for item in dataclasses.fields(values):
+            numeric = {int, float} & set(typing.get_args(hints[item.name]) or (hints[item.name],))
+            if numeric and hints[item.name] is not bool:
+                assert "range" in item.metadata, f"{section.name}.{item.name} has no Range"
