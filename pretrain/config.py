@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -150,7 +151,13 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = ranged(1234, 0)
     resume: str = "auto"
-    """auto = latest checkpoint in checkpoint.dir if there is one; none; or a checkpoint path."""
+    """auto = the newest intact checkpoint in checkpoint.dir if there is one; none = a new run
+    (refused if the directory holds another run); start_over = a new run that first moves the
+    previous one to OUT_DIR/previous-<time>/; or a checkpoint path."""
+    resume_changes: Literal["refuse", "allow"] = "refuse"
+    """allow = resume even though the data, sequence length, objective, optimizer, seed or
+    global batch differ from the checkpoint's (each change is logged). Never the tokenizer or
+    model shape: start from weights with init_from for that."""
     init_from: str | None = None
     """Weights to start from with a fresh schedule: our checkpoint or a Hugging Face BERT dir."""
     eval_every: int = ranged(200, 1)
@@ -435,6 +442,22 @@ def check_batch_layout(config: Config, dp_size: int) -> int:
 
 
 def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config atomically (a full disk leaves the previous file, not an empty
+    one)."""
     data = config.to_dict()
     data["optim"]["betas"] = list(data["optim"]["betas"])
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync, then rename over `path`; on failure remove the temp."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

@@ -22,10 +22,11 @@ import kernels
 from launch.signals import EXIT_RESUBMIT, StopRequest
 from pretrain.blend import parse_blend_spec
 from pretrain.checkpoint import (
+    check_intact,
     check_shape,
-    latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    newest_intact_checkpoint,
     read_train_state,
     resolve_checkpoint,
     save_checkpoint,
@@ -43,6 +44,7 @@ from pretrain.data import (
     EVAL_MLM,
     StreamBatches,
     build_loader,
+    check_token_ids,
     eval_batches,
     most_frequent_token,
     open_training_data,
@@ -68,6 +70,7 @@ from pretrain.parallel.comm_stats import CommCounter, analytic_bytes, lamb_tenso
 from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout, tp_grad_norm_fn
 from pretrain.parallel.zero import ZeroRedundancy
 from pretrain.precision import DynamicLossScaler, autocast_context
+from pretrain.run_dir import check_owner, check_resume, claim_run_dir
 
 
 @dataclass
@@ -89,16 +92,20 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _find_resume(config: Config) -> Path | None:
+def _find_resume(config: Config, dims: ParallelDims, say: Any) -> Path | None:
+    """The checkpoint to continue from (verified), after checking the directory's owner."""
     setting = config.train.resume
-    if setting == "none":
-        return None
+    path = None
     if setting == "auto":
-        return latest_checkpoint(config.checkpoint_dir)
-    return resolve_checkpoint(setting)
+        path = newest_intact_checkpoint(config.checkpoint_dir, dims, say)
+    elif setting not in ("none", "start_over"):
+        path = resolve_checkpoint(setting)
+        check_intact(path, dims)
+    check_owner(config.checkpoint_dir, path, dims, say)
+    return path
 
 
-def _init_weights_from(path_text: str, model: Bert) -> None:
+def _init_weights_from(path_text: str, model: Bert, dims: ParallelDims | None = None) -> None:
     """Weights only, fresh schedule: our checkpoint, or a Hugging Face BERT directory."""
     path = Path(path_text)
     if (path / "config.json").is_file():
@@ -107,6 +114,7 @@ def _init_weights_from(path_text: str, model: Bert) -> None:
         load_hf_weights(path, model)
         return
     path = resolve_checkpoint(path)
+    check_intact(path, dims)
     check_shape(path, read_train_state(path).get("model_shape", {}), model.shape)
     load_model_weights(path, model)
 
@@ -159,7 +167,8 @@ def train(config: Config) -> TrainResult:
     kernels.set_enabled(config.kernels.enabled)  # false: PyTorch references everywhere (debug)
     env, dims, device = setup_parallel(config)
     try:
-        return _train(config, dims, env.describe(), device)
+        with claim_run_dir(config, dims, log if dims.is_main else _quiet):
+            return _train(config, dims, env.describe(), device)
     finally:
         shutdown()
 
@@ -193,9 +202,10 @@ def _train(
     # the same weights.
     model = build_model(shape, "cpu")
     apply_recompute(model, config.train.recompute)
-    resume_path = _find_resume(config)
+    resume_path = _find_resume(config, dims, say)
+    data_paths = [str(Path(p).resolve()) for p in parse_blend_spec(config.data.path)[0]]
     if resume_path is None and config.train.init_from:
-        _init_weights_from(config.train.init_from, model)  # whole weights, before splitting
+        _init_weights_from(config.train.init_from, model, dims)  # whole weights, before splitting
         say(f"initialised weights from {config.train.init_from}")
     try:
         apply_tensor_parallel(model, dims)
@@ -216,7 +226,9 @@ def _train(
 
     step, consumed = 0, 0
     if resume_path is not None:
-        check_shape(resume_path, read_train_state(resume_path).get("model_shape", {}), shape)
+        stored = read_train_state(resume_path)
+        check_shape(resume_path, stored.get("model_shape", {}), shape)
+        check_resume(stored, resume_path, config, data.dataset.tokenizer_hash, data_paths, say)
         state = load_checkpoint(resume_path, model, optimizer, dims, sharding)
         step, consumed = state["step"], state["consumed_samples"]
         scaler.load_state_dict(state["scaler"])
@@ -261,6 +273,8 @@ def _train(
         if data.valid is not None
         else []
     )
+    for batch in held_out:
+        check_token_ids(batch, data.dataset.vocab_size, config.data.path)
     result = TrainResult(exit_code=0, step=step, is_main=dims.is_main)
     if held_out:
         result.baseline_acc = baseline_accuracy(held_out, most_frequent_token(data.dataset))
@@ -273,7 +287,7 @@ def _train(
             "model_shape": asdict(shape),
             "layout": {"tp": dims.tp_size, "dp": dims.dp_size, "world_size": dims.world_size},
             "tokenizer_hash": data.dataset.tokenizer_hash,
-            "data_paths": [str(Path(p).resolve()) for p in parse_blend_spec(config.data.path)[0]],
+            "data_paths": data_paths,
             "tokenizer_dir": str(data.tokenizer_dir.resolve()),
         }
 
@@ -323,7 +337,9 @@ def _train(
         step_loss = 0.0
         with counting:
             for micro in range(accumulation):
-                batch = _to_device(next(batches), device)
+                batch = next(batches)
+                check_token_ids(batch, data.dataset.vocab_size, config.data.path)
+                batch = _to_device(batch, device)
                 last = micro == accumulation - 1
                 sync = nullcontext() if last or dims.dp_size == 1 else loss_step.no_sync()
                 with sync:
