@@ -17,19 +17,21 @@ however many ranks there are. Directories are never deleted in place: they are r
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pretrain.config import ConfigError, ModelShape
@@ -86,6 +88,14 @@ def _merge_checksums(directory: Path, own: list[str]) -> None:
     (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True), "utf-8")
 
 
+def non_finite_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def remove_dir(path: Path) -> None:
     """Delete a directory so that a kill midway leaves only a `.trash-*` name (swept later),
     never a half-deleted directory under its real name."""
@@ -105,6 +115,14 @@ def sweep_leftovers(root: Path) -> list[str]:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     return removed
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' writer reports a full disk as SafetensorError: make it the OSError it is."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as error:
+        raise OSError(errno.EIO, str(error).splitlines()[0], str(path)) from None
 
 
 def _model_file(tp_rank: int) -> str:
@@ -163,11 +181,11 @@ def save_checkpoint(
         written = []
         if writes:
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(state, str(temp / _model_file(tp_rank)))
+            _save_tensors(state, temp / _model_file(tp_rank))
             written.append(_model_file(tp_rank))
         if writes or zero:
             optimizer_state = _optimizer_tensors(model, optimizer)
-            save_file(optimizer_state, str(temp / _optimizer_file(tp_rank, dp_rank)))
+            _save_tensors(optimizer_state, temp / _optimizer_file(tp_rank, dp_rank))
             written.append(_optimizer_file(tp_rank, dp_rank))
         if written:
             _write_checksums(temp, written, f"tp{tp_rank:02d}_dp{dp_rank:02d}")
@@ -179,7 +197,9 @@ def save_checkpoint(
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
-            torch.save(rng, temp / "rng.pt")
+            buffer = io.BytesIO()  # torch.save reports a failed write as a RuntimeError
+            torch.save(rng, buffer)
+            (temp / "rng.pt").write_bytes(buffer.getvalue())
             info = dict(
                 train_state, format_version=FORMAT_VERSION, step=step, sharding=sharding or {}
             )
