@@ -458,6 +458,9 @@ def write_text_atomic(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+    except OSError as error:  # a failed write() names no file: name the one we meant
+        temp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

@@ -44,8 +44,11 @@ class MetricsLog:
         if not self.enabled:
             return
         clean = {k: _json_number(v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(clean) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(clean) + "\n")
+        except OSError as error:  # a failed write() names no file
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
         if self._tensorboard is not None:
             prefix = "valid/" if record.get("split") == "valid" else "train/"
             for key, value in clean.items():
