@@ -93,9 +93,7 @@ def move_run_aside(out_dir: Path, checkpoint_dir: Path) -> list[Path]:
 
 
 @contextmanager
-def claim_run_dir(
-    config: Config, dims: ParallelDims, say: Callable[[str], None]
-) -> Iterator[None]:
+def claim_run_dir(config: Config, dims: ParallelDims, say: Callable[[str], None]) -> Iterator[None]:
     """Hold OUT_DIR's lock for the block (main rank); every rank fails alike if it cannot."""
     out_dir = Path(config.train.out_dir)
     handle = None
