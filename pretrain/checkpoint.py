@@ -96,25 +96,33 @@ def non_finite_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None
     return None
 
 
+def _move_to_trash(path: Path) -> Path:
+    trash = path.parent / f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.time_ns()}"
+    os.replace(path, trash)
+    return trash
+
+
 def remove_dir(path: Path) -> None:
     """Delete a directory so that a kill midway leaves only a `.trash-*` name (swept later),
     never a half-deleted directory under its real name."""
-    trash = path.parent / f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.time_ns()}"
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(_move_to_trash(path), ignore_errors=True)
 
 
 def sweep_leftovers(root: Path) -> list[str]:
-    """Remove what killed runs left in a checkpoint root: `.trash-*` directories and unfinished
-    `.step_*.tmp` writes. Only the run directory's lock holder may call this."""
-    removed = []
-    for entry in root.iterdir() if root.is_dir() else []:
-        if entry.name.startswith(TRASH_PREFIX) or (
-            entry.name.startswith(".step_") and entry.name.endswith(".tmp")
-        ):
+    """Tidy what killed runs left in a checkpoint root: `.trash-*` directories and unfinished
+    `.step_*.tmp` writes are removed; a finished one (COMPLETE) whose step directory is missing
+    (a kill while it replaced an older copy of the same step) is renamed into place. Only the
+    run directory's lock holder may call this."""
+    done = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        temp = re.match(r"^\.(step_\d+)\.tmp$", entry.name)
+        if temp and (entry / COMPLETE).is_file() and not (root / temp.group(1)).exists():
+            os.replace(entry, root / temp.group(1))
+            done.append(f"{entry.name} -> {temp.group(1)}")
+        elif temp or entry.name.startswith(TRASH_PREFIX):
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry.name)
-    return removed
+            done.append(entry.name)
+    return done
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -208,9 +216,12 @@ def save_checkpoint(
             _merge_checksums(temp, ["rng.pt", "train_state.json"])
             _fsync_tree(temp)
             (temp / COMPLETE).write_text("ok\n", encoding="utf-8")
-            if final.exists():  # the same step written again (e.g. a resumed run's final save)
-                remove_dir(final)
+            # The same step written again (e.g. a resumed run's final save): the old copy is
+            # renamed aside, the new one renamed in, and only then is the old one deleted.
+            old = _move_to_trash(final) if final.exists() else None
             os.replace(temp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             pointer = root / "latest.tmp"
             pointer.write_text(final.name + "\n", encoding="utf-8")
             os.replace(pointer, root / "latest")

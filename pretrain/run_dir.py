@@ -103,7 +103,7 @@ def claim_run_dir(config: Config, dims: ParallelDims, say: Callable[[str], None]
             handle = lock_run_dir(out_dir)
             swept = sweep_leftovers(config.checkpoint_dir)
             if swept:
-                say(f"removed {len(swept)} leftover(s) of a killed run: {', '.join(swept)}")
+                say(f"tidied {len(swept)} leftover(s) of a killed run: {', '.join(swept)}")
             if config.train.resume == "start_over":
                 for moved in move_run_aside(out_dir, config.checkpoint_dir):
                     say(f"start over: the previous run was moved to {moved}")

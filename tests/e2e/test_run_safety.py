@@ -263,3 +263,22 @@ def test_a_crashed_lock_holder_leaves_no_lock(tmp_path):
         holder.kill()
         holder.wait()
     lock_run_dir(tmp_path).close()
+
+
+def test_sweep_finishes_or_removes_what_a_kill_left(tmp_path):
+    """Oracle: the write protocol. A finished temporary (COMPLETE inside) whose step is missing
+    was cut while replacing an older copy of that step: it is renamed into place; an unfinished
+    temporary and `.trash-*` directories are removed."""
+    from pretrain.checkpoint import sweep_leftovers
+
+    for name, complete in ((".step_000005.tmp", True), (".step_000006.tmp", False),
+                           (".trash-step_000001-12-34", True), ("step_000004", True)):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_tp00.safetensors").write_bytes(name.encode())
+        if complete:
+            (tmp_path / name / "COMPLETE").write_text("ok\n")
+    sweep_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000004", "step_000005"]
+    assert (tmp_path / "step_000005" / "model_tp00.safetensors").read_bytes() == (
+        b".step_000005.tmp"
+    )
