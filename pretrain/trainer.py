@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -92,7 +93,7 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _find_resume(config: Config, dims: ParallelDims, say: Any) -> Path | None:
+def _find_resume(config: Config, dims: ParallelDims, say: Callable[[str], None]) -> Path | None:
     """The checkpoint to continue from (verified), after checking the directory's owner."""
     setting = config.train.resume
     path = None
