@@ -150,6 +150,7 @@ class TrainConfig:
     """Samples per optimizer step over all ranks (the rest is gradient accumulation)."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = ranged(1234, 0)
+    """Seeds the weights, dropout, data order and masking (a resumed run keeps its own)."""
     resume: str = "auto"
     """auto = the newest intact checkpoint in checkpoint.dir if there is one; none = a new run
     (refused if the directory holds another run); start_over = a new run that first moves the
@@ -161,12 +162,17 @@ class TrainConfig:
     init_from: str | None = None
     """Weights to start from with a fresh schedule: our checkpoint or a Hugging Face BERT dir."""
     eval_every: int = ranged(200, 1)
+    """Evaluate on the held-out batches every this many steps (and at the last step)."""
     eval_batches: int = ranged(10, 1)
     """Held-out micro-batches per evaluation (data.valid_fraction=0 turns evaluation off)."""
     log_every: int = ranged(10, 1)
+    """Write a metrics.jsonl line every this many steps."""
     out_dir: str = "runs/default"
+    """The run directory (config.yaml, metrics.jsonl, checkpoints/); it holds one run."""
     compile: bool = False
+    """torch.compile the model (the first steps pay the compile time)."""
     recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: selective = attention core only, full = whole layers."""
     walltime_s: float | None = ranged(None, 0.0)
     """Checkpoint and exit with code 75 this long after start (for schedulers with no signal)."""
     comm_stats: bool = False
@@ -179,18 +185,23 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     name: Literal["lamb", "adamw"] = "lamb"
+    """LAMB (per-layer trust ratio, for large batches) or AdamW."""
     lr: float = ranged(1e-3, 0.0, low_open=True)
     """Peak learning rate, reached at the end of the warm-up."""
     warmup_steps: int = ranged(100, 0)
+    """Linear warm-up from 0 to optim.lr over this many steps."""
     decay: Literal["poly", "linear", "cosine"] = "poly"
+    """Decay after the warm-up, down to min_lr_ratio x lr at train.steps."""
     min_lr_ratio: float = ranged(0.0, 0.0, 1.0)
     """Final learning rate as a fraction of optim.lr."""
     power: float = ranged(1.0, 0.0, low_open=True)
     """Exponent of the polynomial decay (1.0 = linear)."""
     weight_decay: float = ranged(0.01, 0.0)
+    """Decoupled weight decay (not applied to biases and LayerNorm weights)."""
     betas: tuple[float, float] = ranged((0.9, 0.999), 0.0, 1.0, high_open=True)
     """Adam/LAMB moment decay rates (each checked against the range)."""
     eps: float = ranged(1e-6, 0.0, low_open=True)
+    """Added to the denominator of the Adam/LAMB update."""
     clip_grad: float = ranged(1.0, 0.0)
     """Global gradient-norm clip; 0 disables."""
 
