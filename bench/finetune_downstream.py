@@ -167,7 +167,7 @@ def pretrain(name: str, data_dir: Path, cache: Path, args: argparse.Namespace) -
         f"train.global_batch={batch}",
         "train.precision=bf16",
         f"train.seed={seed}",
-        "train.resume=none",
+        "train.resume=start_over",
         f"train.eval_every={max(1, steps // 4)}",
         "train.eval_batches=4",
         "train.log_every=50",

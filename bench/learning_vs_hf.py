@@ -44,7 +44,7 @@ def ours(data_dir: Path, out_dir: Path, steps: int, eval_every: int) -> dict[int
             f"data.valid_fraction={VALID_FRACTION}",
             f"train.steps={steps}",
             f"train.seed={SEED}",
-            "train.resume=none",
+            "train.resume=start_over",
             f"train.eval_every={eval_every}",
             "train.eval_batches=4",
             f"train.out_dir={out_dir}",

@@ -71,9 +71,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except OSError as error:  # a full disk, an unwritable directory, a missing file
+        print(f"bert-train: error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bert-train: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line naming the path and the reason, e.g. `cannot write runs/x/config.yaml: No space
+    left on device`."""
+    reason = error.strerror or str(error).splitlines()[0] or type(error).__name__
+    if error.filename is None:
+        return reason
+    return f"{error.filename}: {reason} (check the path, its permissions and free space)"
 
 
 if __name__ == "__main__":

@@ -7,30 +7,42 @@ layout, model shape, and how each split parameter was split). Loading assembles 
 tensor from the shards and cuts the current layout's piece, so a checkpoint loads at any tp/dp.
 It is written under a temporary name, fsynced, given a COMPLETE marker and only then renamed, so
 a job killed mid-write never leaves something that looks like a good checkpoint.
+
+Integrity: every file's SHA-256 is recorded in `checksums.json` (each writing rank hashes the
+files it wrote). `verify_checkpoint` splits the files over the ranks, so each byte is read once
+however many ranks there are. Directories are never deleted in place: they are renamed to a
+`.trash-*` name first and removed after, and `sweep_leftovers` removes what a kill left behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pretrain.config import ConfigError, ModelShape
-from pretrain.distributed import ParallelDims, barrier
+from pretrain.distributed import ParallelDims, any_rank, barrier
 from pretrain.parallel.zero import ZeroRedundancy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums.json
 COMPLETE = "COMPLETE"
+CHECKSUMS = "checksums.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TRASH_PREFIX = ".trash-"
 
 
 class CheckpointError(ConfigError):
@@ -50,6 +62,75 @@ def _fsync_tree(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_checksums(directory: Path, names: list[str], tag: str) -> None:
+    """Hash the files this rank wrote into a small side file the main rank merges."""
+    sums = {name: sha256_file(directory / name) for name in names}
+    (directory / f"{tag}.sha256.json").write_text(json.dumps(sums), encoding="utf-8")
+
+
+def _merge_checksums(directory: Path, own: list[str]) -> None:
+    """One `checksums.json` for the whole checkpoint: the ranks' side files plus `own`."""
+    sums: dict[str, str] = {}
+    for side in sorted(directory.glob("*.sha256.json")):
+        sums.update(json.loads(side.read_text(encoding="utf-8")))
+        side.unlink()
+    sums.update({name: sha256_file(directory / name) for name in own})
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True), "utf-8")
+
+
+def non_finite_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _move_to_trash(path: Path) -> Path:
+    trash = path.parent / f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.time_ns()}"
+    os.replace(path, trash)
+    return trash
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that a kill midway leaves only a `.trash-*` name (swept later),
+    never a half-deleted directory under its real name."""
+    shutil.rmtree(_move_to_trash(path), ignore_errors=True)
+
+
+def sweep_leftovers(root: Path) -> list[str]:
+    """Tidy what killed runs left in a checkpoint root: `.trash-*` directories and unfinished
+    `.step_*.tmp` writes are removed; a finished one (COMPLETE) whose step directory is missing
+    (a kill while it replaced an older copy of the same step) is renamed into place. Only the
+    run directory's lock holder may call this."""
+    done = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        temp = re.match(r"^\.(step_\d+)\.tmp$", entry.name)
+        if temp and (entry / COMPLETE).is_file() and not (root / temp.group(1)).exists():
+            os.replace(entry, root / temp.group(1))
+            done.append(f"{entry.name} -> {temp.group(1)}")
+        elif temp or entry.name.startswith(TRASH_PREFIX):
+            shutil.rmtree(entry, ignore_errors=True)
+            done.append(entry.name)
+    return done
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' writer reports a full disk as SafetensorError: make it the OSError it is."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as error:
+        raise OSError(errno.EIO, str(error).splitlines()[0], str(path)) from None
 
 
 def _model_file(tp_rank: int) -> str:
@@ -94,38 +175,73 @@ def save_checkpoint(
     zero = isinstance(optimizer, ZeroRedundancy) and optimizer.dims.dp_size > 1
     final = root / step_dir_name(step)
     temp = root / f".{final.name}.tmp"
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if temp.exists():
-            shutil.rmtree(temp)
-        temp.mkdir()
-    _barrier(dims)
-    if writes:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(temp / _model_file(tp_rank)))
-    if writes or zero:
-        optimizer_state = _optimizer_tensors(model, optimizer)
-        save_file(optimizer_state, str(temp / _optimizer_file(tp_rank, dp_rank)))
-    _barrier(dims)
-    if is_main:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, temp / "rng.pt")
-        info = dict(train_state, format_version=FORMAT_VERSION, step=step, sharding=sharding or {})
-        info["optimizer_parts"] = dims.dp_size if zero else 1
-        (temp / "train_state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-        _fsync_tree(temp)
-        (temp / COMPLETE).write_text("ok\n", encoding="utf-8")
-        if final.exists():  # the same step written again (e.g. a resumed run's final save)
-            shutil.rmtree(final)
-        os.replace(temp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n", encoding="utf-8")
-        os.replace(pointer, root / "latest")
-        _prune(root, keep)
-    _barrier(dims)
+    error: OSError | None = None
+    try:
+        if is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if temp.exists():
+                shutil.rmtree(temp)
+            temp.mkdir()
+    except OSError as caught:
+        error = caught
+    _agree(error, dims, temp, step)
+    try:
+        written = []
+        if writes:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            _save_tensors(state, temp / _model_file(tp_rank))
+            written.append(_model_file(tp_rank))
+        if writes or zero:
+            optimizer_state = _optimizer_tensors(model, optimizer)
+            _save_tensors(optimizer_state, temp / _optimizer_file(tp_rank, dp_rank))
+            written.append(_optimizer_file(tp_rank, dp_rank))
+        if written:
+            _write_checksums(temp, written, f"tp{tp_rank:02d}_dp{dp_rank:02d}")
+    except OSError as caught:  # e.g. the disk is full: no rank may go on as if it were written
+        error = caught
+    _agree(error, dims, temp, step)
+    try:
+        if is_main:
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            buffer = io.BytesIO()  # torch.save reports a failed write as a RuntimeError
+            torch.save(rng, buffer)
+            (temp / "rng.pt").write_bytes(buffer.getvalue())
+            info = dict(
+                train_state, format_version=FORMAT_VERSION, step=step, sharding=sharding or {}
+            )
+            info["optimizer_parts"] = dims.dp_size if zero else 1
+            (temp / "train_state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+            _merge_checksums(temp, ["rng.pt", "train_state.json"])
+            _fsync_tree(temp)
+            (temp / COMPLETE).write_text("ok\n", encoding="utf-8")
+            # The same step written again (e.g. a resumed run's final save): the old copy is
+            # renamed aside, the new one renamed in, and only then is the old one deleted.
+            old = _move_to_trash(final) if final.exists() else None
+            os.replace(temp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            pointer = root / "latest.tmp"
+            pointer.write_text(final.name + "\n", encoding="utf-8")
+            os.replace(pointer, root / "latest")
+            _prune(root, keep)
+    except OSError as caught:
+        error = caught
+    _agree(error, dims, temp, step)
     return final
+
+
+def _agree(error: OSError | None, dims: ParallelDims | None, temp: Path, step: int) -> None:
+    """All ranks stop together when any failed to write; nothing half-written stays behind."""
+    failed = error is not None if dims is None else any_rank(error is not None, dims)
+    if not failed:
+        return
+    if dims is None or dims.is_main:
+        shutil.rmtree(temp, ignore_errors=True)
+    if error is not None:
+        raise error
+    raise CheckpointError(f"checkpoint of step {step} not written: another rank failed to write")
 
 
 def _barrier(dims: ParallelDims | None) -> None:
@@ -133,7 +249,82 @@ def _barrier(dims: ParallelDims | None) -> None:
         barrier(dims)
 
 
-def _complete_steps(root: Path) -> list[tuple[int, Path]]:
+def _first_over_ranks(value: int, dims: ParallelDims | None) -> int:
+    """The smallest `value` of all ranks, on every rank."""
+    if dims is None or dims.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=dims.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def verify_checkpoint(path: Path, dims: ParallelDims | None = None) -> str | None:
+    """The first file of `path` that is missing or fails its checksum, or None if all are
+    intact. The files are dealt out over the ranks (rank r hashes files r, r + world, ...), so
+    each byte is read once in all; every rank returns the same answer."""
+    rank, world = (0, 1) if dims is None else (dims.rank, dims.world_size)
+    try:
+        sums = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        # Checkpoints of format 1 had no checksums: they load unverified.
+        sums = {} if read_train_state(path).get("format_version", 1) < 2 else {CHECKSUMS: ""}
+    except (OSError, json.JSONDecodeError):
+        sums = {CHECKSUMS: ""}
+    names = sorted(sums)
+    first_bad = len(names)
+    for index in range(rank, len(names), world):
+        name = names[index]
+        if name == CHECKSUMS or not (path / name).is_file():
+            first_bad = index
+            break
+        if sha256_file(path / name) != sums[name]:
+            first_bad = index
+            break
+    first_bad = _first_over_ranks(first_bad, dims)
+    return names[first_bad] if first_bad < len(names) else None
+
+
+def check_intact(path: Path, dims: ParallelDims | None = None) -> None:
+    """Raise CheckpointError when a file of `path` is missing or damaged."""
+    damaged = verify_checkpoint(path, dims)
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {damaged} is missing or fails its checksum; "
+            "use an earlier checkpoint"
+        )
+
+
+def newest_intact_checkpoint(
+    root: Path, dims: ParallelDims | None, warn: Callable[[str], None]
+) -> Path | None:
+    """The newest complete checkpoint under `root` whose files all pass their checksums.
+
+    A damaged one is renamed `corrupt-step_NNNNNN-<time>` (kept for inspection, ignored by
+    rotation) by the main rank, with a one-line warning, and the previous one is tried."""
+    is_main = dims is None or dims.is_main
+    damaged_any = False
+    for _, path in reversed(complete_steps(root)):
+        damaged = verify_checkpoint(path, dims)
+        if damaged is None:
+            return path
+        damaged_any = True
+        aside = root / f"corrupt-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if is_main:
+            os.replace(path, aside)
+        warn(
+            f"warning: checkpoint {path} is damaged ({damaged} is missing or fails its checksum): "
+            f"moved to {aside.name}; trying the previous one"
+        )
+        _barrier(dims)
+    if damaged_any:
+        raise CheckpointError(
+            f"no intact checkpoint left in {root} (damaged ones were moved to corrupt-*): "
+            "start over with train.resume=start_over, or from weights with train.init_from"
+        )
+    return None
+
+
+def complete_steps(root: Path) -> list[tuple[int, Path]]:
     found = []
     for entry in root.iterdir() if root.is_dir() else []:
         match = STEP_DIR.match(entry.name)
@@ -145,14 +336,14 @@ def _complete_steps(root: Path) -> list[tuple[int, Path]]:
 def _prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints and, if none of them is finite, the newest finite
     one (a diverged run's last good state)."""
-    steps = [path for _, path in _complete_steps(root)]
+    steps = [path for _, path in complete_steps(root)]
     kept = steps[-keep:]
     if not any(_is_finite(path) for path in kept):
         finite = [path for path in steps if _is_finite(path)]
         kept += finite[-1:]
     for path in steps:
         if path not in kept:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_dir(path)
 
 
 def _is_finite(path: Path) -> bool:
@@ -171,7 +362,7 @@ def latest_checkpoint(root: Path) -> Path | None:
         candidate = root / pointer.read_text(encoding="utf-8").strip()
         if (candidate / COMPLETE).is_file():
             return candidate
-    steps = _complete_steps(root)
+    steps = complete_steps(root)
     return steps[-1][1] if steps else None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,42 @@ from pretrain.blend import parse_blend_spec
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message is shown as is."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts; `validate` checks every field that declares one."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    """True: `low` itself is refused (> low rather than >= low)."""
+    high_open: bool = False
+    """True: `high` itself is refused (< high rather than <= high)."""
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        low = None if self.low is None else ("> " if self.low_open else ">= ") + f"{self.low:g}"
+        high = None if self.high is None else ("< " if self.high_open else "<= ") + f"{self.high:g}"
+        return " and ".join(part for part in (low, high) if part)
+
+
+def ranged(
+    default: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
+    """A dataclass field with a default and its allowed range (None values are not checked)."""
+    return field(default=default, metadata={"range": Range(low, high, low_open, high_open)})
 
 
 # Sizes of DESIGN.md: name -> (layers, hidden, heads). ffn_hidden defaults to 4 x hidden.
@@ -38,29 +75,33 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 class ModelConfig:
     size: str | None = "tiny"
     """Named size (tiny|base|large|xlarge|3.9b); explicit fields below override it."""
-    layers: int | None = None
-    hidden: int | None = None
-    heads: int | None = None
-    ffn_hidden: int | None = None
+    layers: int | None = ranged(None, 1)
+    """Transformer layers; from model.size when unset."""
+    hidden: int | None = ranged(None, 1)
+    """Hidden width; from model.size when unset."""
+    heads: int | None = ranged(None, 1)
+    """Attention heads (must divide hidden); from model.size when unset."""
+    ffn_hidden: int | None = ranged(None, 1)
     """Width of the MLP; 4 x hidden when unset."""
-    vocab_size: int | None = None
+    vocab_size: int | None = ranged(None, 1)
     """Taken from the dataset's tokenizer when unset."""
-    max_seq_len: int = 512
+    max_seq_len: int = ranged(512, 8)
     """Number of position embeddings."""
     norm: Literal["pre", "post", "auto"] = "auto"
     """pre = Megatron's rearranged LayerNorm; post = original BERT; auto = pre from xlarge up."""
-    dropout: float = 0.1
+    dropout: float = ranged(0.1, 0.0, 1.0, high_open=True)
+    """Dropout probability of the embeddings, attention and MLP outputs."""
 
 
 @dataclass
 class MLMConfig:
     mode: Literal["dense", "sparse"] = "dense"
     """sparse: loss on picked positions only; dense: loss on every non-special position."""
-    mask_rate: float = 0.15
+    mask_rate: float = ranged(0.15, 0.0, 1.0, low_open=True, high_open=True)
     """Fraction of non-special tokens picked for prediction (80% [MASK], 10% random, 10% kept)."""
-    visible_weight: float = 0.1
+    visible_weight: float = ranged(0.1, 0.0)
     """Dense only: loss weight of positions that were not picked (picked positions weigh 1)."""
-    visible_replace_rate: float = 0.1
+    visible_replace_rate: float = ranged(0.1, 0.0, 1.0, high_open=True)
     """Dense only: fraction of non-picked tokens replaced by a random token."""
     whole_word: bool = False
     """Pick whole words (all their word pieces) instead of single pieces."""
@@ -75,18 +116,21 @@ class DataConfig:
     [0.7, runs/en/data, 0.3, runs/ja/data] (same tokenizer; deterministic and resumable)."""
     tokenizer: str | None = None
     """Tokenizer directory; defaults to DATA/tokenizer (bert-prep copies it there)."""
-    seq_len: int = 128
-    valid_fraction: float = 0.01
-    """Fraction of documents held out for evaluation."""
-    workers: int = 1
+    seq_len: int = ranged(128, 8)
+    """Tokens per sample, [CLS] and [SEP] included (at most model.max_seq_len)."""
+    valid_fraction: float = ranged(0.01, 0.0, 1.0, high_open=True)
+    """Fraction of documents held out for evaluation; 0 = no evaluation."""
+    workers: int = ranged(1, 0)
     """DataLoader worker processes that assemble and mask batches."""
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    zero: int = 0
-    timeout_s: float = 300.0
+    tp: int = ranged(1, 1)
+    """Tensor-parallel degree; the data-parallel degree is world_size / tp."""
+    zero: int = ranged(0, 0, 1)
+    """1 = shard the optimizer state over the data-parallel ranks (ZeRO-1)."""
+    timeout_s: float = ranged(300.0, 0.0, low_open=True)
     """Collective timeout: a dead or hung rank stops the job after this long."""
 
 
@@ -98,35 +142,51 @@ class KernelsConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    micro_batch: int = 32
-    global_batch: int = 32
+    steps: int = ranged(1000, 1)
+    """Optimizer steps of the whole run (the schedule decays to this step)."""
+    micro_batch: int = ranged(32, 1)
+    """Samples per rank per forward/backward."""
+    global_batch: int = ranged(32, 1)
+    """Samples per optimizer step over all ranks (the rest is gradient accumulation)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = fp16 on GPUs below compute capability 8.0 (V100), bf16 from 8.0; on the CPU bf16
     where it has AVX512_BF16/AMX, else fp32. Resolved once at start-up; config.yaml and
     checkpoints record the result."""
-    loss_scale_init: float = 65536.0
+    loss_scale_init: float = ranged(65536.0, 0.0, low_open=True)
     """fp16: the first loss scale (Megatron's initial_loss_scale)."""
-    loss_scale_window: int = 1000
+    loss_scale_window: int = ranged(1000, 1)
     """fp16: steps without overflow before the scale doubles (Megatron's loss_scale_window)."""
-    loss_scale_min: float = 1.0
+    loss_scale_min: float = ranged(1.0, 0.0, low_open=True)
     """fp16: the scale never backs off below this; an overflow at it stops the run (Megatron's
     min_loss_scale)."""
-    max_bad_steps: int = 20
+    max_bad_steps: int = ranged(20, 1)
     """Stop (checkpoint, exit code 3) after this many steps in a row with a non-finite loss or
     gradient; such steps are never applied."""
-    seed: int = 1234
+    seed: int = ranged(1234, 0)
+    """Seeds the weights, dropout, data order and masking (a resumed run keeps its own)."""
     resume: str = "auto"
-    """auto = latest checkpoint in checkpoint.dir if there is one; none; or a checkpoint path."""
+    """auto = the newest intact checkpoint in checkpoint.dir if there is one; none = a new run
+    (refused if the directory holds another run); start_over = a new run that first moves the
+    previous one to OUT_DIR/previous-<time>/; or a checkpoint path."""
+    resume_changes: Literal["refuse", "allow"] = "refuse"
+    """allow = resume even though the data, sequence length, objective, optimizer, seed or
+    global batch differ from the checkpoint's (each change is logged). Never the tokenizer or
+    model shape: start from weights with init_from for that."""
     init_from: str | None = None
     """Weights to start from with a fresh schedule: our checkpoint or a Hugging Face BERT dir."""
-    eval_every: int = 200
-    eval_batches: int = 10
-    log_every: int = 10
+    eval_every: int = ranged(200, 1)
+    """Evaluate on the held-out batches every this many steps (and at the last step)."""
+    eval_batches: int = ranged(10, 1)
+    """Held-out micro-batches per evaluation (data.valid_fraction=0 turns evaluation off)."""
+    log_every: int = ranged(10, 1)
+    """Write a metrics.jsonl line every this many steps."""
     out_dir: str = "runs/default"
+    """The run directory (config.yaml, metrics.jsonl, checkpoints/); it holds one run."""
     compile: bool = False
+    """torch.compile the model (the first steps pay the compile time)."""
     recompute: Literal["none", "selective", "full"] = "none"
-    walltime_s: float | None = None
+    """Activation recomputation: selective = attention core only, full = whole layers."""
+    walltime_s: float | None = ranged(None, 0.0)
     """Checkpoint and exit with code 75 this long after start (for schedulers with no signal)."""
     comm_stats: bool = False
     """Count the bytes every collective moves and log them per step (`comm_bytes` in
@@ -138,16 +198,24 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     name: Literal["lamb", "adamw"] = "lamb"
-    lr: float = 1e-3
-    warmup_steps: int = 100
+    """LAMB (per-layer trust ratio, for large batches) or AdamW."""
+    lr: float = ranged(1e-3, 0.0, low_open=True)
+    """Peak learning rate, reached at the end of the warm-up."""
+    warmup_steps: int = ranged(100, 0)
+    """Linear warm-up from 0 to optim.lr over this many steps."""
     decay: Literal["poly", "linear", "cosine"] = "poly"
-    min_lr_ratio: float = 0.0
-    power: float = 1.0
+    """Decay after the warm-up, down to min_lr_ratio x lr at train.steps."""
+    min_lr_ratio: float = ranged(0.0, 0.0, 1.0)
+    """Final learning rate as a fraction of optim.lr."""
+    power: float = ranged(1.0, 0.0, low_open=True)
     """Exponent of the polynomial decay (1.0 = linear)."""
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    clip_grad: float = 1.0
+    weight_decay: float = ranged(0.01, 0.0)
+    """Decoupled weight decay (not applied to biases and LayerNorm weights)."""
+    betas: tuple[float, float] = ranged((0.9, 0.999), 0.0, 1.0, high_open=True)
+    """Adam/LAMB moment decay rates (each checked against the range)."""
+    eps: float = ranged(1e-6, 0.0, low_open=True)
+    """Added to the denominator of the Adam/LAMB update."""
+    clip_grad: float = ranged(1.0, 0.0)
     """Global gradient-norm clip; 0 disables."""
 
 
@@ -155,8 +223,10 @@ class OptimConfig:
 class CheckpointConfig:
     dir: str | None = None
     """Defaults to OUT_DIR/checkpoints."""
-    every: int = 500
-    keep: int = 3
+    every: int = ranged(500, 1)
+    """Write a checkpoint every this many steps (and at the end and on a stop request)."""
+    keep: int = ranged(3, 1)
+    """Complete checkpoints kept; older ones are deleted after each new one."""
 
 
 @dataclass
@@ -347,60 +417,45 @@ def resolve_model_shape(config: Config, vocab_size: int | None = None) -> ModelS
     )
 
 
+def _check_ranges(config: Config) -> None:
+    """Every number must be finite and inside the Range its field declares."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for item in dataclasses.fields(values):
+            value = getattr(values, item.name)
+            key = f"{section.name}.{item.name}"
+            allowed = item.metadata.get("range")
+            for number in value if isinstance(value, tuple) else (value,):
+                if not isinstance(number, (int, float)) or isinstance(number, bool):
+                    continue
+                if not math.isfinite(number):
+                    raise ConfigError(f"{key}={value} must be a finite number")
+                if allowed is not None and not allowed.contains(number):
+                    raise ConfigError(f"{key}={value} must be {allowed.describe()}")
+
+
 def validate(config: Config) -> None:
-    """Cross-field checks; each message names the key and the fix."""
-    m, t, mlm, d = config.model, config.train, config.mlm, config.data
+    """Field ranges (declared with each field), then cross-field checks; each message names
+    the key and the fix."""
+    _check_ranges(config)
+    m, d, t = config.model, config.data, config.train
     if m.size is not None and m.size not in MODEL_SIZES:
         raise ConfigError(f"model.size={m.size!r} is not one of {'|'.join(MODEL_SIZES)}")
-    if not 0.0 < mlm.mask_rate < 1.0:
-        raise ConfigError(f"mlm.mask_rate={mlm.mask_rate} must be between 0 and 1")
-    if not 0.0 <= mlm.visible_replace_rate < 1.0:
-        raise ConfigError("mlm.visible_replace_rate must be in [0, 1)")
-    if mlm.visible_weight < 0:
-        raise ConfigError("mlm.visible_weight must be >= 0")
     if d.path:
         try:
             parse_blend_spec(d.path)
         except ValueError as error:
             raise ConfigError(f"data.path: {error}") from None
-    if not 0.0 <= d.valid_fraction < 1.0:
-        raise ConfigError("data.valid_fraction must be in [0, 1)")
-    if d.seq_len < 8:
-        raise ConfigError(f"data.seq_len={d.seq_len} is too short (minimum 8)")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
             "raise model.max_seq_len or lower data.seq_len"
         )
-    for key in ("steps", "micro_batch", "global_batch", "log_every", "eval_every"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"train.{key} must be positive")
-    if config.parallel.tp < 1:
-        raise ConfigError("parallel.tp must be >= 1")
-    if config.parallel.zero not in (0, 1):
-        raise ConfigError("parallel.zero must be 0 or 1")
-    if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
-        raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
-    if config.optim.lr <= 0:
-        raise ConfigError("optim.lr must be positive")
-    _validate_loss_scaling(t)
-
-
-def _validate_loss_scaling(t: TrainConfig) -> None:
-    """The fp16 loss-scaler and divergence-stop keys."""
-    for key in ("loss_scale_init", "loss_scale_min"):
-        value = getattr(t, key)
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"train.{key}={value} must be a positive finite number")
     if t.loss_scale_init < t.loss_scale_min:
         raise ConfigError(
             f"train.loss_scale_init={t.loss_scale_init} is below train.loss_scale_min="
             f"{t.loss_scale_min}: raise the initial scale or lower the floor"
         )
-    if t.loss_scale_window < 1:
-        raise ConfigError("train.loss_scale_window must be >= 1")
-    if t.max_bad_steps < 1:
-        raise ConfigError("train.max_bad_steps must be >= 1")
 
 
 def check_batch_layout(config: Config, dp_size: int) -> int:
@@ -416,6 +471,25 @@ def check_batch_layout(config: Config, dp_size: int) -> int:
 
 
 def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config atomically (a full disk leaves the previous file, not an empty
+    one)."""
     data = config.to_dict()
     data["optim"]["betas"] = list(data["optim"]["betas"])
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync, then rename over `path`; on failure remove the temp."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as error:  # a failed write() names no file: name the one we meant
+        temp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

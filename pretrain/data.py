@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ def _split_sentences(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets = dataset.document_sentence_offsets()
     counts = offsets[docs + 1] - offsets[docs]
+    if len(docs) == 0:  # no held-out split (data.valid_fraction=0, or a one-document corpus)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), counts
     sentences = np.concatenate([np.arange(offsets[d], offsets[d + 1]) for d in docs] or [[]])
     sentences = sentences.astype(np.int64)
     doc_start = np.zeros(len(sentences), dtype=bool)
@@ -313,7 +316,13 @@ def _open_dataset(path: str) -> IndexedDataset:
         raise ConfigError(
             f"data.path={path} has no manifest.json: prepare it with `bert-prep encode`"
         )
-    return IndexedDataset(Path(path))
+    try:
+        return IndexedDataset(Path(path))
+    except json.JSONDecodeError as error:  # a manifest cut by a kill or a full disk
+        raise ConfigError(
+            f"data.path={path}: manifest.json is not valid JSON ({error}): re-run `bert-prep "
+            "encode` (or `bert-prep verify` to see what else is damaged)"
+        ) from None
 
 
 def open_training_data(
@@ -376,3 +385,16 @@ def most_frequent_token(dataset: IndexedDataset, max_sentences: int = 20000) -> 
         counts += np.bincount(np.asarray(dataset.sentence(i)), minlength=dataset.vocab_size)
     counts[:5] = 0
     return int(counts.argmax())
+
+
+def check_token_ids(batch: dict[str, torch.Tensor], vocab_size: int, source: str | list) -> None:
+    """Refuse token ids outside the tokenizer's vocabulary (a shard encoded with another
+    tokenizer, or corrupted): two max() per batch on the host, before the ids reach the model.
+    Every original token of a sample is in `input_ids` (unchanged positions) or in `labels`
+    (the masked ones)."""
+    largest = max(int(batch["input_ids"].max()), int(batch["labels"].max()))
+    if largest >= vocab_size:
+        raise ConfigError(
+            f"data.path={source} holds token id {largest}, but the tokenizer's vocabulary has "
+            f"{vocab_size} ids: re-encode the data with its tokenizer (bert-prep encode)"
+        )

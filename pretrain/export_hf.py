@@ -43,7 +43,9 @@ from safetensors.torch import load_file, save_file
 
 from pretrain.checkpoint import (
     CheckpointError,
+    check_intact,
     load_model_weights,
+    non_finite_tensor,
     read_train_state,
     resolve_checkpoint,
 )
@@ -342,6 +344,7 @@ def export_checkpoint(
     machines). Returns `out_dir`. Raises CheckpointError (a ConfigError) on user mistakes.
     """
     path = resolve_checkpoint(checkpoint)
+    check_intact(path)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, path, force)
     state = read_train_state(path)
@@ -353,6 +356,12 @@ def export_checkpoint(
     except (OSError, RuntimeError) as error:  # missing file, or tensors of another size
         first = str(error).strip().splitlines()[0]
         raise CheckpointError(f"cannot load the weights of {path}: {first}") from None
+    broken = non_finite_tensor(model.state_dict().items())
+    if broken is not None:
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN or inf in {broken} (the run diverged): "
+            "export an earlier checkpoint"
+        )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"

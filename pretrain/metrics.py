@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pretrain.config import write_text_atomic
+
 
 class MetricsLog:
     def __init__(self, out_dir: Path, resume_step: int | None, enabled: bool = True) -> None:
@@ -35,14 +37,18 @@ class MetricsLog:
             self.path.unlink()
             return
         kept = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        # Atomic: a kill during the rewrite leaves the old history, never an empty file.
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: _json_number(v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(clean) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(clean) + "\n")
+        except OSError as error:  # a failed write() names no file
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
         if self._tensorboard is not None:
             prefix = "valid/" if record.get("split") == "valid" else "train/"
             for key, value in clean.items():

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -24,10 +25,11 @@ import kernels
 from launch.signals import EXIT_RESUBMIT, StopRequest
 from pretrain.blend import parse_blend_spec
 from pretrain.checkpoint import (
+    check_intact,
     check_shape,
-    latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    newest_intact_checkpoint,
     read_train_state,
     resolve_checkpoint,
     save_checkpoint,
@@ -45,6 +47,7 @@ from pretrain.data import (
     EVAL_MLM,
     StreamBatches,
     build_loader,
+    check_token_ids,
     eval_batches,
     most_frequent_token,
     open_training_data,
@@ -83,6 +86,7 @@ from pretrain.precision import (
     dtype_summary,
     resolve_precision,
 )
+from pretrain.run_dir import check_owner, check_resume, claim_run_dir
 
 # Exit code of a run stopped because it diverged (non-finite losses or gradients): it wrote a
 # checkpoint of its last finite state. Distinct from EXIT_RESUBMIT, so job scripts do not retry.
@@ -108,16 +112,20 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _find_resume(config: Config) -> Path | None:
+def _find_resume(config: Config, dims: ParallelDims, say: Callable[[str], None]) -> Path | None:
+    """The checkpoint to continue from (verified), after checking the directory's owner."""
     setting = config.train.resume
-    if setting == "none":
-        return None
+    path = None
     if setting == "auto":
-        return latest_checkpoint(config.checkpoint_dir)
-    return resolve_checkpoint(setting)
+        path = newest_intact_checkpoint(config.checkpoint_dir, dims, say)
+    elif setting not in ("none", "start_over"):
+        path = resolve_checkpoint(setting)
+        check_intact(path, dims)
+    check_owner(config.checkpoint_dir, path, dims, say)
+    return path
 
 
-def _init_weights_from(path_text: str, model: Bert) -> None:
+def _init_weights_from(path_text: str, model: Bert, dims: ParallelDims | None = None) -> None:
     """Weights only, fresh schedule: our checkpoint, or a Hugging Face BERT directory."""
     path = Path(path_text)
     if (path / "config.json").is_file():
@@ -126,6 +134,7 @@ def _init_weights_from(path_text: str, model: Bert) -> None:
         load_hf_weights(path, model)
         return
     path = resolve_checkpoint(path)
+    check_intact(path, dims)
     check_shape(path, read_train_state(path).get("model_shape", {}), model.shape)
     load_model_weights(path, model)
 
@@ -188,7 +197,8 @@ def train(config: Config) -> TrainResult:
         config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, precision=precision)
         )
-        return _train(config, dims, env.describe(), device, why)
+        with claim_run_dir(config, dims, log if dims.is_main else _quiet):
+            return _train(config, dims, env.describe(), device, why)
     finally:
         shutdown()
 
@@ -240,9 +250,10 @@ def _train(
     # the same weights.
     model = build_model(shape, "cpu")
     apply_recompute(model, config.train.recompute)
-    resume_path = _find_resume(config)
+    resume_path = _find_resume(config, dims, say)
+    data_paths = [str(Path(p).resolve()) for p in parse_blend_spec(config.data.path)[0]]
     if resume_path is None and config.train.init_from:
-        _init_weights_from(config.train.init_from, model)  # whole weights, before splitting
+        _init_weights_from(config.train.init_from, model, dims)  # whole weights, before splitting
         say(f"initialised weights from {config.train.init_from}")
     try:
         apply_tensor_parallel(model, dims)
@@ -269,7 +280,9 @@ def _train(
 
     step, consumed = 0, 0
     if resume_path is not None:
-        check_shape(resume_path, read_train_state(resume_path).get("model_shape", {}), shape)
+        stored = read_train_state(resume_path)
+        check_shape(resume_path, stored.get("model_shape", {}), shape)
+        check_resume(stored, resume_path, config, data.dataset.tokenizer_hash, data_paths, say)
         state = load_checkpoint(resume_path, model, optimizer, dims, sharding)
         step, consumed = state["step"], state["consumed_samples"]
         saved_precision = state.get("config", {}).get("train", {}).get("precision")
@@ -328,6 +341,8 @@ def _train(
         if data.valid is not None
         else []
     )
+    for batch in held_out:
+        check_token_ids(batch, data.dataset.vocab_size, config.data.path)
     result = TrainResult(exit_code=0, step=step, is_main=dims.is_main)
     if held_out:
         result.baseline_acc = baseline_accuracy(held_out, most_frequent_token(data.dataset))
@@ -340,7 +355,7 @@ def _train(
             "model_shape": asdict(shape),
             "layout": {"tp": dims.tp_size, "dp": dims.dp_size, "world_size": dims.world_size},
             "tokenizer_hash": data.dataset.tokenizer_hash,
-            "data_paths": [str(Path(p).resolve()) for p in parse_blend_spec(config.data.path)[0]],
+            "data_paths": data_paths,
             "tokenizer_dir": str(data.tokenizer_dir.resolve()),
             "finite": _params_finite(model, dims),  # rotation never removes the newest finite one
         }
@@ -392,7 +407,9 @@ def _train(
         step_loss = 0.0
         with counting:
             for micro in range(accumulation):
-                batch = _to_device(next(batches), device)
+                batch = next(batches)
+                check_token_ids(batch, data.dataset.vocab_size, config.data.path)
+                batch = _to_device(batch, device)
                 last = micro == accumulation - 1
                 sync = nullcontext() if last or dims.dp_size == 1 else loss_step.no_sync()
                 with sync:

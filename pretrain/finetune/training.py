@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pretrain.checkpoint import non_finite_tensor
 from pretrain.config import ConfigError
 from pretrain.finetune import data as data_mod
 from pretrain.finetune import metrics, tasks
@@ -238,6 +239,12 @@ def load_model(opt: FinetuneOptions, labels: list[str]):
         )
     if tokenizer.pad_token_id is None:
         raise FinetuneError(f"{opt.model}: the tokenizer has no [PAD] token")
+    broken = non_finite_tensor(model.base_model.named_parameters())
+    if broken is not None:
+        raise FinetuneError(
+            f"{opt.model}: weight {broken} holds NaN or inf (the pre-training diverged): "
+            "fine-tune an export of an earlier checkpoint"
+        )
     fresh = ", ".join(sorted(info["missing_keys"])) or "none"
     say(
         f"loaded {type(model).__name__} from {opt.model} with {type(tokenizer).__name__}; "

@@ -68,16 +68,40 @@ def test_model_shape_resolution():
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("train.loss_scale_init=nan", "train.loss_scale_init=nan must be a positive finite"),
-        ("train.loss_scale_init=0", "train.loss_scale_init=0.0 must be a positive finite"),
-        ("train.loss_scale_min=inf", "train.loss_scale_min=inf must be a positive finite"),
+        ("train.loss_scale_init=nan", "train.loss_scale_init=nan must be a finite number"),
+        ("train.loss_scale_init=0", "train.loss_scale_init=0.0 must be > 0"),
+        ("train.loss_scale_min=inf", "train.loss_scale_min=inf must be a finite number"),
         ("train.loss_scale_min=1e6", "is below train.loss_scale_min"),
-        ("train.loss_scale_window=0", "train.loss_scale_window must be >= 1"),
-        ("train.max_bad_steps=0", "train.max_bad_steps must be >= 1"),
+        ("train.loss_scale_window=0", "train.loss_scale_window=0 must be >= 1"),
+        ("train.max_bad_steps=0", "train.max_bad_steps=0 must be >= 1"),
         ("train.precision=fp8", "train.precision='fp8' is not one of auto|fp32|bf16|fp16"),
     ],
 )
 def test_loss_scaling_keys_are_validated(override, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.layers=-1", "model.layers=-1 must be >= 1"),
+        ("model.dropout=5", "model.dropout=5.0 must be >= 0 and < 1"),
+        ("train.eval_batches=0", "train.eval_batches=0 must be >= 1"),
+        ("train.eval_batches=-3", "train.eval_batches=-3 must be >= 1"),
+        ("data.workers=-1", "data.workers=-1 must be >= 0"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps=-5 must be >= 0"),
+        ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+        ("optim.clip_grad=.inf", "optim.clip_grad=inf must be a finite number"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas=(0.9, 1.5) must be >= 0 and < 1"),
+        ("train.walltime_s=-1", "train.walltime_s=-1.0 must be >= 0"),
+        ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be > 0"),
+        ("mlm.mask_rate=1", "mlm.mask_rate=1.0 must be > 0 and < 1"),
+    ],
+)
+def test_out_of_range_numbers_are_refused(override, fragment):
+    """Oracle: the Range each field declares; before it, all of these were accepted."""
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
     assert fragment in str(error.value)
@@ -92,3 +116,20 @@ def test_every_shipped_config_leaves_precision_to_auto():
     assert load_config(None).train.precision == "auto"
     for path in configs:
         assert load_config(path).train.precision == "auto", path
+
+
+def test_every_numeric_field_declares_a_range():
+    """A new numeric key without a Range would silently accept nonsense again."""
+    import dataclasses
+    import typing
+
+    from pretrain.config import Config
+
+    config = Config()
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        hints = typing.get_type_hints(type(values))
+        for item in dataclasses.fields(values):
+            numeric = {int, float} & set(typing.get_args(hints[item.name]) or (hints[item.name],))
+            if numeric and hints[item.name] is not bool:
+                assert "range" in item.metadata, f"{section.name}.{item.name} has no Range"

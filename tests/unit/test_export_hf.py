@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pretrain import export_hf
-from pretrain.checkpoint import save_checkpoint
+from pretrain.checkpoint import save_checkpoint, sha256_file
 from pretrain.config import Config, ConfigError, ModelShape
 from pretrain.model import Bert, build_model
 
@@ -230,9 +230,15 @@ def _tiny_tokenizer(tmp_path: Path) -> Path:
     )
 
 
-def _checkpoint(tmp_path: Path, shape: ModelShape, tokenizer_dir: Path) -> Path:
-    """A real step directory written by save_checkpoint, with the fields the trainer stores."""
+def _checkpoint(
+    tmp_path: Path, shape: ModelShape, tokenizer_dir: Path, poison: bool = False
+) -> Path:
+    """A real step directory written by save_checkpoint, with the fields the trainer stores
+    (`poison`: one weight is NaN, as after a divergence)."""
     model = random_model(shape, seed=11)
+    if poison:
+        with torch.no_grad():
+            next(model.parameters())[0] = float("nan")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = {
         "model_shape": dataclasses.asdict(shape),
@@ -293,6 +299,9 @@ def test_export_refuses_what_it_must_not_overwrite(tmp_path):
 
     state = json.loads((step / "train_state.json").read_text())
     (step / "train_state.json").write_text(json.dumps({**state, "tokenizer_hash": "0" * 64}))
+    sums = json.loads((step / "checksums.json").read_text())  # a consistent checkpoint
+    sums["train_state.json"] = sha256_file(step / "train_state.json")
+    (step / "checksums.json").write_text(json.dumps(sums))
     with pytest.raises(ConfigError, match="hash mismatch"):
         export_hf.export_checkpoint(step, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -305,3 +314,19 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert code == 2
     assert err.startswith("bert-export: error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_refuses_non_finite_weights(tmp_path, capsys):
+    """A diverged run's checkpoint (NaN in a weight) is refused in one line, exit 2, and
+    nothing is written; before, it was exported and loaded as a broken model."""
+    tokenizer_dir = _tiny_tokenizer(tmp_path)
+    from data_prep.tokenizer import tokenizer_info
+
+    vocab = tokenizer_info(tokenizer_dir)["vocab_size"]
+    shape = odd_shape("post", pair_head=False, vocab_size=vocab)
+    step = _checkpoint(tmp_path, shape, tokenizer_dir, poison=True)
+    capsys.readouterr()
+    assert export_hf.main(["--checkpoint", str(step), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds NaN or inf" in err[0], err
+    assert not (tmp_path / "hf").exists()

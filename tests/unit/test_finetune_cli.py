@@ -220,6 +220,7 @@ def test_pair_inputs_carry_segment_ids(export):
         ("too_long", "--max-length 512 exceeds the model's 64 positions"),
         ("foreign_out", "not an earlier bert-finetune output"),
         ("incomplete_model", "1 encoder weights are missing .*output.dense.weight"),
+        ("nan_weights", "weight .*output.dense.weight holds NaN or inf"),
         ("bad_config", "cannot read .*config.json"),
         ("no_cuda", "--device cuda: CUDA is not available here"),
     ],
@@ -247,11 +248,16 @@ def test_user_errors_are_one_line_exit_2(case, message, export, tmp_path, capsys
         dev = write_conll(tmp_path / "dev.conll", [{"tokens": ["BRCA1"], "tags": ["B-Gene"]}])
     elif case == "too_long":
         extra = ["--max-length", "512"]
-    elif case in ("incomplete_model", "bad_config"):
+    elif case in ("incomplete_model", "bad_config", "nan_weights"):
         model = str(tmp_path / "broken")
         shutil.copytree(export, model)
         if case == "bad_config":
             (tmp_path / "broken" / "config.json").write_text("{not json")
+        elif case == "nan_weights":  # a diverged run's export
+            weights = tmp_path / "broken" / "model.safetensors"
+            tensors = load_file(str(weights))
+            tensors["bert.encoder.layer.0.output.dense.weight"][0, 0] = math.nan
+            save_file(tensors, str(weights), metadata={"format": "pt"})
         else:
             weights = tmp_path / "broken" / "model.safetensors"
             tensors = load_file(str(weights))

@@ -94,3 +94,53 @@ def test_epochs_are_reshuffled_and_resume_positions_match(small_dataset):
     sampler = iter(StreamBatches(24, 8, 4, dp_rank=0, dp_size=1))
     assert next(sampler) == [24, 25, 26, 27] and next(sampler) == [28, 29, 30, 31]
     assert next(sampler) == [32, 33, 34, 35]
+
+
+def test_no_held_out_split_trains_without_evaluation(small_dataset, tmp_path):
+    """data.valid_fraction=0 (documented as allowed) and a one-document corpus have no valid
+    split; both raised IndexError in the sentence split before. Oracle: every sentence of the
+    corpus is in the training split."""
+    from data_prep.encode import encode_corpus
+
+    whole = open_training_data(str(small_dataset), None, 64, 0.0, MLMConfig(), 1)
+    assert whole.valid is None
+    assert len(whole.train.split.sentences) == IndexedDataset(small_dataset).num_sentences
+
+    text = tmp_path / "one.txt"
+    text.write_text("The only document has one sentence. And then a second one.\n")
+    encode_corpus([text], small_dataset / "tokenizer", tmp_path / "one", lang="en")
+    one = open_training_data(str(tmp_path / "one"), None, 64, 0.01, MLMConfig(), 1)
+    assert one.valid is None and len(one.train) == 1
+    assert one.train[0]["input_ids"][0] == CLS_ID
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(small_dataset):
+    """Oracle: the manifest's vocabulary size; ids at or above it end in a ConfigError."""
+    import pytest
+
+    from pretrain.config import ConfigError
+    from pretrain.data import check_token_ids, collate
+
+    data = open_training_data(str(small_dataset), None, 64, 0.0, MLMConfig(), 1)
+    batch = collate([data.train[i] for i in range(4)], 64)
+    check_token_ids(batch, data.dataset.vocab_size, str(small_dataset))
+    largest = max(int(batch["input_ids"].max()), int(batch["labels"].max()))
+    with pytest.raises(ConfigError, match=f"holds token id {largest}"):
+        check_token_ids(batch, largest, str(small_dataset))
+
+
+def test_a_truncated_manifest_is_a_one_line_config_error(small_dataset, tmp_path):
+    """Before: a JSONDecodeError traceback from bert-train."""
+    import shutil
+
+    import pytest
+
+    from pretrain.config import ConfigError
+
+    cut = tmp_path / "cut"
+    shutil.copytree(small_dataset, cut)
+    text = (cut / "manifest.json").read_text()
+    (cut / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ConfigError, match="manifest.json is not valid JSON") as error:
+        open_training_data(str(cut), None, 64, 0.0, MLMConfig(), 1)
+    assert "\n" not in str(error.value)

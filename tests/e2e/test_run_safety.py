@@ -1,0 +1,284 @@
+"""Nothing lost, nothing silent: run ownership, checkpoint integrity, one writer, one-line errors.
+
+Oracles: the bytes of checkpoints written earlier, an uninterrupted run's weights (resume is
+exact, so a fallback resume must reproduce them bit for bit), and the CLI contract for errors
+(one stderr line, no traceback, the documented exit code, nothing half-written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import CheckpointError, full_model_state, verify_checkpoint
+from pretrain.config import ConfigError, load_config
+from pretrain.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.hidden=64",
+    "model.heads=2",
+    "model.layers=2",
+    "model.max_seq_len=64",
+    "data.seq_len=64",
+    "data.valid_fraction=0.05",
+    "train.micro_batch=4",
+    "train.global_batch=8",
+    "train.precision=fp32",
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.eval_batches=2",
+    "optim.warmup_steps=2",
+    "checkpoint.every=3",
+    "checkpoint.keep=5",
+]
+
+
+def _config(data: Path, out: Path, *extra: str):
+    return load_config(
+        REPO / "configs" / "tiny.yaml", [*TINY, f"data.path={data}", f"train.out_dir={out}", *extra]
+    )
+
+
+def _train_steps(out: Path) -> list[int]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "split" not in r]
+
+
+def _tree_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_a_run_directory_belongs_to_one_run(small_dataset, tmp_path):
+    """Before: a new run (resume=none) in a directory holding a longer run had its checkpoints
+    deleted at once by rotation, `latest` pointed at a deleted step and the next auto resume
+    continued the old run. Now it is refused; start_over moves the old run aside intact."""
+    out = tmp_path / "run"
+    train(_config(small_dataset, out, "train.steps=6", "checkpoint.keep=2"))
+    old_step = _tree_bytes(out / "checkpoints" / "step_000006")
+    with pytest.raises(ConfigError, match="holds another run"):
+        train(_config(small_dataset, out, "train.steps=3", "train.resume=none", "train.seed=7"))
+    assert _tree_bytes(out / "checkpoints" / "step_000006") == old_step
+
+    new = train(_config(small_dataset, out, "train.steps=3", "train.resume=start_over",
+                        "train.seed=7", "checkpoint.keep=2"))  # fmt: skip
+    assert new.checkpoint == out / "checkpoints" / "step_000003"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    (previous,) = out.glob("previous-*")
+    assert _tree_bytes(previous / "checkpoints" / "step_000006") == old_step
+    assert _train_steps(previous) == [1, 2, 3, 4, 5, 6]
+
+    resumed = train(_config(small_dataset, out, "train.steps=4", "train.seed=7"))
+    assert resumed.step == 4
+    assert _train_steps(out) == [1, 2, 3, 4]  # the new run continued, not the old one
+
+
+def test_resume_refuses_another_tokenizer_and_unasked_changes(small_dataset, tmp_path, capsys):
+    """Before: data from another tokenizer of the same vocabulary size, or another sequence
+    length, optimizer or seed, resumed silently."""
+    out = tmp_path / "run"
+    train(_config(small_dataset, out, "train.steps=2"))
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(small_dataset, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["hash"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+
+    for extra in ([], ["train.resume_changes=allow"]):  # a tokenizer change is never allowed
+        with pytest.raises(ConfigError, match="another tokenizer.*train.init_from"):
+            train(_config(other, out, "train.steps=3", *extra))
+    with pytest.raises(ConfigError, match="data.seq_len 64 -> 32.*train.seed 1234 -> 5"):
+        train(_config(small_dataset, out, "train.steps=3", "data.seq_len=32", "train.seed=5"))
+    with pytest.raises(ConfigError, match="optim.name 'lamb' -> 'adamw'"):
+        train(_config(small_dataset, out, "train.steps=3", "optim.name=adamw"))
+    capsys.readouterr()
+    result = train(_config(small_dataset, out, "train.steps=3", "data.seq_len=32",
+                           "train.resume_changes=allow"))  # fmt: skip
+    assert result.step == 3
+    assert "resume: data.seq_len 64 -> 32 (allowed by train.resume_changes=allow)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_damaged_checkpoint_is_detected_and_resume_falls_back(small_dataset, tmp_path, capsys):
+    """One flipped byte in a weight file: export refuses it, auto resume moves it aside with one
+    warning line and continues from the previous step, and the run still ends bit-identical to
+    an uninterrupted one. Before, it loaded silently."""
+    straight = tmp_path / "straight"
+    train(_config(small_dataset, straight, "train.steps=6"))
+    out = tmp_path / "run"
+    train(_config(small_dataset, out, "train.steps=6"))
+    step6 = out / "checkpoints" / "step_000006"
+    weights = step6 / "model_tp00.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    assert verify_checkpoint(step6) == "model_tp00.safetensors"
+    assert verify_checkpoint(out / "checkpoints" / "step_000003") is None
+    torn = tmp_path / "torn"
+    shutil.copytree(out / "checkpoints" / "step_000003", torn)
+    (torn / "optimizer_tp00_dp00.safetensors").unlink()
+    assert verify_checkpoint(torn) == "optimizer_tp00_dp00.safetensors"
+
+    from pretrain.export_hf import export_checkpoint
+
+    with pytest.raises(CheckpointError, match="model_tp00.safetensors is missing or fails"):
+        export_checkpoint(step6, tmp_path / "hf")
+    capsys.readouterr()
+    resumed = train(_config(small_dataset, out, "train.steps=6"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "trying the previous one" in warnings[0]
+    assert resumed.step == 6
+    (aside,) = (out / "checkpoints").glob("corrupt-step_000006-*")
+    assert (aside / "model_tp00.safetensors").read_bytes() == bytes(data)  # kept, not deleted
+    final = full_model_state(out / "checkpoints" / "step_000006")
+    for name, tensor in full_model_state(straight / "checkpoints" / "step_000006").items():
+        assert torch.equal(tensor, final[name]), name
+
+
+def test_a_kill_while_deleting_a_step_leaves_no_half_deleted_step(
+    small_dataset, tmp_path, monkeypatch
+):
+    """Rotation is interrupted after deleting one file (as by kill -9). Before, the step
+    directory stayed under its name, marked COMPLETE, with files missing; now only a `.trash-*`
+    name is left, and the next run sweeps it."""
+    import pretrain.checkpoint as checkpoint
+
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        next(Path(path).glob("*.safetensors")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(small_dataset, out, "train.steps=2", "checkpoint.every=1",
+                      "checkpoint.keep=1"))  # fmt: skip
+    root = out / "checkpoints"
+    assert not (root / "step_000001").exists()
+    assert (root / "step_000002" / "COMPLETE").is_file()
+    assert [p.name.startswith(".trash-step_000001") for p in root.glob(".trash-*")] == [True]
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    assert train(_config(small_dataset, out, "train.steps=3")).step == 3
+    assert not list(root.glob(".trash-*"))
+
+
+def _bert_train(*args: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    def limit() -> None:  # a full disk, simulated: writes beyond the limit fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit if file_size_limit else None,
+    )
+
+
+def _one_line(proc: subprocess.CompletedProcess, code: int, fragment: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert fragment in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_environment_errors_are_one_line_and_leave_nothing_half_written(small_dataset, tmp_path):
+    """A full disk while writing a checkpoint or config.yaml, an out_dir that is a file or lies
+    under one, token ids beyond the vocabulary, a second trainer on the same out_dir."""
+    base = ["--config", str(REPO / "configs" / "tiny.yaml"), *TINY,
+            f"data.path={small_dataset}", "train.steps=3"]  # fmt: skip
+    out = tmp_path / "run"
+    # The model file is ~300 KB: the checkpoint write fails, metrics and config fit.
+    proc = _bert_train(*base, f"train.out_dir={out}", file_size_limit=150_000)
+    _one_line(proc, 1, "model_tp00.safetensors")
+    assert not [p.name for p in (out / "checkpoints").iterdir()]  # no step, no temporary
+    assert (out / "config.yaml").read_text().startswith("model:")
+
+    config_text = (out / "config.yaml").read_text()
+    proc = _bert_train(*base, f"train.out_dir={out}", "train.eval_every=2",
+                       file_size_limit=len(config_text) // 2)  # fmt: skip
+    _one_line(proc, 1, "config.yaml")
+    assert (out / "config.yaml").read_text() == config_text  # the previous one, not emptied
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _one_line(_bert_train(*base, f"train.out_dir={a_file}"), 2, "is not a directory")
+    _one_line(_bert_train(*base, f"train.out_dir={a_file / 'run'}"), 1, str(a_file / "run"))
+
+    shrunk = tmp_path / "shrunk"
+    shutil.copytree(small_dataset, shrunk)
+    manifest = json.loads((shrunk / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 500
+    (shrunk / "manifest.json").write_text(json.dumps(manifest))
+    proc = _bert_train(*base, f"data.path={shrunk}", f"train.out_dir={tmp_path / 'ids'}")
+    _one_line(proc, 2, "but the tokenizer's vocabulary has 500 ids")
+
+    from pretrain.run_dir import lock_run_dir
+
+    holder = lock_run_dir(out)
+    try:
+        _one_line(_bert_train(*base, f"train.out_dir={out}"), 2, "is in use by another bert-train")
+    finally:
+        holder.close()
+
+
+def test_a_crashed_lock_holder_leaves_no_lock(tmp_path):
+    """flock dies with its process: a trainer killed by SIGKILL does not block the next one."""
+    from pretrain.run_dir import lock_run_dir
+
+    code = (
+        "import os, signal, sys; from pathlib import Path; from pretrain.run_dir import "
+        f"lock_run_dir; h = lock_run_dir(Path({str(tmp_path)!r})); print('locked', flush=True); "
+        "sys.stdin.readline()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"in use by another bert-train \\(pid {holder.pid}"):
+            lock_run_dir(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_run_dir(tmp_path).close()
+
+
+def test_sweep_finishes_or_removes_what_a_kill_left(tmp_path):
+    """Oracle: the write protocol. A finished temporary (COMPLETE inside) whose step is missing
+    was cut while replacing an older copy of that step: it is renamed into place; an unfinished
+    temporary and `.trash-*` directories are removed."""
+    from pretrain.checkpoint import sweep_leftovers
+
+    for name, complete in ((".step_000005.tmp", True), (".step_000006.tmp", False),
+                           (".trash-step_000001-12-34", True), ("step_000004", True)):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_tp00.safetensors").write_bytes(name.encode())
+        if complete:
+            (tmp_path / name / "COMPLETE").write_text("ok\n")
+    sweep_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000004", "step_000005"]
+    assert (tmp_path / "step_000005" / "model_tp00.safetensors").read_bytes() == (
+        b".step_000005.tmp"
+    )
