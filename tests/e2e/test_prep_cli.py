@@ -135,11 +135,21 @@ def test_merge(dataset: Path, tmp_path: Path) -> None:
             "utf-16",
         ),
         ("encode", "--input", "{tmp}/binary.dat", "--tokenizer", "{data}/tok", "--out", "{tmp}/o"),
+        # issue 13: Shift_JIS read as UTF-8, a cut manifest, --out inside an --input directory
+        ("encode", "--input", "{tmp}/sjis.txt", "--tokenizer", "{data}/tok", "--out", "{tmp}/o"),
+        ("tokenizer", "--input", "{tmp}/sjis.txt", "--out", "{tmp}/t"),
+        ("verify", "{tmp}/cut"),
+        ("encode", "--input", "{tmp}", "--tokenizer", "{data}/tok", "--out", "{tmp}/sub/o"),
+        ("tokenizer", "--input", "{tmp}", "--out", "{tmp}/t"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) -> None:
     """Oracle: DESIGN.md: a user error exits non-zero (2) with one line and no traceback."""
     (tmp_path / "binary.dat").write_bytes(b"\0\1\2" * 100)
+    (tmp_path / "sjis.txt").write_bytes((CORPUS_DIR / "akutagawa.txt").read_text().encode("cp932"))
+    (tmp_path / "cut").mkdir()
+    manifest = (dataset / "data" / "manifest.json").read_bytes()
+    (tmp_path / "cut" / "manifest.json").write_bytes(manifest[: len(manifest) // 2])
     if "{tmp}/other_tok" in args:  # a tokenizer other than the one that made {data}/data
         other = prep("tokenizer", "--input", dataset / "in", "--out", tmp_path / "other_tok",
                      "--vocab-size", "900")  # fmt: skip
@@ -184,11 +194,14 @@ def test_bad_inputs_are_skipped_counted_and_reported(dataset: Path, tmp_path: Pa
                tmp_path / "data", "--log-every", "0", "--max-doc-chars", "1000000")  # fmt: skip
     assert res.returncode == 0, res.stderr
     stats = json.loads((tmp_path / "data" / "manifest.json").read_text())["stats"]
-    assert stats["skipped_files"] == {"binary": 1, "empty": 1, "corrupt": 1}
+    assert stats["skipped_files"] == {"binary": 1, "empty": 1, "corrupt": 0}
+    assert stats["truncated_files"] == 1
     assert stats["invalid_utf8_lines"] == 1
     assert stats["invalid_json_lines"] == 1 and stats["missing_field_records"] == 1
     assert stats["dropped"]["too_long"] == 1
-    for expected in ["skipped: binary 1, empty 1, corrupt 1", "too_long 1", "undecodable 1",
+    for expected in ["skipped: binary 1, empty 1, corrupt 0", "the part before the damage kept: 1",
+                     f"read in part {bad / 'truncated.txt.gz'}: truncated (EOFError",
+                     "too_long 1", "undecodable 1",
                      "invalid JSON 1", "records without the text field 1", "peak memory",
                      f"skipped {bad / 'binary.bin'}: binary", "tokens/s"]:  # fmt: skip
         assert expected in res.stdout, (expected, res.stdout)
