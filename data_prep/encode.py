@@ -17,6 +17,11 @@ its record (shard checksums, counts) goes to OUT/.prep/units/ atomically; then t
 renamed into place. A unit counts as done only if its record matches this run's plan
 fingerprint and its files match the checksums, so a killed run started again with the same
 command redoes exactly the unfinished units. manifest.json is written last, by rank 0.
+
+Owning the output: rank 0 holds an flock on OUT/.prep/lock for the whole run (one writer per
+dataset), and pool workers die with their parent. A complete dataset of another command is
+replaced only on request (`overwrite`), by building the new one in OUT.new and swapping it in
+when complete (see must_replace and swap_in).
 """
 
 from __future__ import annotations
