@@ -158,6 +158,15 @@ def test_merge(dataset: Path, tmp_path: Path) -> None:
             "{tmp}/good/sub/o",
         ),
         ("tokenizer", "--input", "{tmp}/good", "--out", "{tmp}/good/t"),
+        (
+            "encode",
+            "--input",
+            "{tmp}/good",
+            "--tokenizer",
+            "{data}/tok",
+            "--out",
+            "{tmp}/binary.dat/o",
+        ),
     ],  # fmt: skip
 )
 def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) -> None:

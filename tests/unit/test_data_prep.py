@@ -327,3 +327,23 @@ def test_merge_concatenates_datasets(tmp_path: Path, corpus) -> None:
     assert (tmp_path / "m" / "tokenizer" / "tokenizer.json").is_file()
     with pytest.raises(PrepError, match="already holds"):
         merge_datasets([tmp_path / "a"], tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"format_version": 1, "shards": [', "not valid JSON"),
+        ("[]", "not a bert-prep manifest"),
+        ('{"format_version": 1, "tokenizer": {}, "dtype": "uint16"}', "not a bert-prep manifest"),
+        ('{"format_version": 1, "tokenizer": {}, "dtype": "uint16", "shards": [3]}',
+         "not a bert-prep manifest"),
+    ],
+)  # fmt: skip
+def test_a_broken_manifest_is_a_user_error(tmp_path: Path, text: str, message: str) -> None:
+    """Oracle: what the trainer and `verify` rely on: a cut or foreign manifest.json raises
+    PrepError (printed as one line by both CLIs), never a JSON or KeyError traceback."""
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(PrepError, match=message):
+        IndexedDataset(tmp_path)
+    with pytest.raises(PrepError, match=message):
+        verify(tmp_path)
