@@ -860,23 +860,9 @@ def encode_corpus(
     settings_dict = settings.as_dict()
     fp = fingerprint(files, units, settings_dict, info["hash"])
 
-    finish_replacement(final)
-    final.mkdir(parents=True, exist_ok=True)
     with ExitStack() as locks:
-        # Rank 0 holds the locks for the whole job; the other ranks of an mpirun/srun job
-        # write only their own units and rely on it.
-        if ranks.rank == 0:
-            locks.enter_context(writer_lock(final))
-            if (final / WORK_DIR / REPLACED).exists():
-                shutil.rmtree(final / WORK_DIR / REPLACED)  # a swap killed at its very end
-        replacing = must_replace(final, info["hash"], fp, overwrite)
-        out = staging_dir(final.resolve()) if replacing else final
-        if replacing:
-            refuse_out_among_inputs(inputs, files, out)
-            out.mkdir(exist_ok=True)
-            if ranks.rank == 0:
-                locks.enter_context(writer_lock(out))
-                log(f"building the new dataset in {out}; it replaces {final} once complete")
+        out = _claim_output(final, info["hash"], fp, overwrite, ranks.rank, locks)
+        replacing = out != final
         for kind in ("units", "hashes"):
             (out / WORK_DIR / kind).mkdir(parents=True, exist_ok=True)
         if ranks.rank == 0:
@@ -945,6 +931,28 @@ def encode_corpus(
         if replacing:
             swap_in(out, final.resolve())
         return manifest
+
+
+def _claim_output(
+    final: Path, tokenizer_hash: str, fp: str, overwrite: bool, rank: int, locks: ExitStack
+) -> Path:
+    """The directory this run writes: `final` itself, or its staging directory when a
+    dataset there is to be replaced. Rank 0 takes the writer lock of each (held until `locks`
+    closes); the other ranks of an mpirun/srun job write only their own units and rely on it."""
+    finish_replacement(final)
+    final.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        locks.enter_context(writer_lock(final))
+        if (final / WORK_DIR / REPLACED).exists():
+            shutil.rmtree(final / WORK_DIR / REPLACED)  # a swap killed at its very end
+    if not must_replace(final, tokenizer_hash, fp, overwrite):
+        return final
+    staging = staging_dir(final.resolve())
+    staging.mkdir(exist_ok=True)
+    if rank == 0:
+        locks.enter_context(writer_lock(staging))
+        log(f"building the new dataset in {staging}; it replaces {final} once complete")
+    return staging
 
 
 def log(message: str) -> None:
