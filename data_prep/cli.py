@@ -17,6 +17,7 @@ User errors print one line (`bert-prep: error: ...`) and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -69,7 +70,8 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
         default="utf-8",
         metavar="CODEC",
         help="input encoding (default utf-8; e.g. cp932 for Shift_JIS, euc-jp); lines that "
-        "do not decode are dropped and counted",
+        "do not decode are dropped and counted, but a file where more than 1%% of the lines "
+        "fail stops the run with a suggested encoding",
     )
     parser.add_argument(
         "--lang",
@@ -194,11 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read, clean and deduplicate documents, split them into sentences, encode "
         "them and write shards (shard_UUUUU_PPPP.bin/.idx), manifest.json and a copy of the "
         "tokenizer to --out. Restarted with the same command, a killed run redoes only the "
-        "unfinished work units. Under mpirun/srun every rank takes its part of the units.",
+        "unfinished work units. Under mpirun/srun every rank takes its part of the units. "
+        "An --out holding a dataset of another command is replaced only with --overwrite.",
     )
     _add_source_args(enc)
     enc.add_argument("--tokenizer", required=True, metavar="DIR", help="from `bert-prep tokenizer`")
     enc.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write")
+    enc.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the dataset that --out holds when it was made from other inputs, "
+        "settings or tokenizer (without this flag that is refused); the new one is built in "
+        "OUT.new and swapped in only once complete",
+    )
     enc.add_argument(
         "--workers",
         type=int,
@@ -344,6 +354,7 @@ def _run(args: argparse.Namespace) -> int:
             shard_index=args.shard_index,
             log_every=args.log_every,
             rank_timeout=args.rank_timeout,
+            overwrite=args.overwrite,
         )
         if "shards" not in result:  # a rank other than 0
             print(
@@ -373,6 +384,22 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _os_error_text(exc: OSError) -> str:
+    """`PATH: reason; what to do`: a full disk or a bad permission is the user's to fix, and
+    finished work units are kept, so the same command then continues."""
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{exc.filename} -> {exc.filename2}: "
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free space (or raise the limit), then run the same command again"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "check the permissions, or choose another path"
+    else:
+        hint = "check the path"
+    return f"{where}{reason}; {hint}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `bert-prep` and `python -m data_prep`; returns the exit code."""
     parser = build_parser()
@@ -380,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except (PrepError, OSError) as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the exception held
+        text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+        message = " ".join(text.split())  # one line, whatever the exception held
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,19 +17,30 @@ its record (shard checksums, counts) goes to OUT/.prep/units/ atomically; then t
 renamed into place. A unit counts as done only if its record matches this run's plan
 fingerprint and its files match the checksums, so a killed run started again with the same
 command redoes exactly the unfinished units. manifest.json is written last, by rank 0.
+
+Owning the output: rank 0 holds an flock on OUT/.prep/lock for the whole run (one writer per
+dataset), and pool workers die with their parent. A complete dataset of another command is
+replaced only on request (`overwrite`), by building the new one in OUT.new and swapping it in
+when complete (see must_replace and swap_in).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
 import queue
 import shutil
+import signal
+import socket
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import chain
@@ -52,7 +63,9 @@ from data_prep.shard_format import (
     ShardWriter,
     dtype_for_vocab,
     file_sha256,
+    fsync_dir,
     publish_shard,
+    read_manifest,
     write_json_atomic,
 )
 from data_prep.sources import (
@@ -62,6 +75,7 @@ from data_prep.sources import (
     expand_inputs,
     no_text_message,
     read_range,
+    refuse_out_among_inputs,
 )
 from data_prep.tokenizer import load_segmenter, load_tokenizer, tokenizer_info
 
@@ -72,6 +86,8 @@ DEFAULT_UNIT_BYTES = 256_000_000
 WORK_DIR = ".prep"
 """OUT/.prep/units/unit_NNNNN.json (records) and OUT/.prep/hashes/unit_NNNNN.npy (document
 hashes for removing duplicates across units; 8 bytes per kept document)."""
+REPLACED = "replaced"
+"""OUT/.prep/replaced: the old dataset, for the moment of a swap (see swap_in)."""
 _BATCH_CHARS = 1_000_000  # ~1 MB of text per encode_batch call
 _BATCH_DOCS = 2000
 _REPORT_EVERY_S = 0.5
@@ -379,11 +395,11 @@ class UnitEncoder:
                 flush()
                 maybe_report(end - piece.start, force=True)
             entries = parts.close()
+            if seen is not None:
+                _save_hashes(hashes_path(self.out, unit.index), kept_hashes)
         except BaseException:
             parts.abort()
             raise
-        if seen is not None:
-            _save_hashes(hashes_path(self.out, unit.index), kept_hashes)
         source = stats.as_dict()
         record = {
             "unit": unit.index,
@@ -406,10 +422,14 @@ class UnitEncoder:
 def _save_hashes(path: Path, parts: list[np.ndarray]) -> None:
     hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, hashes.astype("<u8"))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, hashes.astype("<u8"))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(tmp)) from None
     os.replace(tmp, path)
 
 
@@ -442,7 +462,24 @@ def unit_done(out: Path, unit: int, fp: str, *, check_hashes: bool = True) -> di
 _worker: dict = {}
 
 
-def _init_worker(job: Job, progress_queue) -> None:
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this worker when its parent dies. Otherwise a `kill -9`
+    of bert-prep leaves its workers finishing their units in --out, racing a rerun that
+    encodes the same units (the rerun's lock cannot see them)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not fatal: the worker merely outlives a killed parent, as elsewhere
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _init_worker(job: Job, progress_queue, parent: int) -> None:
+    _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
     _worker["queue"] = progress_queue
     try:
@@ -475,7 +512,9 @@ def _run_units(job: Job, units: list[Unit], workers: int, progress: Progress) ->
     ctx = multiprocessing.get_context("spawn")
     progress_queue = ctx.Queue()
     with ctx.Pool(
-        min(workers, len(units)), initializer=_init_worker, initargs=(job, progress_queue)
+        min(workers, len(units)),
+        initializer=_init_worker,
+        initargs=(job, progress_queue, os.getpid()),
     ) as pool:
         results = [pool.apply_async(_worker_encode, (unit,)) for unit in units]
         while True:
@@ -623,20 +662,111 @@ def remove_stale_files(out: Path, manifest: dict) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _check_out_dir(out: Path, tokenizer_hash: str) -> None:
-    """Refuse a directory holding data of another tokenizer."""
-    if (out / MANIFEST).is_file():
-        old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-        old_hash = old.get("tokenizer", {}).get("hash")
-    elif (out / "tokenizer" / "bert_tokenizer.json").is_file():
-        old_hash = tokenizer_info(out / "tokenizer").get("hash")
-    else:
-        return
-    if old_hash != tokenizer_hash:
-        raise PrepError(
-            f"{out}: already holds shards from another tokenizer (hash {str(old_hash)[:12]}, "
-            f"this one {tokenizer_hash[:12]}); choose an empty --out directory"
+def _tokenizer_hash_in(out: Path, manifest: dict | None) -> str | None:
+    """The hash of the tokenizer whose data `out` holds (None: no data of ours)."""
+    if manifest is not None:
+        return manifest["tokenizer"].get("hash")
+    if (out / "tokenizer" / "bert_tokenizer.json").is_file():
+        return tokenizer_info(out / "tokenizer").get("hash")
+    return None
+
+
+def must_replace(out: Path, tokenizer_hash: str, fp: str, overwrite: bool) -> bool:
+    """Whether this run builds its dataset aside and swaps it in (True) or writes in `out`.
+
+    `out` is written in place when it holds no complete dataset (nothing to lose; a killed
+    run's units are resumed) or the dataset this very command makes (same plan fingerprint:
+    only missing or damaged units are redone, with the same bytes). A dataset of other inputs,
+    settings or tokenizer is replaced only with `overwrite`, and never before the new one is
+    complete. Decided from the files alone, so every rank of a job decides the same.
+    """
+    try:
+        manifest = read_manifest(out) if (out / MANIFEST).is_file() else None
+    except PrepError:
+        manifest = None  # a cut manifest.json: no usable dataset to keep
+    old_hash = _tokenizer_hash_in(out, manifest)
+    if old_hash is not None and old_hash != tokenizer_hash:
+        what = (
+            f"holds data from another tokenizer (hash {str(old_hash)[:12]}, this one "
+            f"{tokenizer_hash[:12]})"
         )
+    elif manifest is not None and manifest.get("plan", {}).get("fingerprint") != fp:
+        what = "holds a dataset made from other inputs or settings"
+    else:
+        return False
+    if not overwrite:
+        raise PrepError(
+            f"{out}: {what}; pass --overwrite to replace it (the old dataset stays until the "
+            "new one is complete), or choose another --out"
+        )
+    return True
+
+
+def staging_dir(out: Path) -> Path:
+    """Where a replacement of `out` is built: beside it, so the final renames stay on one
+    filesystem."""
+    return out.with_name(out.name + ".new")
+
+
+def finish_replacement(out: Path) -> None:
+    """Complete a replacement killed between its two renames (see swap_in): `out` is gone and
+    its staging directory holds the new dataset with the old one inside."""
+    staging = staging_dir(out)
+    if out.exists() or not (staging / WORK_DIR / REPLACED).is_dir():
+        return
+    if not (staging / MANIFEST).is_file():
+        return
+    try:
+        os.rename(staging, out)
+    except FileNotFoundError:
+        pass  # another rank of this job did it first
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Replace `out` by the complete dataset in `staging`. The old dataset first moves into
+    the staging directory, which then takes its name: at every moment one directory holds
+    both complete datasets, so no kill can lose the old one before the new one is whole
+    (finish_replacement completes an interrupted swap)."""
+    aside = staging / WORK_DIR / REPLACED
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.rename(out, aside)
+    os.rename(staging, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(out / WORK_DIR / REPLACED)
+
+
+@contextmanager
+def writer_lock(directory: Path) -> Iterator[None]:
+    """Be the only `bert-prep` writing `directory`: an exclusive flock on
+    DIRECTORY/.prep/lock, which the kernel drops when the process dies (even by kill -9), so
+    no stale lock is ever left. Filesystems without flock get a warning and no lock."""
+    path = directory / WORK_DIR / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            raise PrepError(
+                f"{directory} is being written by another bert-prep ({holder}); wait for it "
+                "to end, or stop it, then run this command again"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            print(
+                f"bert-prep: warning: {directory}: the filesystem refuses locks ({exc.strerror})"
+                "; make sure no other bert-prep writes there",
+                file=sys.stderr,
+            )
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
@@ -644,6 +774,9 @@ def copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
     if target.resolve() == tokenizer_dir.resolve():
         return
     target.mkdir(exist_ok=True)
+    for path in target.iterdir():  # files of a tokenizer this directory held before
+        if path.is_file() and not (tokenizer_dir / path.name).is_file():
+            path.unlink()
     for path in sorted(tokenizer_dir.iterdir()):
         if path.is_file():
             shutil.copy2(path, target / path.name)
@@ -690,15 +823,17 @@ def encode_corpus(
     ranks: RankInfo | None = None,
     log_every: float = 30.0,
     rank_timeout: float = 3600.0,
+    overwrite: bool = False,
     **options,
 ) -> dict:
     """Encode `inputs` into `out_dir`; return the manifest (also written to
     out_dir/manifest.json, after the shards) or, on ranks other than 0, a short report.
 
     `options` are EncodeSettings fields by flag name (doc_sep, lang, shard_tokens, ...), for
-    callers that do not build EncodeSettings themselves. Re-encoding into a directory made
-    with the same tokenizer resumes it if the command is the same and replaces its dataset if
-    not; a directory made with another tokenizer is refused.
+    callers that do not build EncodeSettings themselves. Re-encoding into a directory resumes
+    it (or repairs it) when it holds this command's data or no complete dataset; a dataset of
+    other inputs, settings or tokenizer is refused, or with `overwrite` built aside and
+    swapped in once complete (see must_replace).
     """
     started = time.monotonic()
     if settings is None:
@@ -718,84 +853,107 @@ def encode_corpus(
     load_tokenizer(tokenizer_dir)  # fails early (hash check) before anything is written
     load_segmenter(tokenizer_dir)  # and on a missing fugashi
     dtype = dtype_for_vocab(info["vocab_size"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_out_dir(out, info["hash"])
-    for kind in ("units", "hashes"):
-        (out / WORK_DIR / kind).mkdir(parents=True, exist_ok=True)
-    if ranks.rank == 0:
-        (out / MANIFEST).unlink(missing_ok=True)  # the old dataset is gone from here on
-        copy_tokenizer(tokenizer_dir, out)  # marks the directory as this tokenizer's at once
-
+    final = Path(out_dir)
     files = expand_inputs(inputs, settings.pattern)
+    refuse_out_among_inputs(inputs, files, final)
     units = plan_units(files, settings.unit_bytes, settings.read)
     settings_dict = settings.as_dict()
     fp = fingerprint(files, units, settings_dict, info["hash"])
-    piece_units = block(len(units), shard_index, num_shards)
-    my_units = [
-        units[piece_units[i]] for i in block(len(piece_units), ranks.rank, ranks.world_size)
-    ]
-    todo = [u for u in my_units if unit_done(out, u.index, fp) is None]
-    total = sum(u.bytes for u in my_units)
-    skipped_bytes = total - sum(u.bytes for u in todo)
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    with ExitStack() as locks:
+        out = _claim_output(final, info["hash"], fp, overwrite, ranks.rank, locks)
+        replacing = out != final
+        for kind in ("units", "hashes"):
+            (out / WORK_DIR / kind).mkdir(parents=True, exist_ok=True)
+        if ranks.rank == 0:
+            copy_tokenizer(tokenizer_dir, out)  # marks the directory as this tokenizer's
 
-    if skipped_bytes:
-        log(f"resuming: {len(my_units) - len(todo)} of {len(my_units)} unit(s) already done")
-    job = Job(str(out), str(tokenizer_dir), tuple(str(f) for f in files), settings, fp, dtype.str)
-    progress = Progress(total, skipped_bytes, log_every=log_every)
-    try:
-        worker_peak = _run_units(job, todo, workers, progress)
-    finally:
-        progress.close()
-    encoded = {
-        "bytes": progress.bytes - skipped_bytes,
-        "docs": progress.docs,
-        "tokens": progress.tokens,
-    }
-    if ranks.rank != 0:
-        return {"rank": ranks.rank, "world_size": ranks.world_size, "units": len(my_units),
-                "encoded_units": len(todo)}  # fmt: skip
-
-    records = _wait_for_units(out, piece_units, fp, rank_timeout, log)
-    piece = None
-    if num_shards == 1:
-        records = remove_cross_unit_duplicates(out, records, settings)
-    else:
-        piece = {"index": shard_index, "count": num_shards,
-                 "units": [piece_units.start, piece_units.stop]}  # fmt: skip
-    manifest = build_manifest(
-        records,
-        tokenizer=info,
-        dtype=dtype,
-        settings=settings,
-        inputs=[str(p) for p in inputs],
-        fp=fp,
-        n_units=len(units),
-        piece=piece,
-    )
-    if not manifest["shards"] and num_shards == 1:
-        stats = manifest["stats"]
-        if not stats["documents"]:
-            source = SourceStats(problems=manifest["problems"])
-            raise PrepError(no_text_message(files, source))
-        raise PrepError(
-            f"every document was dropped ({stats['dropped']}); check the inputs or lower "
-            "--min-doc-tokens / --min-doc-chars"
+        piece_units = block(len(units), shard_index, num_shards)
+        my_units = [
+            units[piece_units[i]] for i in block(len(piece_units), ranks.rank, ranks.world_size)
+        ]
+        todo = [u for u in my_units if unit_done(out, u.index, fp) is None]
+        total = sum(u.bytes for u in my_units)
+        skipped_bytes = total - sum(u.bytes for u in todo)
+        if skipped_bytes:
+            log(f"resuming: {len(my_units) - len(todo)} of {len(my_units)} unit(s) already done")
+        job = Job(
+            str(out), str(tokenizer_dir), tuple(str(f) for f in files), settings, fp, dtype.str
         )
-    manifest["run"] = {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "elapsed_s": round(time.monotonic() - started, 3),
-        "workers": min(workers, len(todo)) if len(todo) > 1 else 1,
-        "world_size": ranks.world_size,
-        "launcher": ranks.launcher,
-        "encoded_bytes": encoded["bytes"],
-        "encoded_documents": encoded["docs"],
-        "encoded_tokens": encoded["tokens"],
-        "peak_rss_mb": {"main": round(peak_rss_mb(), 1), "workers": round(worker_peak, 1)},
-    }
-    write_json_atomic(out / MANIFEST, manifest)
-    remove_stale_files(out, manifest)
-    return manifest
+        progress = Progress(total, skipped_bytes, log_every=log_every)
+        try:
+            worker_peak = _run_units(job, todo, workers, progress)
+        finally:
+            progress.close()
+        if ranks.rank != 0:
+            return {"rank": ranks.rank, "world_size": ranks.world_size, "units": len(my_units),
+                    "encoded_units": len(todo)}  # fmt: skip
+
+        records = _wait_for_units(out, piece_units, fp, rank_timeout, log)
+        piece = None
+        if num_shards == 1:
+            records = remove_cross_unit_duplicates(out, records, settings)
+        else:
+            piece = {"index": shard_index, "count": num_shards,
+                     "units": [piece_units.start, piece_units.stop]}  # fmt: skip
+        manifest = build_manifest(
+            records,
+            tokenizer=info,
+            dtype=dtype,
+            settings=settings,
+            inputs=[str(p) for p in inputs],
+            fp=fp,
+            n_units=len(units),
+            piece=piece,
+        )
+        if not manifest["shards"] and num_shards == 1:
+            stats = manifest["stats"]
+            if not stats["documents"]:
+                source = SourceStats(problems=manifest["problems"])
+                raise PrepError(no_text_message(files, source))
+            raise PrepError(
+                f"every document was dropped ({stats['dropped']}); check the inputs or lower "
+                "--min-doc-tokens / --min-doc-chars"
+            )
+        manifest["run"] = {
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "elapsed_s": round(time.monotonic() - started, 3),
+            "workers": min(workers, len(todo)) if len(todo) > 1 else 1,
+            "world_size": ranks.world_size,
+            "launcher": ranks.launcher,
+            "encoded_bytes": progress.bytes - skipped_bytes,
+            "encoded_documents": progress.docs,
+            "encoded_tokens": progress.tokens,
+            "peak_rss_mb": {"main": round(peak_rss_mb(), 1), "workers": round(worker_peak, 1)},
+        }
+        write_json_atomic(out / MANIFEST, manifest)
+        remove_stale_files(out, manifest)
+        if replacing:
+            swap_in(out, final.resolve())
+        return manifest
+
+
+def _claim_output(
+    final: Path, tokenizer_hash: str, fp: str, overwrite: bool, rank: int, locks: ExitStack
+) -> Path:
+    """The directory this run writes: `final` itself, or its staging directory when a
+    dataset there is to be replaced. Rank 0 takes the writer lock of each (held until `locks`
+    closes); the other ranks of an mpirun/srun job write only their own units and rely on it."""
+    finish_replacement(final)
+    final.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        locks.enter_context(writer_lock(final))
+        if (final / WORK_DIR / REPLACED).exists():
+            shutil.rmtree(final / WORK_DIR / REPLACED)  # a swap killed at its very end
+    if not must_replace(final, tokenizer_hash, fp, overwrite):
+        return final
+    staging = staging_dir(final.resolve())
+    staging.mkdir(exist_ok=True)
+    if rank == 0:
+        locks.enter_context(writer_lock(staging))
+        log(f"building the new dataset in {staging}; it replaces {final} once complete")
+    return staging
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -113,12 +113,14 @@ def summary_table(manifest: dict) -> str:
     run = manifest.get("run", {})
     dropped = stats.get("dropped", {})
     skipped = stats.get("skipped_files", {})
+    truncated = stats.get("truncated_files", 0)
     elapsed = run.get("elapsed_s")
     rows = [
         ("shards", f"{len(manifest['shards'])}"),
         ("files", f"{stats.get('files', 0):,}"
          + (" (skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")"
-            if any(skipped.values()) else "")),
+            if any(skipped.values()) else "")
+         + (f" (truncated, the part before the damage kept: {truncated})" if truncated else "")),
         ("input", f"{stats.get('bytes', 0) / 1e6:,.1f} MB"),
         ("documents read", f"{stats.get('documents', 0):,}"),
         ("documents kept", f"{manifest['num_documents']:,}"),
@@ -145,7 +147,8 @@ def summary_table(manifest: dict) -> str:
     lines = [f"  {name:<{width}}  {value}" for name, value in rows]
     problems = manifest.get("problems", [])
     for path, reason in problems[:10]:
-        lines.append(f"  skipped {path}: {reason}")
+        verb = "read in part" if reason.startswith("truncated") else "skipped"
+        lines.append(f"  {verb} {path}: {reason}")
     if len(problems) > 10:
-        lines.append(f"  ... and {len(problems) - 10} more skipped file(s), see manifest.json")
+        lines.append(f"  ... and {len(problems) - 10} more file problem(s), see manifest.json")
     return "\n".join(lines)

@@ -50,11 +50,22 @@ def _fsync_rename(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _with_path(exc: OSError, path: Path) -> OSError:
+    """The same error naming `path` (a failed write() reports no file name of its own)."""
+    if exc.filename is not None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write JSON to a temporary name, fsync, rename: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _fsync_rename(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _fsync_rename(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _with_path(exc, tmp) from None
 
 
 class ShardWriter:
@@ -97,9 +108,7 @@ class ShardWriter:
         if not arrays:
             return False
         for ids in arrays:
-            data = ids.tobytes()
-            self._bin.write(data)
-            self._bin_hash.update(data)
+            self._write(ids.tobytes())
             self._token_offsets.append(self._token_offsets[-1] + ids.size)
         self._doc_offsets.append(len(self._token_offsets) - 1)
         return True
@@ -112,19 +121,27 @@ class ShardWriter:
         the same bytes as add_document() one document at a time."""
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) > self._max_id):
             raise ValueError(f"token id out of range for {self.dtype}: {ids.min()}..{ids.max()}")
-        data = ids.astype(self.dtype, copy=False).tobytes()
-        self._bin.write(data)
-        self._bin_hash.update(data)
+        self._write(ids.astype(self.dtype, copy=False).tobytes())
         ends = self._token_offsets[-1] + np.cumsum(sentence_lengths, dtype=np.int64)
         self._token_offsets.extend(array("q", ends.tobytes()))
         doc_ends = self._doc_offsets[-1] + np.cumsum(document_sentences, dtype=np.int64)
         self._doc_offsets.extend(array("q", doc_ends.tobytes()))
 
+    def _write(self, data: bytes) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as exc:
+            raise _with_path(exc, self._bin_tmp) from None
+        self._bin_hash.update(data)
+
     def close(self) -> dict:
         """Write the index and fsync both files under their temporary names; return the
         manifest entry. The shard is not visible until publish()."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
+        try:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+        except OSError as exc:
+            raise _with_path(exc, self._bin_tmp) from None
         self._bin.close()
         n_sentences = len(self._token_offsets) - 1
         header = np.array(
@@ -135,10 +152,13 @@ class ShardWriter:
             + np.frombuffer(self._token_offsets, dtype=np.int64).astype("<i8").tobytes()
             + np.frombuffer(self._doc_offsets, dtype=np.int64).astype("<i8").tobytes()
         )
-        with open(self._idx_tmp, "wb") as f:
-            f.write(idx)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self._idx_tmp, "wb") as f:
+                f.write(idx)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise _with_path(exc, self._idx_tmp) from None
         return {
             "name": self.prefix.name,
             "documents": self.num_documents,
@@ -160,7 +180,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close and delete the temporary files (after an error)."""
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:
+            pass  # the buffer could not be flushed (disk full): the file goes anyway
         self._bin_tmp.unlink(missing_ok=True)
         self._idx_tmp.unlink(missing_ok=True)
 
@@ -172,10 +195,10 @@ def publish_shard(prefix: Path) -> None:
         os.replace(
             prefix.with_name(prefix.name + suffix + ".tmp"), prefix.with_name(prefix.name + suffix)
         )
-    _fsync_dir(prefix.parent)
+    fsync_dir(prefix.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -332,12 +355,31 @@ class IndexedDataset:
         return np.concatenate(parts).astype(np.int64)
 
 
+_MANIFEST_KEYS = {"format_version": int, "tokenizer": dict, "dtype": str, "shards": list}
+"""What every reader of a manifest relies on, with its JSON type."""
+
+
 def read_manifest(directory: str | Path) -> dict:
     """manifest.json of a dataset directory, with a user error if it is not one."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise PrepError(f"{path}: missing; pass a directory written by `bert-prep encode`")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrepError(
+            f"{path}: not valid JSON ({exc}), probably cut short; run `bert-prep encode` "
+            "again with the same command to rewrite it"
+        ) from None
+    if (
+        not isinstance(manifest, dict)
+        or not all(isinstance(manifest.get(key), kind) for key, kind in _MANIFEST_KEYS.items())
+        or not all(isinstance(e, dict) and "name" in e for e in manifest["shards"])
+    ):
+        raise PrepError(
+            f"{path}: not a bert-prep manifest (it needs {', '.join(_MANIFEST_KEYS)}); run "
+            "`bert-prep encode` again with the same command to rewrite it"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PrepError(
             f"{path}: format_version {manifest.get('format_version')!r}, expected "

@@ -5,12 +5,15 @@ Everything streams line by line with a cap on the line length, so neither a corp
 RAM nor a 50 MB line without a newline can exhaust memory. Problems are counted, never silent:
 
 - a line that does not decode in the declared encoding is dropped (`invalid_utf8_lines`, named
-  for the usual encoding);
+  for the usual encoding); but when more than 1% of a file's lines (and more than 10) fail,
+  the encoding is wrong, and reading stops with an error that suggests the right one;
 - a document longer than `max_doc_chars` is dropped as too long (the reader yields None for it
   and never holds more than the cap);
-- a whole file that is binary (NUL bytes in its first 8 KB), empty, or corrupt/truncated
-  (compressed stream ends early) is skipped and counted by reason, with its name kept in
-  `problems`; what a truncated file held before the damage is kept.
+- a whole file that is binary (NUL bytes in its first 8 KB), empty, or corrupt from its
+  start is skipped and counted by reason, with its name kept in `problems`;
+- a compressed file that breaks later (cut short or damaged) is counted as truncated: the
+  documents read before the damage are kept, and `problems` says how many documents and
+  lines that was.
 
 Uncompressed files can be read by byte range. `split_points` finds offsets where a document
 starts, so one large file can be encoded by several workers or nodes as independent units.
@@ -43,6 +46,14 @@ FORMATS = ("auto", "text", "jsonl", "wikiextractor")
 """auto: .jsonl/.ndjson/.json → jsonl; files whose first line is `<doc ...>` → wikiextractor;
 everything else → text (documents separated as --doc-sep says)."""
 SKIP_REASONS = ("binary", "empty", "corrupt")
+UNDECODABLE_SHARE = 0.01
+UNDECODABLE_MIN = 10
+"""A file (or byte range) with more than this share and this number of undecodable lines is
+in another encoding than --encoding: refused, since keeping the rest would lose most of it."""
+_GUESS_CODECS = ("utf-8", "euc-jp", "cp932", "cp1252")
+"""Tried in this order on the undecodable lines: EUC-JP before cp932, because EUC-JP bytes
+often also decode (wrongly) as cp932 half-width katakana while Shift_JIS fails as EUC-JP."""
+_SAMPLE_LINES = 50
 DEFAULT_MAX_DOC_CHARS = 10_000_000
 """Longer documents are dropped (counted as too_long). A whole novel is 0.5-3 M characters;
 anything past 10 M is a dump without separators, not a document."""
@@ -116,6 +127,12 @@ class SourceStats:
     invalid_json_lines: int = 0
     missing_field_records: int = 0
     too_long_documents: int = 0
+    truncated_files: int = 0
+    """Compressed files that broke after their start; what came before is kept."""
+    lines: int = 0
+    """Lines read (for the share of undecodable ones; not in the manifest)."""
+    undecodable_sample: list = field(default_factory=list)
+    """The first undecodable lines (bytes) of the file being read, to guess its encoding."""
     skipped_files: Counter = field(default_factory=Counter)
     problems: list = field(default_factory=list)
     """[path, reason] of skipped files, for the report."""
@@ -132,6 +149,7 @@ class SourceStats:
             "invalid_utf8_lines": self.invalid_utf8_lines,
             "invalid_json_lines": self.invalid_json_lines,
             "missing_field_records": self.missing_field_records,
+            "truncated_files": self.truncated_files,
             "skipped_files": {r: self.skipped_files.get(r, 0) for r in SKIP_REASONS},
         }
 
@@ -178,6 +196,26 @@ def expand_inputs(paths: Iterable[str | Path], pattern: str = "*") -> list[Path]
     if not files:
         raise PrepError("no input files given; pass --input PATH")
     return files
+
+
+def refuse_out_among_inputs(
+    inputs: Iterable[str | Path], files: Sequence[Path], out: str | Path
+) -> None:
+    """PrepError if --out lies in an --input directory (the tool would read its own output
+    on the next run) or an input file lies in --out (replacing --out would delete it)."""
+    out_path = Path(out).resolve()
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir() and out_path.is_relative_to(path.resolve()):
+            raise PrepError(
+                f"--out {out} is inside the input directory {path}, so its output would be "
+                "read as input; choose an --out outside every --input"
+            )
+    for path in files:
+        if path.resolve().is_relative_to(out_path):
+            raise PrepError(
+                f"input {path} is inside --out {out}; choose an --out that holds no input"
+            )
 
 
 def is_compressed(path: Path) -> bool:
@@ -352,6 +390,7 @@ def _decoded_lines(
     codec = cfg.codec
     first = start == 0
     for raw in _raw_lines(f.stream, cfg.line_cap(fmt), end, start):
+        stats.lines += 1
         if raw is OVERLONG:
             first = False
             yield OVERLONG
@@ -360,6 +399,8 @@ def _decoded_lines(
             line = raw.decode(codec)  # type: ignore[union-attr]
         except UnicodeDecodeError:
             stats.invalid_utf8_lines += 1
+            if len(stats.undecodable_sample) < _SAMPLE_LINES:
+                stats.undecodable_sample.append(raw[:1000])  # type: ignore[index]
             first = False
             continue
         if first:
@@ -497,6 +538,7 @@ def read_range(
     """Documents of one file, or of its byte range [start, end) when both ends are document
     starts from `split_points` (uncompressed files only). None stands for a document that
     was dropped as too long. Skipped files are counted (once, by the range that starts at 0).
+    Raises PrepError at the end if the range is mostly in another encoding (check_decoding).
 
     `progress`, if given, is a one-element list kept at the number of bytes read from disk.
     """
@@ -510,19 +552,22 @@ def read_range(
     fmt = detect_format(path, head, cfg)
     if first_range:
         stats.files += 1
+    lines_before, bad_before, docs = stats.lines, stats.invalid_utf8_lines, 0
+    stats.undecodable_sample.clear()
     with InputFile(path) as f:
         if start:
             f.seek(start)
         lines = _decoded_lines(f, cfg, fmt, stats, start, end)
         if fmt == "jsonl":
-            docs = _jsonl_documents(path, lines, cfg, stats)
+            documents = _jsonl_documents(path, lines, cfg, stats)
         elif fmt == "wikiextractor":
-            docs = _wiki_documents(lines, cfg)
+            documents = _wiki_documents(lines, cfg)
         else:
-            docs = _text_documents(lines, cfg)
+            documents = _text_documents(lines, cfg)
         try:
-            for doc in docs:
+            for doc in documents:
                 stats.documents += 1
+                docs += 1
                 if doc is None:
                     stats.too_long_documents += 1
                 if progress is not None:
@@ -531,13 +576,60 @@ def read_range(
         except _DECOMPRESS_ERRORS + _zstd_errors() as exc:
             # The document being assembled when the stream broke is lost with the file's
             # tail; everything before it was yielded and is kept.
-            stats.skip(path, "corrupt", f"{type(exc).__name__}: {exc}")
+            stats.truncated_files += 1
+            reason = truncated_reason(exc, docs, stats.lines - lines_before)
+            stats.problems.append([str(path), reason])
         finally:
             if progress is not None:
                 progress[0] = f.disk_bytes
+    check_decoding(
+        path, cfg, stats.lines - lines_before, stats.invalid_utf8_lines - bad_before, stats
+    )
     # On-disk bytes of the range (not what buffering happened to read), so that the sum over
     # the ranges of a file is its size whatever the split.
     stats.bytes += (path.stat().st_size if end is None else end) - start
+
+
+def truncated_reason(exc: BaseException, documents: int, lines: int) -> str:
+    """The `problems` entry of a file that broke after its start: what was kept."""
+    return (
+        f"truncated ({type(exc).__name__}: {exc}): kept the {documents:,} document(s) "
+        f"({lines:,} lines) before the damage; the document being read and the rest of the "
+        "file are lost"
+    )
+
+
+def guess_encoding(sample: Sequence[bytes], declared: str) -> str | None:
+    """The first of utf-8, euc-jp, cp932, cp1252 (not `declared`) that decodes every line of
+    `sample`, or None."""
+    declared_name = codecs.lookup(declared).name
+    for codec in _GUESS_CODECS:
+        if codecs.lookup(codec).name == declared_name:
+            continue
+        try:
+            for raw in sample:
+                raw.decode(codec)
+        except UnicodeDecodeError:
+            continue
+        return codec
+    return None
+
+
+def check_decoding(path: Path, cfg: ReadConfig, lines: int, bad: int, stats: SourceStats) -> None:
+    """Refuse a file whose share of undecodable lines says it is in another encoding; a few
+    bad lines (<= UNDECODABLE_MIN, or <= UNDECODABLE_SHARE of the lines) are only counted."""
+    if bad <= UNDECODABLE_MIN or bad <= UNDECODABLE_SHARE * lines:
+        return
+    guess = guess_encoding(stats.undecodable_sample, cfg.encoding)
+    hint = (
+        f"they decode as {guess}: pass --encoding {guess}"
+        if guess
+        else "find its encoding (`file -i`) and pass --encoding, or convert it to UTF-8"
+    )
+    raise PrepError(
+        f"{path}: {bad:,} of {lines:,} lines ({100 * bad / lines:.1f}%) do not decode as "
+        f"{cfg.encoding}, so most of its text would be lost; {hint}"
+    )
 
 
 def split_points(path: Path, unit_bytes: int, cfg: ReadConfig) -> list[int]:

@@ -41,7 +41,14 @@ from data_prep.clean import CleanConfig, clean_text, length_reason
 from data_prep.errors import PrepError
 from data_prep.sentences import char_counts, detect_lang, split_sentences
 from data_prep.shard_format import SPECIAL_TOKENS, file_sha256
-from data_prep.sources import ReadConfig, SourceStats, expand_inputs, read_range
+from data_prep.sources import (
+    ReadConfig,
+    SourceStats,
+    check_decoding,
+    expand_inputs,
+    read_range,
+    refuse_out_among_inputs,
+)
 
 SPECIAL_NAMES = ["pad", "unk", "cls", "sep", "mask"]
 KINDS = ("wordpiece", "sentencepiece")
@@ -106,6 +113,7 @@ def write_sample(
         for path, size in zip(files, sizes, strict=True):
             budget = max(1, sample_bytes * size // total)
             used = 0
+            lines_before, bad_before = stats.lines, stats.invalid_utf8_lines
             for doc in read_range(path, read, stats):
                 if doc is None:
                     continue
@@ -126,6 +134,9 @@ def write_sample(
                         break
                 if used >= budget:
                     break
+            # read_range checks a file it reads to the end; the sample often stops early.
+            lines, bad = stats.lines - lines_before, stats.invalid_utf8_lines - bad_before
+            check_decoding(path, read, lines, bad, stats)
             written += used
     if written == 0:
         raise PrepError("the inputs hold no sentences to train a tokenizer on; check --input")
@@ -301,6 +312,7 @@ def train_tokenizer(
     clean.validate()
     segment = mecab_segmenter() if pretokenize == "mecab" else None
     out = Path(out_dir)
+    refuse_out_among_inputs(files, expand_inputs(files, pattern), out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bert-prep-sample-") as tmp:
         sample = Path(tmp) / "sample.txt"

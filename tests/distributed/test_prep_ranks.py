@@ -73,3 +73,35 @@ def test_two_ranks_write_the_single_process_dataset(tmp_path: Path) -> None:
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "ranks" / name).read_bytes()
     assert verify(tmp_path / "ranks") == []
+
+
+def test_two_ranks_replace_a_dataset_with_overwrite(tmp_path: Path) -> None:
+    """Oracle: the one-process run of the new command. Two ranks given --overwrite on a
+    dataset of other settings both decide to build in OUT.new (each from the files alone),
+    rank 0 swaps it in, and the result is the single-process dataset; without --overwrite
+    both ranks refuse in one line."""
+    text = gzip.decompress((CORPUS_DIR / "gutenberg_excerpt.txt.gz").read_bytes()).decode()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(text[:120_000])
+    tok = train_tokenizer([tmp_path / "in"], tmp_path / "tok", "wordpiece", 800)
+    encode_corpus([tmp_path / "in"], tok, tmp_path / "ranks", unit_bytes=40_000)
+    single = encode_corpus([tmp_path / "in"], tok, tmp_path / "one", unit_bytes=30_000)
+
+    args = [sys.executable, "-m", "data_prep", "encode", "--input", tmp_path / "in",
+            "--tokenizer", tok, "--out", tmp_path / "ranks", "--unit-bytes", "30000",
+            "--rank-timeout", "60"]  # fmt: skip
+    base = {**os.environ, "PYTHONPATH": str(REPO)}
+    envs = [{**base, "BERT_PREP_RANK": str(r), "BERT_PREP_WORLD_SIZE": "2"} for r in (0, 1)]
+    for extra, code in (([], 2), (["--overwrite"], 0)):
+        runs = [subprocess.Popen([*args, *extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for env in envs]  # fmt: skip
+        results = [run.communicate(timeout=120) for run in runs]
+        for run, (_, err) in zip(runs, results, strict=True):
+            assert run.returncode == code, err
+            if code == 2:
+                assert len(err.strip().splitlines()) == 1 and "--overwrite" in err, err
+    manifest = json.loads((tmp_path / "ranks" / "manifest.json").read_text())
+    drop_run = lambda m: {k: v for k, v in m.items() if k != "run"}  # noqa: E731
+    assert drop_run(manifest) == drop_run(single)
+    assert not (tmp_path / "ranks.new").exists()
+    assert verify(tmp_path / "ranks") == []

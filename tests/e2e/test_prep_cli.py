@@ -135,11 +135,49 @@ def test_merge(dataset: Path, tmp_path: Path) -> None:
             "utf-16",
         ),
         ("encode", "--input", "{tmp}/binary.dat", "--tokenizer", "{data}/tok", "--out", "{tmp}/o"),
-    ],
+        # issue 13: Shift_JIS read as UTF-8, a cut manifest, --out inside an --input directory
+        (
+            "encode",
+            "--input",
+            "{tmp}/good",
+            "{tmp}/sjis.txt",
+            "--tokenizer",
+            "{data}/tok",
+            "--out",
+            "{tmp}/o",
+        ),
+        ("tokenizer", "--input", "{tmp}/good", "{tmp}/sjis.txt", "--out", "{tmp}/t"),
+        ("verify", "{tmp}/cut"),
+        (
+            "encode",
+            "--input",
+            "{tmp}/good",
+            "--tokenizer",
+            "{data}/tok",
+            "--out",
+            "{tmp}/good/sub/o",
+        ),
+        ("tokenizer", "--input", "{tmp}/good", "--out", "{tmp}/good/t"),
+        (
+            "encode",
+            "--input",
+            "{tmp}/good",
+            "--tokenizer",
+            "{data}/tok",
+            "--out",
+            "{tmp}/binary.dat/o",
+        ),
+    ],  # fmt: skip
 )
 def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) -> None:
     """Oracle: DESIGN.md: a user error exits non-zero (2) with one line and no traceback."""
     (tmp_path / "binary.dat").write_bytes(b"\0\1\2" * 100)
+    (tmp_path / "sjis.txt").write_bytes((CORPUS_DIR / "akutagawa.txt").read_text().encode("cp932"))
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "en.txt.gz").write_bytes((dataset / "in" / "en.txt.gz").read_bytes())
+    (tmp_path / "cut").mkdir()
+    manifest = (dataset / "data" / "manifest.json").read_bytes()
+    (tmp_path / "cut" / "manifest.json").write_bytes(manifest[: len(manifest) // 2])
     if "{tmp}/other_tok" in args:  # a tokenizer other than the one that made {data}/data
         other = prep("tokenizer", "--input", dataset / "in", "--out", tmp_path / "other_tok",
                      "--vocab-size", "900")  # fmt: skip
@@ -184,12 +222,40 @@ def test_bad_inputs_are_skipped_counted_and_reported(dataset: Path, tmp_path: Pa
                tmp_path / "data", "--log-every", "0", "--max-doc-chars", "1000000")  # fmt: skip
     assert res.returncode == 0, res.stderr
     stats = json.loads((tmp_path / "data" / "manifest.json").read_text())["stats"]
-    assert stats["skipped_files"] == {"binary": 1, "empty": 1, "corrupt": 1}
+    assert stats["skipped_files"] == {"binary": 1, "empty": 1, "corrupt": 0}
+    assert stats["truncated_files"] == 1
     assert stats["invalid_utf8_lines"] == 1
     assert stats["invalid_json_lines"] == 1 and stats["missing_field_records"] == 1
     assert stats["dropped"]["too_long"] == 1
-    for expected in ["skipped: binary 1, empty 1, corrupt 1", "too_long 1", "undecodable 1",
+    for expected in ["skipped: binary 1, empty 1, corrupt 0", "the part before the damage kept: 1",
+                     f"read in part {bad / 'truncated.txt.gz'}: truncated (EOFError",
+                     "too_long 1", "undecodable 1",
                      "invalid JSON 1", "records without the text field 1", "peak memory",
                      f"skipped {bad / 'binary.bin'}: binary", "tokens/s"]:  # fmt: skip
         assert expected in res.stdout, (expected, res.stdout)
     assert "MB/s" in res.stderr and "docs/s" in res.stderr and "ETA" in res.stderr
+
+
+def test_a_cut_manifest_is_one_line_in_bert_train(dataset: Path, tmp_path: Path) -> None:
+    """Oracle: the README's promise of one-line errors: `bert-train` on a dataset whose
+    manifest.json was cut (a copy, half of it) exits 2 with one error line naming the file
+    (before the fix: a JSONDecodeError traceback); `bert-prep verify` says the same."""
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    manifest = (dataset / "data" / "manifest.json").read_bytes()
+    (cut / "manifest.json").write_bytes(manifest[: len(manifest) // 2])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, "-m", "pretrain", "--config", REPO / "configs" / "tiny.yaml",
+         f"data.path={cut}", f"train.out_dir={tmp_path / 'run'}", "train.steps=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, res.stderr
+    assert errors[0].startswith(f"bert-train: error: {cut / 'manifest.json'}: not valid JSON")
+    verify = prep("verify", cut)
+    assert verify.returncode == 2 and verify.stderr.startswith(
+        f"bert-prep: error: {cut / 'manifest.json'}: not valid JSON"
+    )

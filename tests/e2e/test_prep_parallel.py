@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,3 +139,155 @@ def test_a_killed_run_resumes_where_it_stopped(corpus, tmp_path: Path) -> None:
     assert without_run(resumed) == without_run(fresh)
     assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "fresh")
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def big(corpus, tmp_path_factory) -> tuple[Path, list, Path]:
+    """A 1.5 MB corpus (25 units of 60 KB), the encode arguments for it without --out, and
+    the uninterrupted run of those arguments (the oracle of the kill tests)."""
+    _, tok, _ = corpus
+    tmp = tmp_path_factory.mktemp("big")
+    (tmp / "in").mkdir()
+    text = gzip.decompress((CORPUS_DIR / "gutenberg_excerpt.txt.gz").read_bytes()).decode()
+    (tmp / "in" / "corpus.txt").write_text(text[:1_500_000])
+    args = ["encode", "--input", tmp / "in", "--tokenizer", tok, "--unit-bytes", "60000",
+            "--shard-tokens", "20000"]  # fmt: skip
+    encode_corpus([tmp / "in"], tok, tmp / "fresh", unit_bytes=60000, shard_tokens=20000)
+    return tmp / "in", args, tmp / "fresh"
+
+
+def _wait_for_records(run: subprocess.Popen, units: Path, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        if units.is_dir() and len(list(units.glob("*.json"))) >= count:
+            return
+        time.sleep(0.02)
+    assert run.poll() is None, "the run finished before it could be stopped; use a bigger input"
+    raise AssertionError(f"no {count} unit records in {units} after 120 s")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper that may never come)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_kill_9_with_workers_then_an_immediate_rerun(big, tmp_path: Path) -> None:
+    """Oracle: the uninterrupted run. A `--workers 2` run with 5 units of a few seconds each
+    is SIGKILLed mid-way and the rerun starts at once. The killed run's pool workers must be gone
+    within 0.3 s (before the fix they went on encoding their units into --out, racing the
+    rerun, which then failed most of the time); the rerun gives the uninterrupted bytes."""
+    inputs, args, _ = big
+    assert args[-4] == "--unit-bytes"
+    args = [*args[:-3], "300000", *args[-2:]]
+    tok = args[args.index("--tokenizer") + 1]
+    fresh = tmp_path / "fresh"
+    encode_corpus([inputs], tok, fresh, unit_bytes=300000, shard_tokens=20000)
+    out = tmp_path / "out"
+    run = _prep(*args, "--out", out, "--workers", "2")
+    # The two workers finish units 0 and 1 together; 0.5 s later both are early in the next.
+    _wait_for_records(run, out / ".prep" / "units", 2)
+    time.sleep(0.5)
+    workers = _children(run.pid)
+    assert len(workers) >= 2, workers  # the pool (and multiprocessing's resource tracker)
+    run.send_signal(signal.SIGKILL)
+    run.wait()  # not communicate(): it would wait for the workers, which share its pipes
+    again = _prep(*args, "--out", out, "--workers", "2")
+    time.sleep(0.3)
+    survivors = [pid for pid in workers if _alive(pid)]
+    run.communicate()
+    stdout, stderr = again.communicate(timeout=600)
+    assert not survivors, f"workers of the killed run still running: {survivors}"
+    assert again.returncode == 0, stderr
+    assert "resuming:" in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert without_run(manifest) == without_run(json.loads((fresh / "manifest.json").read_text()))
+    assert shard_bytes(out) == shard_bytes(fresh)
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_the_first_runs(big, tmp_path: Path) -> None:
+    """Oracle: the issue's rule, one writer per dataset: the same command on the same --out
+    while the first runs ends at once with one line naming the holder (exit 2) and leaves the
+    first run to finish with the uninterrupted bytes."""
+    inputs, args, fresh = big
+    out = tmp_path / "out"
+    first = _prep(*args, "--out", out)
+    _wait_for_records(first, out / ".prep" / "units", 1)
+    second = _prep(*args, "--out", out)
+    _, err = second.communicate(timeout=120)
+    assert first.poll() is None, "the first run ended before the second was refused"
+    assert second.returncode == 2, err
+    assert err.strip().splitlines() == [
+        f"bert-prep: error: {out} is being written by another bert-prep (pid {first.pid} on "
+        f"{os.uname().nodename}); wait for it to end, or stop it, then run this command again"
+    ]
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert shard_bytes(out) == shard_bytes(fresh)
+
+
+@pytest.mark.slow
+def test_a_killed_overwrite_keeps_the_old_dataset_and_resumes(big, tmp_path: Path) -> None:
+    """Oracle: the old dataset's files and an uninterrupted run of the new command. An
+    --overwrite run with other settings is SIGKILLed mid-way: the old dataset is untouched and
+    still verifies; the same command then redoes only the unfinished units and leaves exactly
+    the new command's dataset, with no staging directory."""
+    inputs, args, fresh = big
+    out = tmp_path / "out"
+    shutil.copytree(fresh, out)
+    old = (shard_bytes(out), (out / "manifest.json").read_bytes())
+    assert args[-2] == "--shard-tokens"
+    new_args = [*args[:-1], "30000", "--out", out, "--overwrite"]
+    run = _prep(*new_args)
+    _wait_for_records(run, tmp_path / "out.new" / ".prep" / "units", 3)
+    run.send_signal(signal.SIGKILL)
+    run.communicate()
+    assert (shard_bytes(out), (out / "manifest.json").read_bytes()) == old
+    assert verify(out) == []
+
+    again = _prep(*new_args)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert "resuming:" in err
+    tok = args[args.index("--tokenizer") + 1]
+    want = encode_corpus([inputs], tok, tmp_path / "want", unit_bytes=60000, shard_tokens=30000)
+    assert without_run(json.loads((out / "manifest.json").read_text())) == without_run(want)
+    assert shard_bytes(out) == shard_bytes(tmp_path / "want")
+    assert not (tmp_path / "out.new").exists()
+
+
+def test_disk_full_is_one_line_and_leaves_nothing_half_written(corpus, tmp_path: Path) -> None:
+    """Oracle: a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored, so write() fails with EFBIG
+    as on a full disk) below the size of one shard: exit 2, one line naming the file being
+    written, no temporary file and no manifest left behind."""
+    import resource
+
+    inputs, tok, _ = corpus
+    out = tmp_path / "out"
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    run = _prep("encode", "--input", inputs, "--tokenizer", tok, "--out", out,
+                preexec_fn=limit_file_size)  # fmt: skip
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"bert-prep: error: {out}/shard_00000_0000.bin.tmp: File too large")
+    assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()

@@ -234,19 +234,77 @@ def test_encode_counts_dropped_documents(tmp_path: Path, corpus) -> None:
     assert manifest["num_documents"] == 1 and manifest["stats"]["documents"] == 3
 
 
-def test_encode_refuses_a_directory_of_another_tokenizer(tmp_path: Path, corpus) -> None:
-    """Oracle: the tokenizer hash in the existing manifest; re-encoding with the same
-    tokenizer replaces the dataset and removes shards it no longer uses."""
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard_*"))}
+
+
+def test_encode_replaces_a_dataset_only_on_request(tmp_path: Path, corpus) -> None:
+    """Oracle: the first dataset's files, and fresh encodes in empty directories. Another
+    command (settings or tokenizer) on a complete dataset is refused and leaves it as it was;
+    with overwrite it is replaced by exactly what an empty --out would get, stale shards and
+    the staging directory gone; the same command again changes nothing."""
     path, tok_dir = corpus
     out = tmp_path / "data"
     first = encode_corpus([path], tok_dir, out, shard_tokens=3000)
-    second = encode_corpus([path], tok_dir, out, shard_tokens=1_000_000)
+    before = (_files(out), (out / "manifest.json").read_bytes())
+    with pytest.raises(PrepError, match="other inputs or settings; pass --overwrite"):
+        encode_corpus([path], tok_dir, out, shard_tokens=1_000_000)
+    assert (_files(out), (out / "manifest.json").read_bytes()) == before
+
+    second = encode_corpus([path], tok_dir, out, shard_tokens=1_000_000, overwrite=True)
+    fresh = encode_corpus([path], tok_dir, tmp_path / "fresh", shard_tokens=1_000_000)
     assert len(second["shards"]) == 1 < len(first["shards"])
-    names = ["shard_00000_0000.bin", "shard_00000_0000.idx"]
-    assert sorted(p.name for p in out.glob("shard_*")) == names
+    assert _files(out) == _files(tmp_path / "fresh")
+    assert {k: v for k, v in second.items() if k != "run"} == {
+        k: v for k, v in fresh.items() if k != "run"
+    }
+    assert not (tmp_path / "data.new").exists() and not (out / ".prep" / "replaced").exists()
+    assert verify(out) == []
+
+    again = encode_corpus([path], tok_dir, out, shard_tokens=1_000_000)
+    assert again["run"]["encoded_bytes"] == 0 and _files(out) == _files(tmp_path / "fresh")
+
     other = train_tokenizer([path], tmp_path / "other", "wordpiece", 700)
-    with pytest.raises(PrepError, match="another tokenizer"):
+    with pytest.raises(PrepError, match="another tokenizer .*pass --overwrite"):
         encode_corpus([path], other, out)
+    replaced = encode_corpus([path], other, out, overwrite=True)
+    assert replaced["tokenizer"]["hash"] == IndexedDataset(out).tokenizer_hash
+    assert replaced["tokenizer"]["hash"] != second["tokenizer"]["hash"]
+
+
+def test_a_replacement_killed_between_its_renames_is_finished(tmp_path: Path, corpus) -> None:
+    """Oracle: the state a kill between swap_in's two renames leaves (--out gone, the new
+    dataset in OUT.new holding the old one): both datasets are still whole, and the same
+    command completes the swap instead of encoding anything."""
+    path, tok_dir = corpus
+    out = tmp_path / "data"
+    encode_corpus([path], tok_dir, out, shard_tokens=3000)
+    new = encode_corpus([path], tok_dir, tmp_path / "data.new", shard_tokens=1_000_000)
+    expected = _files(tmp_path / "data.new")
+    out.rename(tmp_path / "data.new" / ".prep" / "replaced")
+    assert verify(tmp_path / "data.new" / ".prep" / "replaced") == []
+
+    again = encode_corpus([path], tok_dir, out, shard_tokens=1_000_000, overwrite=True)
+    assert again["run"]["encoded_bytes"] == 0 and again["shards"] == new["shards"]
+    assert _files(out) == expected and verify(out) == []
+    assert not (tmp_path / "data.new").exists() and not (out / ".prep" / "replaced").exists()
+
+
+def test_out_and_inputs_must_not_overlap(tmp_path: Path, corpus) -> None:
+    """Oracle: the issue's case (--out inside an --input directory: the next run would read
+    the shards as text) and its mirror (an input inside --out, which --overwrite would move
+    away); both are refused before anything is written."""
+    path, tok_dir = corpus
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    (corpus_dir / "a.txt").write_text(path.read_text()[:20_000])
+    with pytest.raises(PrepError, match="inside the input directory"):
+        encode_corpus([corpus_dir], tok_dir, corpus_dir / "data")
+    assert not (corpus_dir / "data").exists()
+    with pytest.raises(PrepError, match="is inside --out"):
+        encode_corpus([corpus_dir / "a.txt"], tok_dir, tmp_path)
+    with pytest.raises(PrepError, match="inside the input directory"):
+        train_tokenizer([corpus_dir], corpus_dir / "tok", "wordpiece", 700)
 
 
 def test_merge_concatenates_datasets(tmp_path: Path, corpus) -> None:
@@ -269,3 +327,23 @@ def test_merge_concatenates_datasets(tmp_path: Path, corpus) -> None:
     assert (tmp_path / "m" / "tokenizer" / "tokenizer.json").is_file()
     with pytest.raises(PrepError, match="already holds"):
         merge_datasets([tmp_path / "a"], tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"format_version": 1, "shards": [', "not valid JSON"),
+        ("[]", "not a bert-prep manifest"),
+        ('{"format_version": 1, "tokenizer": {}, "dtype": "uint16"}', "not a bert-prep manifest"),
+        ('{"format_version": 1, "tokenizer": {}, "dtype": "uint16", "shards": [3]}',
+         "not a bert-prep manifest"),
+    ],
+)  # fmt: skip
+def test_a_broken_manifest_is_a_user_error(tmp_path: Path, text: str, message: str) -> None:
+    """Oracle: what the trainer and `verify` rely on: a cut or foreign manifest.json raises
+    PrepError (printed as one line by both CLIs), never a JSON or KeyError traceback."""
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(PrepError, match=message):
+        IndexedDataset(tmp_path)
+    with pytest.raises(PrepError, match=message):
+        verify(tmp_path)

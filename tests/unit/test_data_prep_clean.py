@@ -81,12 +81,14 @@ def test_encode_drops_duplicates_across_files_counting_each_reason(tmp_path: Pat
     docs_b = [f"{words} {i}." for i in range(4)]  # four duplicates of file a
     docs_b += [f"{words}  {i}." for i in range(6, 8)]  # two new ones
     docs_b += [f"{words}   7."]  # equal to the previous one after whitespace folding
+    inputs = tmp_path / "in"
+    inputs.mkdir()
     for name, docs in (("a.jsonl", docs_a), ("b.jsonl", docs_b)):
-        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "x" * 500}) + "\n")
-    tok = train_tokenizer([tmp_path], tmp_path / "tok", "wordpiece", 200)
+        (inputs / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (inputs / "c.jsonl").write_text(json.dumps({"text": "x" * 500}) + "\n")
+    tok = train_tokenizer([inputs], tmp_path / "tok", "wordpiece", 200)
     manifest = encode_corpus(
-        [tmp_path], tok, tmp_path / "data", pattern="*.jsonl", unit_bytes=300, max_doc_chars=400
+        [inputs], tok, tmp_path / "data", pattern="*.jsonl", unit_bytes=300, max_doc_chars=400
     )
     assert manifest["stats"]["dropped"] == {
         "too_long": 1,

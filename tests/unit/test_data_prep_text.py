@@ -14,6 +14,7 @@ import pytest
 from data_prep.errors import PrepError
 from data_prep.sentences import detect_lang, split_sentences
 from data_prep.sources import (
+    CORPUS_DIR,
     ReadConfig,
     SourceStats,
     expand_inputs,
@@ -286,19 +287,74 @@ def test_globs_and_directory_patterns(tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "*.txt")])
 
 
-def test_empty_and_truncated_files_are_skipped_and_counted(tmp_path: Path) -> None:
-    """Oracle: an empty file and a .gz cut in half are counted by reason; the documents that
-    were complete before the damage are kept (here: the first ones of the cut file)."""
+@pytest.mark.parametrize(
+    ("compress", "suffix"),
+    [(gzip.compress, ".gz"), (lzma.compress, ".xz"), (bz2.compress, ".bz2")],
+)
+def test_a_cut_compressed_file_says_what_was_kept(tmp_path: Path, compress, suffix) -> None:
+    """Oracle: the documents written; a cut file is not "skipped" (most of it is kept) but
+    counted as truncated, and its problem entry states exactly the number of documents and
+    lines that were read before the cut. An empty file is skipped."""
     (tmp_path / "a_empty.txt").write_bytes(b"")
     body = "".join(f"Document number {i} has some words.\n\n" for i in range(40000)).encode()
-    packed = gzip.compress(body)
-    (tmp_path / "b_cut.txt.gz").write_bytes(packed[: len(packed) // 2])
+    packed = compress(body)
+    # bz2 decodes whole 900 KB blocks: cut into the last one so that the first survives.
+    (tmp_path / ("b_cut.txt" + suffix)).write_bytes(packed[: len(packed) - 200])
     stats = SourceStats()
     docs = _docs(tmp_path, stats=stats)
     assert 0 < len(docs) < 40000
     assert docs == [f"Document number {i} has some words." for i in range(len(docs))]
-    assert dict(stats.skipped_files) == {"empty": 1, "corrupt": 1}
-    assert [r.split(":")[0] for _, r in stats.problems] == ["empty", "corrupt"]
+    assert dict(stats.skipped_files) == {"empty": 1}
+    assert stats.truncated_files == 1 and stats.as_dict()["truncated_files"] == 1
+    assert [p for p, _ in stats.problems] == [
+        str(tmp_path / "a_empty.txt"),
+        str(tmp_path / ("b_cut.txt" + suffix)),
+    ]
+    reason = stats.problems[1][1]
+    assert reason.startswith("truncated")
+    # Every complete document is two lines (text, blank); the lines of the document being
+    # read at the cut are counted as read too (at most 2 more).
+    assert f"kept the {len(docs):,} document(s) " in reason
+    lines = int(reason.split("document(s) (")[1].split(" lines")[0].replace(",", ""))
+    assert 2 * len(docs) <= lines <= 2 * len(docs) + 2
+
+
+def _japanese_lines() -> str:
+    """The built-in Japanese corpus (UTF-8), one of the issue's inputs."""
+    return (CORPUS_DIR / "akutagawa.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(("codec", "guess"), [("cp932", "cp932"), ("euc-jp", "euc-jp")])
+def test_japanese_in_another_encoding_is_refused_with_the_right_guess(
+    tmp_path: Path, codec: str, guess: str
+) -> None:
+    """Oracle: the issue's case: Shift_JIS (or EUC-JP) text read as UTF-8 used to keep a
+    fraction of a percent of the text with no error. Now reading stops with one message
+    naming the file, the count, and the codec that decodes it; with that codec every
+    document comes back as the UTF-8 original gives it."""
+    path = tmp_path / "ja.txt"
+    path.write_bytes(_japanese_lines().encode(codec))
+    with pytest.raises(PrepError, match=f"ja.txt: .* lines .* do not decode as utf-8.*"
+                       f"--encoding {guess}$"):  # fmt: skip
+        _docs(path)
+    utf8 = tmp_path / "utf8.txt"
+    utf8.write_text(_japanese_lines(), encoding="utf-8")
+    assert _docs(path, cfg=ReadConfig(encoding=guess)) == _docs(utf8)
+
+
+def test_a_few_undecodable_lines_are_only_counted(tmp_path: Path) -> None:
+    """Oracle: the threshold: 10 bad lines among 2,000 are dropped and counted; 11 bad
+    lines among 1,000 (1.1%) stop the run, and without a codec that decodes them the message
+    says how to find one."""
+    good = [f"Line {i} is fine." for i in range(2000)]
+    path = tmp_path / "few.txt"
+    path.write_bytes("\n".join(good).encode() + b"\n" + b"bad \xff\xfe\xfa\n" * 10)
+    stats = SourceStats()
+    assert len(_docs(path, stats=stats)) == 1
+    assert stats.invalid_utf8_lines == 10
+    path.write_bytes("\n".join(good[:989]).encode() + b"\n" + b"bad \x81\xff\n" * 11)
+    with pytest.raises(PrepError, match="11 of 1,000 lines \\(1.1%\\).*file -i"):
+        _docs(path)
 
 
 def test_a_50_mb_line_is_dropped_without_being_held(tmp_path: Path) -> None:
