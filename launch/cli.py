@@ -16,6 +16,7 @@ submits it (sbatch / qsub / bash). Also `python -m launch`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,23 @@ def submit_command(spec: JobSpec, script: Path) -> list[str]:
     return ["bash", str(script)]
 
 
+def write_script(path: Path, script: str) -> None:
+    """Write the executable script whole or not at all (a temporary file renamed into place)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(script)
+        partial.chmod(0o755)
+        partial.replace(path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise LaunchError(
+            f"cannot write the job script to {path}: {error.strerror or error}; "
+            "choose another --out"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -256,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(script, end="")
             return 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(script)
-        path.chmod(0o755)
+        write_script(path, script)
         submit = submit_command(spec, path)
         if not args.submit:
             print(f"bert-launch: wrote {path}; start it with: {' '.join(submit)}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,13 @@ SCHEDULERS = tuple(TEMPLATES)
 CONTAINER_RUNTIMES = ("singularity", "apptainer")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Values written into a #SBATCH / #PBS / #$ directive are read by the scheduler, not by a shell:
+# a newline there would start a shell line of the job, and whitespace or quotes split or confuse
+# the scheduler's own parsing. Names (job, group, queue) take what all three schedulers accept.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_QUEUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+,-]*$")  # Slurm takes a list: gpu,gpu-long
+_DIRECTIVE_PATH = re.compile(r"^[^\s'\"\\`\x00-\x1f\x7f]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The mpirun templates pass these with -x already.
 _PASSED_ANYWAY = frozenset(
     ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "PATH", "LD_LIBRARY_PATH", "PYTHONPATH",
@@ -62,7 +71,8 @@ class JobSpec:
     setup: tuple[str, ...] = ()
     """Shell lines run before the launch, e.g. "source ~/venv/bin/activate"."""
     env: tuple[tuple[str, str], ...] = ()
-    """Exported to every rank (NCCL_*, UCX_*, ...); $VAR in a value expands in the job."""
+    """Exported to every rank (NCCL_*, UCX_*, ...); values are literal (single-quoted): a `$` or
+    `$(...)` in them is not expanded (use a `setup` line for a value the job's shell computes)."""
     image: str | None = None
     """Apptainer/Singularity image (.sif) to run each rank in."""
     container_runtime: str = "singularity"
@@ -96,8 +106,17 @@ def walltime_seconds(text: str) -> int:
 
 
 def render_script(spec: JobSpec, script_path: Path) -> str:
-    """The job script for `spec`, to be written at `script_path` (it resubmits that path)."""
+    """The job script for `spec`, to be written at `script_path` (it resubmits that path).
+
+    Every value that reaches a shell line is shell-quoted, every value that reaches a scheduler
+    directive is validated, and the result must pass `bash -n`.
+    """
     _validate(spec)
+    if _CONTROL.search(str(script_path)):
+        raise LaunchError(
+            f"--out {str(script_path)!r}: a script path cannot hold a newline or "
+            "other control character"
+        )
     script_path = script_path.resolve()
     walltime_s = walltime_seconds(spec.walltime)
     values = {
@@ -112,9 +131,7 @@ def render_script(spec: JobSpec, script_path: Path) -> str:
         "max_resubmits": str(spec.max_resubmits),
         "optional_directives": "\n".join(_directives(spec)),
         "setup": "\n".join(_setup_lines(spec)),
-        "env_exports": "\n".join(
-            f"export {key}={_double_quoted(value)}" for key, value in spec.env
-        ),
+        "env_exports": "\n".join(f"export {key}={shlex.quote(value)}" for key, value in spec.env),
         "mpirun_env": "".join(f" -x {key}" for key, _ in spec.env if key not in _PASSED_ANYWAY),
         "container": _container_prefix(spec),
         "command": _command(spec),
@@ -124,7 +141,9 @@ def render_script(spec: JobSpec, script_path: Path) -> str:
         "hostfile_quoted": shlex.quote(spec.hostfile) if spec.hostfile else '""',
     }
     template = (TEMPLATE_DIR / TEMPLATES[spec.scheduler]).read_text()
-    return fill_template(template, values)
+    script = fill_template(template, values)
+    _check_syntax(script)
+    return script
 
 
 def fill_template(template: str, values: dict[str, str]) -> str:
@@ -166,6 +185,33 @@ def _validate(spec: JobSpec) -> None:
         raise LaunchError(f"--container-runtime must be one of {CONTAINER_RUNTIMES}")
     if spec.max_resubmits < 0:
         raise LaunchError("--max-resubmits must be >= 0")
+    names = (
+        ("--job-name", spec.job_name, _NAME),
+        ("--group", spec.group, _NAME),
+        ("--queue", spec.queue, _QUEUE),
+        ("--output", spec.output, _DIRECTIVE_PATH),
+    )
+    for option, value, pattern in names:
+        if value is not None and not pattern.match(value):
+            raise LaunchError(
+                f"{option} {value!r}: not allowed in a scheduler directive; use letters, digits "
+                "and _ . - + (a path for --output), with no spaces, quotes or newlines"
+            )
+    for directive in spec.directives:
+        if _CONTROL.search(directive):
+            raise LaunchError(f"--directive {directive!r}: one directive per option, no newlines")
+
+
+def _check_syntax(script: str) -> None:
+    """`bash -n` on the script: only a --setup line can break it once values are quoted."""
+    if shutil.which("bash") is None:
+        return  # nothing to check with; every cluster node that runs the script has bash
+    result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    if result.returncode != 0:
+        message = " ".join(result.stderr.split())
+        raise LaunchError(
+            f"the job script would not parse (bash -n: {message}): check the --setup lines"
+        )
 
 
 def _normalized_walltime(seconds: int) -> str:
@@ -262,8 +308,3 @@ def _command(spec: JobSpec) -> str:
         (rest if rest or ("=" in word and not word.startswith("-")) else head).append(word)
     lines = [" ".join(head)] + rest
     return " \\\n        ".join(lines)
-
-
-def _double_quoted(value: str) -> str:
-    """ "value" with \\, " and ` escaped; $VAR still expands in the job (that is the point)."""
-    return '"' + re.sub(r'([\\"`])', r"\\\1", value) + '"'
