@@ -96,7 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resource-type",
         dest="queue",
         metavar="NAME",
-        help="Slurm partition, PBS queue (default rt_HF), SGE resource type (default rt_F)",
+        help="Slurm partition, PBS queue (default rt_HF), SGE resource type (default rt_F; "
+        "with --parallel-environment: SGE queue)",
+    )
+    job.add_argument(
+        "--parallel-environment",
+        "--pe",
+        metavar="NAME",
+        help="sge only, for a generic Grid Engine site: request -pe NAME nodes*ranks slots and "
+        "read the hosts from $PE_HOSTFILE (instead of ABCI's -l rt_F=N and -g group)",
     )
     job.add_argument("--job-name", default="bert", metavar="NAME", help="job name (default bert)")
     job.add_argument("--output", metavar="FILE", help="job log file (Slurm default %%x-%%j.out)")
@@ -210,6 +218,7 @@ def spec_from_args(args: argparse.Namespace, command: list[str]) -> JobSpec:
         job_name=args.job_name,
         group=args.group,
         queue=args.queue,
+        parallel_environment=args.parallel_environment,
         modules=tuple(str(m) for m in args.modules),
         setup=tuple(str(line) for line in args.setup),
         env=tuple(env.items()),

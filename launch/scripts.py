@@ -66,7 +66,12 @@ class JobSpec:
     group: str | None = None
     """Slurm account, PBS project (ABCI group, `-P`), Grid Engine group (ABCI `qsub -g`)."""
     queue: str | None = None
-    """Slurm partition, PBS queue (ABCI 3.0: rt_HF), Grid Engine resource type (ABCI: rt_F)."""
+    """Slurm partition, PBS queue (ABCI 3.0: rt_HF), Grid Engine resource type (ABCI: rt_F), or
+    with a `parallel_environment` the Grid Engine queue (`-q`)."""
+    parallel_environment: str | None = None
+    """Grid Engine only: a generic site's parallel environment. The job asks for
+    `-pe NAME nodes*ranks` slots and reads its hosts from $PE_HOSTFILE, instead of ABCI's
+    `-l rt_F=nodes` and `qsub -g group`."""
     modules: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
     """Shell lines run before the launch, e.g. "source ~/venv/bin/activate"."""
@@ -137,7 +142,6 @@ def render_script(spec: JobSpec, script_path: Path) -> str:
         "command": _command(spec),
         "output": spec.output or "%x-%j.out",
         "group_option": f"-g {shlex.quote(spec.group)} " if spec.group else "",
-        "resource_type": spec.queue or "rt_F",
         "hostfile_quoted": shlex.quote(spec.hostfile) if spec.hostfile else '""',
     }
     template = (TEMPLATE_DIR / TEMPLATES[spec.scheduler]).read_text()
@@ -189,6 +193,7 @@ def _validate(spec: JobSpec) -> None:
         ("--job-name", spec.job_name, _NAME),
         ("--group", spec.group, _NAME),
         ("--queue", spec.queue, _QUEUE),
+        ("--parallel-environment", spec.parallel_environment, _NAME),
         ("--output", spec.output, _DIRECTIVE_PATH),
     )
     for option, value, pattern in names:
@@ -196,6 +201,14 @@ def _validate(spec: JobSpec) -> None:
             raise LaunchError(
                 f"{option} {value!r}: not allowed in a scheduler directive; use letters, digits "
                 "and _ . - + (a path for --output), with no spaces, quotes or newlines"
+            )
+    if spec.parallel_environment is not None:
+        if spec.scheduler != "sge":
+            raise LaunchError("--parallel-environment is for Grid Engine (sge) only")
+        if spec.group is not None:
+            raise LaunchError(
+                "--group is ABCI's qsub -g, which a Grid Engine site with a parallel environment "
+                "does not have: leave it out, or pass your site's option with --directive"
             )
     for directive in spec.directives:
         if _CONTROL.search(directive):
@@ -239,8 +252,15 @@ def _directives(spec: JobSpec) -> list[str]:
             lines.append(f"-P {spec.group}")
         if spec.output:
             lines.append(f"-o {spec.output}")
-    elif spec.scheduler == "sge" and spec.output:
-        lines.append(f"-o {spec.output}")
+    elif spec.scheduler == "sge":
+        if spec.parallel_environment:  # a generic site: slots from a parallel environment
+            lines.append(f"-pe {spec.parallel_environment} {spec.nodes * spec.ranks}")
+            if spec.queue:
+                lines.append(f"-q {spec.queue}")
+        else:  # ABCI: whole nodes of a resource type
+            lines.append(f"-l {spec.queue or 'rt_F'}={spec.nodes}")
+        if spec.output:
+            lines.append(f"-o {spec.output}")
     lines += list(spec.directives)
     return [f"{prefix} {line}" for line in lines]
 

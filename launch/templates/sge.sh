@@ -11,7 +11,6 @@
 # -notify: its warning before the kill is SIGUSR2, which ends this shell before it can resubmit.
 # -S /bin/bash: a queue in posix_compliant mode ignores the #! line and would use /bin/sh.
 #$ -N {{job_name}}
-#$ -l {{resource_type}}={{nodes}}
 #$ -l h_rt={{walltime}}
 #$ -cwd
 #$ -S /bin/bash
