@@ -1,5 +1,6 @@
 #!/bin/bash
-# BERT pre-training under Grid Engine (ABCI 1.0/2.0 style), written by bert-launch. Edit freely;
+# BERT pre-training under Grid Engine (ABCI 1.0/2.0 style: -l rt_F=N, qsub -g; or a site's
+# parallel environment: -pe NAME slots), written by bert-launch. Edit freely;
 # submit with:
 #   qsub {{group_option}}{{script_path}}
 #

@@ -94,6 +94,21 @@ def test_sge_two_nodes_four_gpus(tmp_path: Path):
     bash_n(text, tmp_path)
 
 
+def test_sge_generic_site_parallel_environment(tmp_path: Path):
+    """A generic Grid Engine site: -pe NAME nodes*ranks instead of ABCI's -l rt_F=N, --queue is
+    then -q, and there is no qsub -g (refused with a hint, not silently dropped)."""
+    job = spec("sge", group=None, parallel_environment="mpi", queue="gpu.q")
+    text = render_script(job, tmp_path / "job.sh")
+    assert "#$ -pe mpi 8" in text.splitlines() and "#$ -q gpu.q" in text.splitlines()
+    assert "#$ -l rt_F" not in text
+    assert f"#   qsub {tmp_path / 'job.sh'}" in text
+    assert 'qsub -hold_jid "$JOB_ID"' in text
+    with pytest.raises(LaunchError, match="--group is ABCI's qsub -g"):
+        render_script(spec("sge", parallel_environment="mpi"), tmp_path / "job.sh")
+    with pytest.raises(LaunchError, match="Grid Engine"):
+        render_script(spec("pbs", parallel_environment="mpi"), tmp_path / "job.sh")
+
+
 def test_slurm_script(tmp_path: Path):
     text = render_script(spec("slurm", queue="gpu", stop_margin_s=120), tmp_path / "job.sh")
     for line in [
@@ -474,6 +489,12 @@ def test_cluster_files(tmp_path: Path, capsys):
         text = capsys.readouterr().out
         assert "module load cuda/" in text and "STOP_MARGIN_S=600" in text
         bash_n(text, tmp_path)
+    generic = REPO / "configs" / "cluster" / "gridengine.yaml"
+    assert (
+        cli.main(["sge", "--cluster", str(generic), "--nodes", "2", "--dry-run", "--", *TRAIN]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "#$ -pe mpi 8" in text and "RANKS_PER_NODE=4" in text and "#$ -l rt_F" not in text
     abci3 = str(REPO / "configs" / "cluster" / "abci3.yaml")
     args = ["pbs", "--cluster", abci3, "--gpus-per-node", "4", "--env", "NCCL_DEBUG=WARN"]
     assert cli.main([*args, "--dry-run", "--", *TRAIN]) == 0
