@@ -146,7 +146,7 @@ def render_script(spec: JobSpec, script_path: Path) -> str:
     }
     template = (TEMPLATE_DIR / TEMPLATES[spec.scheduler]).read_text()
     script = fill_template(template, values)
-    _check_syntax(script)
+    _check_syntax(script, spec)
     return script
 
 
@@ -215,16 +215,20 @@ def _validate(spec: JobSpec) -> None:
             raise LaunchError(f"--directive {directive!r}: one directive per option, no newlines")
 
 
-def _check_syntax(script: str) -> None:
-    """`bash -n` on the script: only a --setup line can break it once values are quoted."""
+def _check_syntax(script: str, spec: JobSpec) -> None:
+    """`bash -n` on the script. Once values are quoted and validated, only a --setup line (shell
+    code on purpose) can break it; without one, a failure is a bug of ours."""
     if shutil.which("bash") is None:
         return  # nothing to check with; every cluster node that runs the script has bash
     result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
-    if result.returncode != 0:
-        message = " ".join(result.stderr.split())
+    if result.returncode == 0:
+        return
+    message = " ".join(result.stderr.split())
+    if spec.setup:
         raise LaunchError(
             f"the job script would not parse (bash -n: {message}): check the --setup lines"
         )
+    raise RuntimeError(f"internal error: bert-launch wrote a script bash -n rejects: {message}")
 
 
 def _normalized_walltime(seconds: int) -> str:

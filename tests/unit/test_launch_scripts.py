@@ -413,6 +413,18 @@ def test_setup_line_that_does_not_parse_is_refused(tmp_path: Path, capsys):
     assert not out.exists()
 
 
+def test_script_that_does_not_parse_without_setup_is_an_internal_error(tmp_path, monkeypatch):
+    """Without --setup lines nothing a user types can break the syntax: a failing `bash -n` is
+    a bug of ours and must not pass as a user error (here forced with a broken template)."""
+    broken = tmp_path / "templates"
+    broken.mkdir()
+    (broken / "sge.sh").write_text("#!/bin/bash\nif true; then\n{{command}}\n")
+    job = spec("sge", modules=())
+    monkeypatch.setattr("launch.scripts.TEMPLATE_DIR", broken)
+    with pytest.raises(RuntimeError, match="internal error: .*bash -n"):
+        render_script(job, tmp_path / "job.sh")
+
+
 def test_host_file_is_private_and_removed(tmp_path: Path):
     """The host file mpirun reads is made by mktemp (mode 600, an unpredictable name) in the
     job's own temporary directory (SGE_LOCALDIR, else TMPDIR), never at a name another user of
