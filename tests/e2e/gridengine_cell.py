@@ -188,9 +188,9 @@ class GridEngineCell:
             "SGE_EXECD_PORT": str(_free_port()),
         }
 
-    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+    def run(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(
-            args, env=env or self.env, capture_output=True, text=True, timeout=60, check=False
+            args, env=self.env, capture_output=True, text=True, timeout=60, check=False
         )
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed: {result.stdout}{result.stderr}")
@@ -220,12 +220,6 @@ class GridEngineCell:
             lambda: self.run("qacct", "-j", job_id, check=False), 30, f"accounting of {job_id}"
         )
         return dict(re.findall(r"^(\w+)\s+(.*?)\s*$", text, re.M))
-
-    def job_ids(self) -> list[str]:
-        """Every job the cell has seen, running or finished, in submission order."""
-        running = [line.split()[0] for line in self.run("qstat", "-u", "*").splitlines()[2:]]
-        finished = re.findall(r"^jobnumber\s+(\d+)", self.run("qacct", "-j", check=False), re.M)
-        return sorted(set(running) | set(finished), key=int)
 
     def logs(self) -> str:
         parts = []
@@ -278,14 +272,12 @@ def start_cell(root: Path) -> Iterator[GridEngineCell]:
         path.chmod(0o755)
     os.chmod(root, 0o755)
 
-    pid_files = [qmaster_spool / "qmaster.pid"]
     try:
         cell.run(str(LIBEXEC / "sge_qmaster"))
         wait_for(lambda: cell.run("qconf", "-sh", check=False), 60, "sge_qmaster to answer")
         cell.run("qconf", "-as", cell.host)
         cell.qconf_file("-Ae", "exechost", EXECHOST.format(host=cell.host))
         cell.run(str(LIBEXEC / "sge_execd"))
-        pid_files += list((cell.spool / "execd").glob("*/execd.pid"))
         cell.qconf_file("-Ap", "mpi", PARALLEL_ENVIRONMENT)
         complexes = cell.run("qconf", "-sc")
         cell.qconf_file("-Mc", "complexes", complexes + RT_F_COMPLEX + "\n")
@@ -306,7 +298,6 @@ def start_cell(root: Path) -> Iterator[GridEngineCell]:
                          starter=starter, complex_values="rt_F=1"),
         )  # fmt: skip
         wait_for(lambda: _queues_up(cell), 60, "the execution daemon to report")
-        pid_files += list((cell.spool / "execd").glob("*/execd.pid"))
         yield cell
     except AssertionError as error:
         raise AssertionError(f"{error}\n{cell.logs()}") from None
@@ -314,7 +305,7 @@ def start_cell(root: Path) -> Iterator[GridEngineCell]:
         cell.run("qdel", "-u", "*", check=False)
         cell.run("qconf", "-kej", cell.host, check=False)
         cell.run("qconf", "-km", check=False)
-        _stop(pid_files)
+        _stop([qmaster_spool / "qmaster.pid", *(cell.spool / "execd").glob("*/execd.pid")])
 
 
 def _queues_up(cell: GridEngineCell) -> bool:
