@@ -16,6 +16,7 @@ submits it (sbatch / qsub / bash). Also `python -m launch`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resource-type",
         dest="queue",
         metavar="NAME",
-        help="Slurm partition, PBS queue (default rt_HF), SGE resource type (default rt_F)",
+        help="Slurm partition, PBS queue (default rt_HF), SGE resource type (default rt_F; "
+        "with --parallel-environment: SGE queue)",
+    )
+    job.add_argument(
+        "--parallel-environment",
+        "--pe",
+        metavar="NAME",
+        help="sge only, for a generic Grid Engine site: request -pe NAME nodes*ranks slots and "
+        "read the hosts from $PE_HOSTFILE (instead of ABCI's -l rt_F=N and -g group)",
     )
     job.add_argument("--job-name", default="bert", metavar="NAME", help="job name (default bert)")
     job.add_argument("--output", metavar="FILE", help="job log file (Slurm default %%x-%%j.out)")
@@ -209,6 +218,7 @@ def spec_from_args(args: argparse.Namespace, command: list[str]) -> JobSpec:
         job_name=args.job_name,
         group=args.group,
         queue=args.queue,
+        parallel_environment=args.parallel_environment,
         modules=tuple(str(m) for m in args.modules),
         setup=tuple(str(line) for line in args.setup),
         env=tuple(env.items()),
@@ -231,6 +241,23 @@ def submit_command(spec: JobSpec, script: Path) -> list[str]:
     if spec.scheduler == "sge":
         return ["qsub", *(["-g", spec.group] if spec.group else []), str(script)]
     return ["bash", str(script)]
+
+
+def write_script(path: Path, script: str) -> None:
+    """Write the executable script whole or not at all (a temporary file renamed into place)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(script)
+        partial.chmod(0o755)
+        partial.replace(path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise LaunchError(
+            f"cannot write the job script to {path}: {error.strerror or error}; "
+            "choose another --out"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(script, end="")
             return 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(script)
-        path.chmod(0o755)
+        write_script(path, script)
         submit = submit_command(spec, path)
         if not args.submit:
             print(f"bert-launch: wrote {path}; start it with: {' '.join(submit)}")

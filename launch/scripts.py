@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,13 @@ SCHEDULERS = tuple(TEMPLATES)
 CONTAINER_RUNTIMES = ("singularity", "apptainer")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Values written into a #SBATCH / #PBS / #$ directive are read by the scheduler, not by a shell:
+# a newline there would start a shell line of the job, and whitespace or quotes split or confuse
+# the scheduler's own parsing. Names (job, group, queue) take what all three schedulers accept.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_QUEUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+,-]*$")  # Slurm takes a list: gpu,gpu-long
+_DIRECTIVE_PATH = re.compile(r"^[^\s'\"\\`\x00-\x1f\x7f]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The mpirun templates pass these with -x already.
 _PASSED_ANYWAY = frozenset(
     ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "PATH", "LD_LIBRARY_PATH", "PYTHONPATH",
@@ -57,12 +66,18 @@ class JobSpec:
     group: str | None = None
     """Slurm account, PBS project (ABCI group, `-P`), Grid Engine group (ABCI `qsub -g`)."""
     queue: str | None = None
-    """Slurm partition, PBS queue (ABCI 3.0: rt_HF), Grid Engine resource type (ABCI: rt_F)."""
+    """Slurm partition, PBS queue (ABCI 3.0: rt_HF), Grid Engine resource type (ABCI: rt_F), or
+    with a `parallel_environment` the Grid Engine queue (`-q`)."""
+    parallel_environment: str | None = None
+    """Grid Engine only: a generic site's parallel environment. The job asks for
+    `-pe NAME nodes*ranks` slots and reads its hosts from $PE_HOSTFILE, instead of ABCI's
+    `-l rt_F=nodes` and `qsub -g group`."""
     modules: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
     """Shell lines run before the launch, e.g. "source ~/venv/bin/activate"."""
     env: tuple[tuple[str, str], ...] = ()
-    """Exported to every rank (NCCL_*, UCX_*, ...); $VAR in a value expands in the job."""
+    """Exported to every rank (NCCL_*, UCX_*, ...); values are literal (single-quoted): a `$` or
+    `$(...)` in them is not expanded (use a `setup` line for a value the job's shell computes)."""
     image: str | None = None
     """Apptainer/Singularity image (.sif) to run each rank in."""
     container_runtime: str = "singularity"
@@ -96,8 +111,17 @@ def walltime_seconds(text: str) -> int:
 
 
 def render_script(spec: JobSpec, script_path: Path) -> str:
-    """The job script for `spec`, to be written at `script_path` (it resubmits that path)."""
+    """The job script for `spec`, to be written at `script_path` (it resubmits that path).
+
+    Every value that reaches a shell line is shell-quoted, every value that reaches a scheduler
+    directive is validated, and the result must pass `bash -n`.
+    """
     _validate(spec)
+    if _CONTROL.search(str(script_path)):
+        raise LaunchError(
+            f"--out {str(script_path)!r}: a script path cannot hold a newline or "
+            "other control character"
+        )
     script_path = script_path.resolve()
     walltime_s = walltime_seconds(spec.walltime)
     values = {
@@ -112,19 +136,18 @@ def render_script(spec: JobSpec, script_path: Path) -> str:
         "max_resubmits": str(spec.max_resubmits),
         "optional_directives": "\n".join(_directives(spec)),
         "setup": "\n".join(_setup_lines(spec)),
-        "env_exports": "\n".join(
-            f"export {key}={_double_quoted(value)}" for key, value in spec.env
-        ),
+        "env_exports": "\n".join(f"export {key}={shlex.quote(value)}" for key, value in spec.env),
         "mpirun_env": "".join(f" -x {key}" for key, _ in spec.env if key not in _PASSED_ANYWAY),
         "container": _container_prefix(spec),
         "command": _command(spec),
         "output": spec.output or "%x-%j.out",
         "group_option": f"-g {shlex.quote(spec.group)} " if spec.group else "",
-        "resource_type": spec.queue or "rt_F",
         "hostfile_quoted": shlex.quote(spec.hostfile) if spec.hostfile else '""',
     }
     template = (TEMPLATE_DIR / TEMPLATES[spec.scheduler]).read_text()
-    return fill_template(template, values)
+    script = fill_template(template, values)
+    _check_syntax(script, spec)
+    return script
 
 
 def fill_template(template: str, values: dict[str, str]) -> str:
@@ -166,6 +189,46 @@ def _validate(spec: JobSpec) -> None:
         raise LaunchError(f"--container-runtime must be one of {CONTAINER_RUNTIMES}")
     if spec.max_resubmits < 0:
         raise LaunchError("--max-resubmits must be >= 0")
+    names = (
+        ("--job-name", spec.job_name, _NAME),
+        ("--group", spec.group, _NAME),
+        ("--queue", spec.queue, _QUEUE),
+        ("--parallel-environment", spec.parallel_environment, _NAME),
+        ("--output", spec.output, _DIRECTIVE_PATH),
+    )
+    for option, value, pattern in names:
+        if value is not None and not pattern.match(value):
+            raise LaunchError(
+                f"{option} {value!r}: not allowed in a scheduler directive; use letters, digits "
+                "and _ . - + (a path for --output), with no spaces, quotes or newlines"
+            )
+    if spec.parallel_environment is not None:
+        if spec.scheduler != "sge":
+            raise LaunchError("--parallel-environment is for Grid Engine (sge) only")
+        if spec.group is not None:
+            raise LaunchError(
+                "--group is ABCI's qsub -g, which a Grid Engine site with a parallel environment "
+                "does not have: leave it out, or pass your site's option with --directive"
+            )
+    for directive in spec.directives:
+        if _CONTROL.search(directive):
+            raise LaunchError(f"--directive {directive!r}: one directive per option, no newlines")
+
+
+def _check_syntax(script: str, spec: JobSpec) -> None:
+    """`bash -n` on the script. Once values are quoted and validated, only a --setup line (shell
+    code on purpose) can break it; without one, a failure is a bug of ours."""
+    if shutil.which("bash") is None:
+        return  # nothing to check with; every cluster node that runs the script has bash
+    result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    if result.returncode == 0:
+        return
+    message = " ".join(result.stderr.split())
+    if spec.setup:
+        raise LaunchError(
+            f"the job script would not parse (bash -n: {message}): check the --setup lines"
+        )
+    raise RuntimeError(f"internal error: bert-launch wrote a script bash -n rejects: {message}")
 
 
 def _normalized_walltime(seconds: int) -> str:
@@ -193,8 +256,15 @@ def _directives(spec: JobSpec) -> list[str]:
             lines.append(f"-P {spec.group}")
         if spec.output:
             lines.append(f"-o {spec.output}")
-    elif spec.scheduler == "sge" and spec.output:
-        lines.append(f"-o {spec.output}")
+    elif spec.scheduler == "sge":
+        if spec.parallel_environment:  # a generic site: slots from a parallel environment
+            lines.append(f"-pe {spec.parallel_environment} {spec.nodes * spec.ranks}")
+            if spec.queue:
+                lines.append(f"-q {spec.queue}")
+        else:  # ABCI: whole nodes of a resource type
+            lines.append(f"-l {spec.queue or 'rt_F'}={spec.nodes}")
+        if spec.output:
+            lines.append(f"-o {spec.output}")
     lines += list(spec.directives)
     return [f"{prefix} {line}" for line in lines]
 
@@ -262,8 +332,3 @@ def _command(spec: JobSpec) -> str:
         (rest if rest or ("=" in word and not word.startswith("-")) else head).append(word)
     lines = [" ".join(head)] + rest
     return " \\\n        ".join(lines)
-
-
-def _double_quoted(value: str) -> str:
-    """ "value" with \\, " and ` escaped; $VAR still expands in the job (that is the point)."""
-    return '"' + re.sub(r'([\\"`])', r"\\\1", value) + '"'

@@ -24,7 +24,9 @@ RANKS_PER_NODE={{ranks_per_node}}
 
 # PBS_NODEFILE repeats each host mpiprocs times: one line per host, in order, with its slots.
 # Rank 0 runs on the first host, so that host is the rendezvous master.
-HOSTFILE=${TMPDIR:-/tmp}/bert-hosts.${PBS_JOBID%%.*}
+# A private file (mktemp: mode 600, unpredictable name) in the job's own temporary directory.
+HOSTFILE=$(mktemp "${TMPDIR:-${PBS_JOBDIR:-/tmp}}/bert-hosts.XXXXXXXX") || exit 1
+trap 'rm -f "$HOSTFILE"' EXIT
 awk '!seen[$1]++ {print $1" slots='"$RANKS_PER_NODE"'"}' "$PBS_NODEFILE" > "$HOSTFILE"
 NP=$(( $(wc -l < "$HOSTFILE") * RANKS_PER_NODE ))
 export MASTER_ADDR=$(head -n 1 "$HOSTFILE" | cut -d ' ' -f 1)
@@ -55,5 +57,7 @@ if [ "$status" -eq 75 ]; then
         exit 0
     fi
     echo "bert-launch: checkpointed, but qsub failed; resubmit $THIS_SCRIPT by hand" >&2
+elif [ "$status" -ne 0 ]; then
+    echo "bert-launch: training failed with exit code $status (mpirun names the failing rank above); not resubmitted" >&2
 fi
 exit "$status"

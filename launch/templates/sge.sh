@@ -1,5 +1,6 @@
 #!/bin/bash
-# BERT pre-training under Grid Engine (ABCI 1.0/2.0 style), written by bert-launch. Edit freely;
+# BERT pre-training under Grid Engine (ABCI 1.0/2.0 style: -l rt_F=N, qsub -g; or a site's
+# parallel environment: -pe NAME slots), written by bert-launch. Edit freely;
 # submit with:
 #   qsub {{group_option}}{{script_path}}
 #
@@ -7,11 +8,13 @@
 # without warning, so the trainer gets train.walltime_s = h_rt - {{stop_margin_s}} s - the time this
 # script has used: it checkpoints and exits 75 on its own (a SIGUSR1, e.g. from an s_rt soft
 # limit where the site allows one, does the same). This script then submits itself again, held
-# until this job has ended, and train.resume=auto continues from the checkpoint.
+# until this job has ended, and train.resume=auto continues from the checkpoint. Do not add
+# -notify: its warning before the kill is SIGUSR2, which ends this shell before it can resubmit.
+# -S /bin/bash: a queue in posix_compliant mode ignores the #! line and would use /bin/sh.
 #$ -N {{job_name}}
-#$ -l {{resource_type}}={{nodes}}
 #$ -l h_rt={{walltime}}
 #$ -cwd
+#$ -S /bin/bash
 #$ -j y
 {{optional_directives}}
 
@@ -25,7 +28,9 @@ RANKS_PER_NODE={{ranks_per_node}}
 
 # One line per host, in order, with its slots: SGE_JOB_HOSTLIST (ABCI) or PE_HOSTFILE.
 # Rank 0 runs on the first host, so that host is the rendezvous master.
-HOSTFILE=${SGE_LOCALDIR:-${TMPDIR:-/tmp}}/bert-hosts.$JOB_ID
+# A private file (mktemp: mode 600, unpredictable name) in the job's own temporary directory.
+HOSTFILE=$(mktemp "${SGE_LOCALDIR:-${TMPDIR:-/tmp}}/bert-hosts.XXXXXXXX") || exit 1
+trap 'rm -f "$HOSTFILE"' EXIT
 if [ -n "${SGE_JOB_HOSTLIST:-}" ]; then hosts=$SGE_JOB_HOSTLIST; else hosts=$PE_HOSTFILE; fi
 awk '!seen[$1]++ {print $1" slots='"$RANKS_PER_NODE"'"}' "$hosts" > "$HOSTFILE"
 NP=$(( $(wc -l < "$HOSTFILE") * RANKS_PER_NODE ))
@@ -56,5 +61,7 @@ if [ "$status" -eq 75 ]; then
         exit 0
     fi
     echo "bert-launch: checkpointed, but qsub failed; resubmit $THIS_SCRIPT by hand" >&2
+elif [ "$status" -ne 0 ]; then
+    echo "bert-launch: training failed with exit code $status (mpirun names the failing rank above); not resubmitted" >&2
 fi
 exit "$status"

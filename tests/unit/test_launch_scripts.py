@@ -64,7 +64,7 @@ def test_pbs_two_nodes_four_gpus(tmp_path: Path):
         "WALLTIME_S=86400",
         "STOP_MARGIN_S=300",
         "module load cuda/12.6/12.6.1 hpcx/2.20",
-        'export NCCL_IB_TIMEOUT="22"',
+        "export NCCL_IB_TIMEOUT=22",
         '"$PBS_NODEFILE"',
         "        train.resume=auto \\",
         "        train.walltime_s=$(( WALLTIME_S - STOP_MARGIN_S - SECONDS ))",
@@ -92,6 +92,21 @@ def test_sge_two_nodes_four_gpus(tmp_path: Path):
     assert "SGE_JOB_HOSTLIST" in text and "PE_HOSTFILE" in text
     assert "{{" not in text
     bash_n(text, tmp_path)
+
+
+def test_sge_generic_site_parallel_environment(tmp_path: Path):
+    """A generic Grid Engine site: -pe NAME nodes*ranks instead of ABCI's -l rt_F=N, --queue is
+    then -q, and there is no qsub -g (refused with a hint, not silently dropped)."""
+    job = spec("sge", group=None, parallel_environment="mpi", queue="gpu.q")
+    text = render_script(job, tmp_path / "job.sh")
+    assert "#$ -pe mpi 8" in text.splitlines() and "#$ -q gpu.q" in text.splitlines()
+    assert "#$ -l rt_F" not in text
+    assert f"#   qsub {tmp_path / 'job.sh'}" in text
+    assert 'qsub -hold_jid "$JOB_ID"' in text
+    with pytest.raises(LaunchError, match="--group is ABCI's qsub -g"):
+        render_script(spec("sge", parallel_environment="mpi"), tmp_path / "job.sh")
+    with pytest.raises(LaunchError, match="Grid Engine"):
+        render_script(spec("pbs", parallel_environment="mpi"), tmp_path / "job.sh")
 
 
 def test_slurm_script(tmp_path: Path):
@@ -153,7 +168,7 @@ def test_quoting(tmp_path: Path):
     text = render_script(job, tmp_path / "job.sh")
     assert "srun bert-train --config 'my configs/x.yaml' \\" in text
     assert "'train.out_dir=runs/it'\"'\"'s'" in text
-    assert 'export LD_LIBRARY_PATH="$HOME/lib:\\"q\\""' in text  # $HOME expands in the job
+    assert "export LD_LIBRARY_PATH='$HOME/lib:\"q\"'" in text  # literal: --env is not expanded
     bash_n(text, tmp_path)
 
 
@@ -195,24 +210,34 @@ case "$(basename "$0")" in
   sbatch|qsub) echo "Submitted 99" ;;
   mpirun|srun)
     echo "MASTER=$MASTER_ADDR:$MASTER_PORT OMP=$OMP_NUM_THREADS RANK=${RANK:-}" >> "$STUB_LOG"
+    while [ $# -gt 0 ]; do  # the host file as mpirun sees it: mode and content
+      if [ "$1" = -hostfile ]; then
+        echo "HOSTFILE $(stat -c %a "$2") $(tr '\\n' ';' < "$2")" >> "$STUB_HOSTS"
+      fi
+      shift
+    done
     exit "${STUB_EXIT:-0}" ;;
 esac
 """
 
 
-def run_with_stubs(script: Path, tmp_path: Path, environ: dict[str, str], exit_code: int):
+def run_with_stubs(
+    script: Path, tmp_path: Path, environ: dict[str, str], exit_code: int, stub: str = STUB
+):
     bin_dir = tmp_path / "stubs"
     bin_dir.mkdir(exist_ok=True)
     for name in ("scontrol", "sbatch", "qsub", "mpirun", "srun", "nproc"):
-        (bin_dir / name).write_text(STUB if name != "nproc" else "#!/bin/sh\necho 8\n")
+        (bin_dir / name).write_text(stub if name != "nproc" else "#!/bin/sh\necho 8\n")
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "stub.log"
     log.write_text("")
+    (tmp_path / "hosts.log").write_text("")
     env = {
         "PATH": f"{bin_dir}:/usr/bin:/bin",
         "HOME": str(tmp_path),
         "TMPDIR": str(tmp_path),
         "STUB_LOG": str(log),
+        "STUB_HOSTS": str(tmp_path / "hosts.log"),
         "STUB_EXIT": str(exit_code),
         **environ,
     }
@@ -233,11 +258,11 @@ def test_pbs_script_runs(tmp_path: Path):
     result, calls = run_with_stubs(script, tmp_path, environ, exit_code=0)
     assert result.returncode == 0, result.stderr
     mpirun = calls[0].split()
-    assert mpirun[:9] == [
-        "mpirun", "-np", "8", "-hostfile", f"{tmp_path}/bert-hosts.1234", "-map-by",
-        "ppr:4:node", "-bind-to", "none",
-    ]  # fmt: skip
-    assert (tmp_path / "bert-hosts.1234").read_text() == "hnode007 slots=4\nhnode003 slots=4\n"
+    assert mpirun[:3] == ["mpirun", "-np", "8"]
+    assert mpirun[5:9] == ["-map-by", "ppr:4:node", "-bind-to", "none"]
+    assert (
+        tmp_path / "hosts.log"
+    ).read_text() == "HOSTFILE 600 hnode007 slots=4;hnode003 slots=4;\n"
     assert "-x NCCL_IB_TIMEOUT" in calls[0] and "-x MASTER_ADDR -x MASTER_PORT" in calls[0]
     walltime = int(re.search(r"train.walltime_s=(\d+)", calls[0]).group(1))
     assert 86400 - 300 - 5 <= walltime <= 86400 - 300  # minus the seconds the script used
@@ -260,7 +285,8 @@ def test_sge_script_runs(tmp_path: Path):
     environ = {"JOB_ID": "777", "SGE_JOB_HOSTLIST": str(hostlist), "SGE_LOCALDIR": str(tmp_path)}
     result, calls = run_with_stubs(script, tmp_path, environ, exit_code=75)
     assert result.returncode == 0, result.stderr
-    assert calls[0].startswith(f"mpirun -np 8 -hostfile {tmp_path}/bert-hosts.777 ")
+    assert calls[0].startswith(f"mpirun -np 8 -hostfile {tmp_path}/bert-hosts.")
+    assert (tmp_path / "hosts.log").read_text() == "HOSTFILE 600 g0101 slots=4;g0102 slots=4;\n"
     assert calls[1] == "MASTER=g0101:10777 OMP=2 RANK="
     assert calls[2] == f"qsub -g gabc -hold_jid 777 -v BERT_RESUBMITS=1 {script}"
 
@@ -319,6 +345,121 @@ def test_cli_help_runs_as_module():
     assert result.returncode == 0 and "bert-launch" in result.stdout
 
 
+# --- job scripts are code: nothing a user types becomes a shell line unasked --------------------
+
+INJECTED = "x\ntouch {marker}"
+
+
+@pytest.mark.parametrize("option", ["--job-name", "--output", "--group", "--queue", "--out"])
+@pytest.mark.parametrize("scheduler", ["slurm", "pbs", "sge"])
+def test_newline_in_an_option_is_refused(scheduler, option, tmp_path: Path, capsys):
+    """A newline in a value that reaches a directive (or the script's own path, which reaches
+    comment lines) would start a shell line of the job: one-line refusal, exit 2, no script.
+    Oracle: the generated script run against stub schedulers must not create the marker file
+    (before the fix it did, or the script did not parse)."""
+    marker = tmp_path / "INJECTED"
+    value = INJECTED.format(marker=marker)
+    script = tmp_path / "job.sh"
+    args = [scheduler, "--out", str(script), option, value]
+    if option == "--out":
+        args = [scheduler, "--out", str(tmp_path / value)]
+    assert cli.main([*args, "--", *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"bert-launch: error: {option} "), err
+    assert not script.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--job-name", "my job"), ("--group", "g'x"), ("--queue", "rt_F -l h_rt=1:00:00"),
+     ("--output", 'logs/"x"'), ("--directive", "-l h_vmem=4G\n-l rt_F=99")],
+)  # fmt: skip
+def test_values_a_scheduler_cannot_take_are_refused(option, value, capsys):
+    assert cli.main(["sge", "--dry-run", option, value, "--", *TRAIN]) == 2
+    assert "bert-launch: error: " + option in capsys.readouterr().err
+
+
+def test_directive_values_that_are_fine(tmp_path: Path):
+    job = spec("slurm", job_name="bert-base_1.0", queue="gpu,gpu-long", output="logs/%x-%j.out")
+    text = render_script(job, tmp_path / "job.sh")
+    assert "#SBATCH --partition=gpu,gpu-long" in text and "#SBATCH --output=logs/%x-%j.out" in text
+    sge = render_script(spec("sge", output="logs/$JOB_NAME.o$JOB_ID"), tmp_path / "job.sh")
+    assert "#$ -o logs/$JOB_NAME.o$JOB_ID" in sge and "#$ -S /bin/bash" in sge
+
+
+def test_env_values_are_literal(tmp_path: Path):
+    """--env values are single-quoted: `$(...)`, backticks and `$VAR` reach the ranks as typed
+    and run nothing. Oracle: the stub mpirun prints the variable as the job exported it."""
+    marker = tmp_path / "RAN"
+    value = f"$(touch {marker})`touch {marker}`$HOME;touch {marker}"
+    script = write(spec("sge", modules=(), env=(("ODD", value),)), tmp_path / "job.sh")
+    hostlist = tmp_path / "hostlist"
+    hostlist.write_text("g0101\n")
+    stub = STUB.replace('RANK=${RANK:-}"', 'RANK=${RANK:-} ODD=$ODD"')
+    environ = {"JOB_ID": "7", "SGE_JOB_HOSTLIST": str(hostlist)}
+    result, calls = run_with_stubs(script, tmp_path, environ, exit_code=0, stub=stub)
+    assert result.returncode == 0, result.stderr
+    assert calls[1].endswith(f" ODD={value}") and not marker.exists()
+
+
+def test_setup_line_that_does_not_parse_is_refused(tmp_path: Path, capsys):
+    """`bash -n` runs on every script before it is written; once values are quoted only a
+    --setup line can break the syntax, and the message says so."""
+    out = tmp_path / "job.sh"
+    args = ["pbs", "--setup", "if true; then echo", "--out", str(out), "--", *TRAIN]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "would not parse (bash -n" in err and "--setup" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_script_that_does_not_parse_without_setup_is_an_internal_error(tmp_path, monkeypatch):
+    """Without --setup lines nothing a user types can break the syntax: a failing `bash -n` is
+    a bug of ours and must not pass as a user error (here forced with a broken template)."""
+    broken = tmp_path / "templates"
+    broken.mkdir()
+    (broken / "sge.sh").write_text("#!/bin/bash\nif true; then\n{{command}}\n")
+    job = spec("sge", modules=())
+    monkeypatch.setattr("launch.scripts.TEMPLATE_DIR", broken)
+    with pytest.raises(RuntimeError, match="internal error: .*bash -n"):
+        render_script(job, tmp_path / "job.sh")
+
+
+def test_host_file_is_private_and_removed(tmp_path: Path):
+    """The host file mpirun reads is made by mktemp (mode 600, an unpredictable name) in the
+    job's own temporary directory (SGE_LOCALDIR, else TMPDIR), never at a name another user of
+    a shared /tmp could guess from the job id and plant first; it is gone after the job."""
+    script = write(spec("sge", modules=()), tmp_path / "job.sh")
+    hostlist = tmp_path / "hostlist"
+    hostlist.write_text("g0101\n")
+    local = tmp_path / "localdir"
+    local.mkdir()
+    environ = {"JOB_ID": "777", "SGE_JOB_HOSTLIST": str(hostlist), "SGE_LOCALDIR": str(local)}
+    paths = []
+    for _ in range(2):
+        result, calls = run_with_stubs(script, tmp_path, environ, exit_code=0)
+        assert result.returncode == 0, result.stderr
+        path = calls[0].split()[4]
+        assert Path(path).parent == local and "777" not in Path(path).name
+        paths.append(path)
+        assert (tmp_path / "hosts.log").read_text() == "HOSTFILE 600 g0101 slots=4;\n"
+        assert list(local.iterdir()) == []  # removed when the script ends
+    assert paths[0] != paths[1]
+
+
+def test_unwritable_out_is_one_line(tmp_path: Path, capsys):
+    """Root may write anywhere, so 'unwritable' here is a path under a regular file and a path
+    that is a directory: both end in one line naming --out, exit 2, and leave nothing behind."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker / "job.sh", tmp_path):
+        assert cli.main(["slurm", "--out", str(out), "--", *TRAIN]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"bert-launch: error: cannot write the job script to {out}: ")
+        assert err.count("\n") == 1 and "--out" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 # --- containers -----------------------------------------------------------------------------------
 
 
@@ -360,15 +501,21 @@ def test_cluster_files(tmp_path: Path, capsys):
         text = capsys.readouterr().out
         assert "module load " in text and "STOP_MARGIN_S=600" in text
         bash_n(text, tmp_path)
+    generic = REPO / "configs" / "cluster" / "gridengine.yaml"
+    assert (
+        cli.main(["sge", "--cluster", str(generic), "--nodes", "2", "--dry-run", "--", *TRAIN]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "#$ -pe mpi 8" in text and "RANKS_PER_NODE=4" in text and "#$ -l rt_F" not in text
     abci3 = str(REPO / "configs" / "cluster" / "abci3.yaml")
     args = ["pbs", "--cluster", abci3, "--gpus-per-node", "4", "--env", "NCCL_DEBUG=WARN"]
     assert cli.main([*args, "--dry-run", "--", *TRAIN]) == 0
     text = capsys.readouterr().out
-    assert "#PBS -l select=1:mpiprocs=4" in text and 'export NCCL_DEBUG="WARN"' in text
+    assert "#PBS -l select=1:mpiprocs=4" in text and "export NCCL_DEBUG=WARN" in text
     abci2 = str(REPO / "configs" / "cluster" / "abci2.yaml")
     args = ["sge", "--cluster", abci2, "--env", "NCCL_IB_TIMEOUT=23", "--dry-run", "--", *TRAIN]
     assert cli.main(args) == 0
-    assert 'export NCCL_IB_TIMEOUT="23"' in capsys.readouterr().out  # overrides the file's 22
+    assert "export NCCL_IB_TIMEOUT=23" in capsys.readouterr().out  # overrides the file's 22
 
     assert cli.main(["pbs", "--cluster", abci2, "--dry-run", "--", *TRAIN]) == 2
     assert "is for sge, not pbs" in capsys.readouterr().err
