@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pretrain.progress import format_duration
+
 
 class MetricsLog:
     def __init__(self, out_dir: Path, resume_step: int | None, enabled: bool = True) -> None:
@@ -72,7 +74,8 @@ def _json_number(value: Any) -> Any:
 
 
 def format_line(record: dict[str, Any]) -> str:
-    """A compact console line: `step 40 | loss 7.12 | masked 7.50 | acc 0.061 | ...`."""
+    """A compact console line:
+    `train step 40/300 | loss 7.12 | masked 7.50 | acc 0.061 | ... | 85 ms/step | ETA 3m05s`."""
     order = [
         ("loss", "loss", "{:.4f}"),
         ("masked_loss", "masked", "{:.4f}"),
@@ -80,13 +83,21 @@ def format_line(record: dict[str, Any]) -> str:
         ("lr", "lr", "{:.2e}"),
         ("grad_norm", "gnorm", "{:.2f}"),
         ("loss_scale", "scale", "{:.0f}"),
+        ("ms_per_step", "ms/step", "{:.0f}"),
         ("tokens_per_s", "tok/s", "{:.0f}"),
         ("tflops", "TFLOP/s", "{:.4f}"),
     ]
-    parts = [f"{record.get('split', 'train')} step {record['step']}"]
+    step = f"{record['step']}"
+    if "steps_total" in record:
+        step += f"/{record['steps_total']}"
+    parts = [f"{record.get('split', 'train')} step {step}"]
     for key, label, fmt in order:
         if key in record and isinstance(record[key], (int, float)):
             parts.append(f"{label} {fmt.format(record[key])}")
+    if isinstance(record.get("mfu"), float):
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if isinstance(record.get("eta_s"), float):
+        parts.append(f"ETA {format_duration(record['eta_s'])}")
     if record.get("skipped"):
         parts.append("SKIPPED (fp16 overflow)")
     return " | ".join(parts)

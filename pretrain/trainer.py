@@ -47,6 +47,7 @@ from pretrain.data import (
     most_frequent_token,
     open_training_data,
 )
+from pretrain.devices import peak_flops
 from pretrain.distributed import (
     ParallelDims,
     all_reduce_sum,
@@ -60,7 +61,7 @@ from pretrain.model import (
     apply_recompute,
     build_model,
     count_parameters,
-    flops_per_token,
+    flops_per_step,
 )
 from pretrain.objectives import LossOutput, pretraining_loss
 from pretrain.optim import build_param_groups, clip_grad_norm_, lr_at, optimizer_for_groups, set_lr
@@ -68,6 +69,7 @@ from pretrain.parallel.comm_stats import CommCounter, analytic_bytes, lamb_tenso
 from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout, tp_grad_norm_fn
 from pretrain.parallel.zero import ZeroRedundancy
 from pretrain.precision import DynamicLossScaler, autocast_context
+from pretrain.progress import RunClock, summary_line, write_summary
 
 
 @dataclass
@@ -79,6 +81,7 @@ class TrainResult:
     baseline_acc: float | None = None
     checkpoint: Path | None = None
     is_main: bool = True
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def log(message: str) -> None:
@@ -167,6 +170,7 @@ def train(config: Config) -> TrainResult:
 def _train(
     config: Config, dims: ParallelDims, launch_line: str, device: torch.device
 ) -> TrainResult:
+    started = time.perf_counter()
     say = log if dims.is_main else _quiet
     say(launch_line)
     stop = StopRequest(config.train.walltime_s)
@@ -262,6 +266,21 @@ def _train(
         else []
     )
     result = TrainResult(exit_code=0, step=step, is_main=dims.is_main)
+    peak = peak_flops(device, config.train.precision)
+    say(
+        f"device peak {peak / 1e12:.3g} TFLOP/s for {config.train.precision} matrix products"
+        + (" (measured on this CPU, cached)" if device.type == "cpu" else "")
+        if peak is not None
+        else f"no MFU: {device} is not in the peak table of pretrain/devices.py"
+    )
+    clock = RunClock(
+        total_steps=config.train.steps,
+        eval_every=config.train.eval_every if held_out else None,
+        checkpoint_every=config.checkpoint.every,
+        peak_flops=peak,
+        world_size=dims.world_size,
+        started=started,
+    )
     if held_out:
         result.baseline_acc = baseline_accuracy(held_out, most_frequent_token(data.dataset))
 
@@ -279,6 +298,7 @@ def _train(
 
     def checkpoint() -> None:
         # dp replicas hold identical state: the tp ranks of the first replica write, in parallel.
+        began = time.perf_counter()
         path = save_checkpoint(
             config.checkpoint_dir,
             step,
@@ -289,6 +309,7 @@ def _train(
             dims,
             sharding,
         )
+        clock.add_checkpoint(time.perf_counter() - began)
         say(f"checkpoint written: {path}")
         result.checkpoint = path
 
@@ -345,15 +366,17 @@ def _train(
 
         if step % config.train.log_every == 0 or step == config.train.steps:
             record = interval.record(
-                step, consumed, lr, float(grad_norm), loss_scale, shape, config, dims
+                step, consumed, lr, float(grad_norm), loss_scale, shape, config, dims, clock
             )
             metrics.write(record)
             result.history.append(record)
             say(format_line(record))
             interval = _Interval(comm)
         if held_out and (step % config.train.eval_every == 0 or step == config.train.steps):
+            began = time.perf_counter()
             shard = held_out[dims.dp_rank :: dims.dp_size]
             record = {"split": "valid", "step": step, **evaluate(model, shard, config, dims)}
+            clock.add_eval(time.perf_counter() - began)
             metrics.write(record)
             result.evals.append(record)
             say(format_line(record))
@@ -369,8 +392,12 @@ def _train(
             break
         if step % config.checkpoint.every == 0 or step == config.train.steps:
             checkpoint()
+            interval.start = time.perf_counter()  # nor is checkpoint time
     metrics.close()
     result.step = step
+    result.summary = clock.summary(step)
+    if dims.is_main:
+        write_summary(out_dir, result.summary)
     return result
 
 
@@ -416,10 +443,12 @@ class _Interval:
         shape: ModelShape,
         config: Config,
         dims: ParallelDims,
+        clock: RunClock,
     ) -> dict[str, Any]:
-        """The interval's record, with every sum reduced over the dp group."""
+        """The interval's record, with every sum reduced over the dp group; its time, tokens
+        and FLOPs go to `clock`, which gives the MFU and the ETA."""
         elapsed = time.perf_counter() - self.start
-        loss, masked_loss, correct, masked, tokens, scored = all_reduce_sum(
+        loss, masked_loss, correct, masked, tokens, scored, encoded = all_reduce_sum(
             [
                 sum(self.losses),
                 self.masked_loss,
@@ -427,13 +456,17 @@ class _Interval:
                 self.masked,
                 self.tokens,
                 self.scored,
+                self.encoded,
             ],
             dims,
         )
-        scored_fraction = scored / max(tokens, 1)
-        flops = flops_per_token(shape, config.data.seq_len, scored_fraction) * tokens
+        seq_len = config.data.seq_len
+        flops = flops_per_step(shape, seq_len, round(encoded) // seq_len, scored)
+        steps = len(self.losses)
+        clock.add_train(elapsed, steps, round(tokens), flops)
         record = {
             "step": step,
+            "steps_total": config.train.steps,
             "consumed_samples": consumed,
             "loss": loss / len(self.losses) / dims.dp_size,
             "masked_loss": masked_loss / max(masked, 1.0),
@@ -443,11 +476,13 @@ class _Interval:
             "loss_scale": loss_scale,
             "tokens_per_s": tokens / elapsed,
             "tflops": flops / elapsed / dims.world_size / 1e12,  # per device
+            "mfu": clock.mfu(flops, elapsed),
+            "ms_per_step": elapsed * 1000 / steps,
             "elapsed_s": elapsed,
+            "eta_s": clock.eta_s(step),
         }
         if self.comm is not None:
             moved = self.comm.bytes - self.comm_before
-            steps = len(self.losses)
             record["comm_bytes"] = {k: v // steps for k, v in sorted(moved.items())}
             minimum = self.comm.minimum(encoded=self.encoded, scored=self.scored)
             record["comm_bytes_min"] = {k: v // steps for k, v in sorted(minimum.items())}
@@ -471,6 +506,8 @@ def print_summary(result: TrainResult) -> None:
             f"summary: held-out masked-token accuracy {acc:.3f} "
             f"(most-frequent-token baseline {result.baseline_acc:.3f})"
         )
+    if result.summary.get("steps"):
+        log(f"summary: {summary_line(result.summary)}")
     if result.checkpoint is not None:
         log(f"summary: checkpoint {result.checkpoint}")
 
