@@ -247,7 +247,13 @@ def _train(
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
         say("resolved config:\n" + (out_dir / "config.yaml").read_text(encoding="utf-8").rstrip())
-    metrics = MetricsLog(out_dir, resume_step=step if resume_path else None, enabled=dims.is_main)
+    metrics = MetricsLog(
+        out_dir,
+        resume_step=step if resume_path else None,
+        enabled=dims.is_main,
+        wandb_project=config.train.wandb_project,
+        run_config=config.to_dict(),
+    )
     say(
         f"model: {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, "
         f"vocab {shape.vocab_size}, {shape.norm}-LN, {count_parameters(model):,} parameters; "

@@ -64,3 +64,19 @@ def test_progress_fields_mfu_and_summary(small_dataset, tmp_path, capsys):
     assert spent < summary["wall_s"]
     assert summary["mfu"] == pytest.approx(summary["tflops"] * 1e12 / peak, rel=1e-9)
     assert f"{summary['tokens']:,} tokens seen" in printed
+
+    # TensorBoard (the dev extra installs it): the same numbers, read back from the events.
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for tag, rows, key in [
+        ("train/loss", train_records, "loss"),
+        ("train/mfu", train_records, "mfu"),
+        ("train/eta_s", train_records, "eta_s"),
+        ("valid/mlm_acc", [r for r in records if r.get("split") == "valid"], "mlm_acc"),
+    ]:
+        scalars = events.Scalars(tag)
+        assert [e.step for e in scalars] == [r["step"] for r in rows], tag
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in rows], rel=1e-6)
