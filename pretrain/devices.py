@@ -13,7 +13,8 @@ and the BLAS torch was built with), so its "peak" is measured: a square matrix p
 run's dtype, timed for well under two seconds once per machine, thread count, dtype and torch
 version, and cached in `$XDG_CACHE_HOME/bert-pretrain/device_peaks.json` (default
 `~/.cache`). It is what this process can reach on a large GEMM, so a CPU MFU near 1 means the
-run is as fast as matrix products allow here.
+run is as fast as matrix products allow here. A machine busy with other work during that one
+measurement caches a low peak (and later MFUs read high): delete the file to measure again.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 
 _CPU_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
                "fp16": torch.float16}  # fmt: skip
-_CPU_BUDGET_S = 0.6  # timed repetitions stop after this long; warm-up and sizing add < 1 s
+_CPU_BUDGET_S = 0.3  # timed repetitions stop after this long (or 20 of them); sizing adds less
 
 
 def gpu_kind(device_name: str) -> str | None:
@@ -124,20 +125,25 @@ def cpu_peak_flops(dtype: str) -> float:
 
 
 def measure_cpu_matmul(dtype: torch.dtype) -> float:
-    """Best FLOP/s of an n x n matrix product over repetitions (n = 1024, or 256 for a dtype
-    this CPU only emulates, such as fp16 without AVX512-FP16: one large product would take
-    seconds there)."""
-    size = 256
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    """Best FLOP/s of an n x n matrix product over repetitions for about a third of a second.
+
+    n is sized from a first rate at n = 256 so that one product takes ~50 ms: 1024 where the
+    dtype runs natively, 256 for one this CPU only emulates (fp16 without AVX512-FP16 runs at
+    ~1 GFLOP/s, so one 1024 product alone would take two seconds).
+    """
+    small = torch.randn(256, 256).to(dtype)
+    torch.mm(small, small)  # the first call pays one-off set-up costs
     begin = time.perf_counter()
-    torch.mm(a, b)  # warm-up, and a first rate to size the real measurement
-    if time.perf_counter() - begin < 0.01:
-        size = 1024
-        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-        torch.mm(a, b)
+    torch.mm(small, small)
+    rate = 2.0 * 256**3 / max(time.perf_counter() - begin, 1e-9)
+    size = int(min(1024, max(256, (rate * 0.05 / 2) ** (1 / 3))) // 128 * 128)
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
     best = float("inf")
     start = time.perf_counter()
-    while time.perf_counter() - start < _CPU_BUDGET_S:
+    for _ in range(20):
+        if time.perf_counter() - start > _CPU_BUDGET_S:
+            break
         begin = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - begin)

@@ -69,7 +69,7 @@ def test_cpu_peak_is_measured_quickly_then_read_from_the_cache(tmp_path, monkeyp
     for _ in range(3):
         torch.mm(a, b)
     independent = 3 * 2 * 1024**3 / (time.perf_counter() - begin)
-    assert 0.05 < independent / rate < 2.0
+    assert 0.05 < independent / rate < 5.0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
