@@ -84,6 +84,16 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
+def describe_peak(device: torch.device, precision: str, peak: float | None) -> str:
+    """The start-up line that says what MFU is measured against."""
+    if peak is None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        return f"no MFU: {name} is not in the peak table of pretrain/devices.py"
+    dtype = matmul_dtype(precision, device)
+    source = "measured on this CPU, cached" if device.type == "cpu" else "datasheet"
+    return f"device peak {peak / 1e12:.3g} TFLOP/s for {dtype} matrix products ({source})"
+
+
 def cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "bert-pretrain" / "device_peaks.json"

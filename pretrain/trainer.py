@@ -47,7 +47,7 @@ from pretrain.data import (
     most_frequent_token,
     open_training_data,
 )
-from pretrain.devices import peak_flops
+from pretrain.devices import describe_peak, peak_flops
 from pretrain.distributed import (
     ParallelDims,
     all_reduce_sum,
@@ -273,12 +273,7 @@ def _train(
     )
     result = TrainResult(exit_code=0, step=step, is_main=dims.is_main)
     peak = peak_flops(device, config.train.precision)
-    say(
-        f"device peak {peak / 1e12:.3g} TFLOP/s for {config.train.precision} matrix products"
-        + (" (measured on this CPU, cached)" if device.type == "cpu" else "")
-        if peak is not None
-        else f"no MFU: {device} is not in the peak table of pretrain/devices.py"
-    )
+    say(describe_peak(device, config.train.precision, peak))
     clock = RunClock(
         total_steps=config.train.steps,
         eval_every=config.train.eval_every if held_out else None,
