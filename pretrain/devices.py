@@ -9,12 +9,12 @@ per GPU, by the dtype the matrix products run in:
 - fp16 / bf16: half-precision tensor cores (what autocast uses).
 
 The CPU has no datasheet figure we can trust (it depends on the core count, the vector units
-and the BLAS torch was built with), so its "peak" is measured: a square matrix product in the
-run's dtype, timed for well under two seconds once per machine, thread count, dtype and torch
-version, and cached in `$XDG_CACHE_HOME/bert-pretrain/device_peaks.json` (default
-`~/.cache`). It is what this process can reach on a large GEMM, so a CPU MFU near 1 means the
-run is as fast as matrix products allow here. A machine busy with other work during that one
-measurement caches a low peak (and later MFUs read high): delete the file to measure again.
+and the BLAS torch was built with), so its "peak" is measured at start-up: a square matrix
+product in the run's dtype, timed for well under two seconds, and cached per machine, thread
+count, dtype and torch version in `$XDG_CACHE_HOME/bert-pretrain/device_peaks.json` (default
+`~/.cache`). The cache keeps the highest rate measured so far: a machine busy with other work
+makes one measurement low, never the peak. It is what one process reaches on a large GEMM, so a
+CPU MFU near 1 means the run is as fast as matrix products allow here.
 """
 
 from __future__ import annotations
@@ -124,14 +124,15 @@ def read_cache() -> dict[str, float]:
 
 
 def cpu_peak_flops(dtype: str) -> float:
-    """This CPU's matrix-product rate in `dtype` (FLOP/s): cached, else measured and cached."""
+    """This CPU's matrix-product rate in `dtype` (FLOP/s): measured now, and the highest rate
+    measured so far on this machine kept in the cache and returned. Other work on the machine
+    can only make one measurement low; the cached maximum climbs to what the CPU can do."""
     key = _cpu_key(dtype)
     cached = read_cache().get(key)
-    if isinstance(cached, (int, float)) and cached > 0:
-        return float(cached)
-    rate = measure_cpu_matmul(_CPU_DTYPES[dtype])
-    _write_cache(key, rate)
-    return rate
+    best = max(measure_cpu_matmul(_CPU_DTYPES[dtype]), float(cached or 0.0))
+    if best != cached:
+        _write_cache(key, best)
+    return best
 
 
 def measure_cpu_matmul(dtype: torch.dtype) -> float:

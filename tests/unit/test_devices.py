@@ -49,18 +49,21 @@ def test_table_is_complete_and_consistent() -> None:
     assert PEAK_TFLOPS["A100-80GB"]["bf16"] == 312.0
 
 
-def test_cpu_peak_is_measured_quickly_then_read_from_the_cache(tmp_path, monkeypatch) -> None:
+def test_cpu_peak_is_measured_quickly_and_the_cache_keeps_the_best(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     begin = time.perf_counter()
     rate = cpu_peak_flops("fp32")
-    took = time.perf_counter() - begin
-    assert took < 2.0
-    stored = json.loads(cache_path().read_text())
+    assert time.perf_counter() - begin < 2.0
     assert cache_path().is_relative_to(tmp_path)
-    assert list(stored.values()) == [rate]
-    begin = time.perf_counter()
-    assert peak_flops(torch.device("cpu"), "fp32") == rate  # read back, not re-measured
-    assert time.perf_counter() - begin < 0.1
+    (key,) = json.loads(cache_path().read_text())
+    assert json.loads(cache_path().read_text()) == {key: rate}
+    # A higher rate in the cache (an earlier measurement on an idle machine) is what counts.
+    cache_path().write_text(json.dumps({key: 1e15}))
+    assert peak_flops(torch.device("cpu"), "fp32") == 1e15
+    # A lower one is replaced by this measurement.
+    cache_path().write_text(json.dumps({key: 1.0}))
+    again = peak_flops(torch.device("cpu"), "fp32")
+    assert again > 1.0 and json.loads(cache_path().read_text()) == {key: again}
     # Independent timing of a 1024 x 1024 product: the "peak" is the best repetition, so an
     # average of a few can be slower, but not by orders of magnitude (units, sizes).
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
@@ -69,7 +72,7 @@ def test_cpu_peak_is_measured_quickly_then_read_from_the_cache(tmp_path, monkeyp
     for _ in range(3):
         torch.mm(a, b)
     independent = 3 * 2 * 1024**3 / (time.perf_counter() - begin)
-    assert 0.05 < independent / rate < 5.0
+    assert 0.05 < independent / max(rate, again) < 5.0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
