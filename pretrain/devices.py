@@ -171,5 +171,5 @@ def _write_cache(key: str, rate: float) -> None:
         temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         temp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         temp.replace(path)
-    except OSError:  # a read-only home: measure again next time, nothing else changes
+    except OSError:  # a read-only home: this run still uses what it measured
         return
