@@ -142,13 +142,16 @@ def measure_cpu_matmul(dtype: torch.dtype) -> float:
     dtype runs natively, 256 for one this CPU only emulates (fp16 without AVX512-FP16 runs at
     ~1 GFLOP/s, so one 1024 product alone would take two seconds).
     """
-    small = torch.randn(256, 256).to(dtype)
+    # A generator of its own: the trainer's RNG state (restored on resume) must not move.
+    generator = torch.Generator().manual_seed(0)
+    small = torch.randn(256, 256, generator=generator).to(dtype)
     torch.mm(small, small)  # the first call pays one-off set-up costs
     begin = time.perf_counter()
     torch.mm(small, small)
     rate = 2.0 * 256**3 / max(time.perf_counter() - begin, 1e-9)
     size = int(min(1024, max(256, (rate * 0.05 / 2) ** (1 / 3))) // 128 * 128)
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
     torch.mm(a, b)
     best = float("inf")
     start = time.perf_counter()

@@ -75,6 +75,16 @@ def test_cpu_peak_is_measured_quickly_and_the_cache_keeps_the_best(tmp_path, mon
     assert 0.05 < independent / max(rate, again) < 5.0
 
 
+def test_measuring_leaves_the_global_rng_alone(tmp_path, monkeypatch) -> None:
+    """The trainer measures after restoring a checkpoint's RNG state: resume must stay exact."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    cpu_peak_flops("fp32")
+    assert torch.equal(torch.rand(4), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_half_precision_measurement_stays_under_two_seconds(dtype: torch.dtype) -> None:
     """fp16 has no native GEMM on these CPUs (about 1 GFLOP/s): the size must adapt."""
