@@ -30,6 +30,7 @@ setup(
         "ja": ["fugashi>=1.3", "unidic-lite>=1.0.8"],
         "mpi": ["mpi4py>=3.1"],
         "tensorboard": ["tensorboard>=2.10"],
+        "plot": ["matplotlib>=3.6"],
         "triton": ["triton>=3.0"],
         "zstd": ["zstandard>=0.22"],
         "dev": [
@@ -42,6 +43,8 @@ setup(
             "fugashi>=1.3",
             "unidic-lite>=1.0.8",
             "seqeval>=1.2",
+            "matplotlib>=3.6",
+            "tensorboard>=2.10",
         ],
     },
     entry_points={
@@ -51,6 +54,7 @@ setup(
             "bert-export=pretrain.export_hf:main",
             "bert-launch=launch.cli:main",
             "bert-finetune=pretrain.finetune.cli:main",
+            "bert-plot=pretrain.plot:main",
         ]
     },
 )

@@ -16,6 +16,7 @@ import torch
 from data_prep.errors import PrepError
 from launch.errors import LaunchError
 from pretrain.config import ConfigError, load_config
+from pretrain.rank_tag import install, rank_tag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tag = rank_tag()  # "[rank R host H] " on ranks other than 0, so a user sees who failed
+    install(tag)
     if args.selftest:
         from pretrain.selftest import run_selftest
 
@@ -61,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         return main_train(config)
     except (ConfigError, PrepError, LaunchError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"bert-train: error: {message}", file=sys.stderr)
+        print(f"{tag}bert-train: error: {message}", file=sys.stderr)
         return 2
     except torch.distributed.DistError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(
-            "bert-train: error: a collective failed or timed out (did another rank die or hang? "
-            f"see parallel.timeout_s): {first}",
+            f"{tag}bert-train: error: a collective failed or timed out (did another rank die "
+            f"or hang? see parallel.timeout_s): {first}",
             file=sys.stderr,
         )
         return 1
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bert-train: error: {describe_os_error(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bert-train: interrupted", file=sys.stderr)
+        print(f"{tag}bert-train: interrupted", file=sys.stderr)
         return 130
 
 

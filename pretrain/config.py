@@ -193,6 +193,9 @@ class TrainConfig:
     metrics.jsonl, by group and kind); costs a Python call per operator, so off by default."""
     device: str = "auto"
     """auto = cuda:<local_rank> when CUDA is available, else cpu."""
+    wandb_project: str | None = None
+    """Also log metrics to this Weights & Biases project (needs `pip install wandb`; the usual
+    WANDB_* variables apply, e.g. WANDB_MODE=offline)."""
 
 
 @dataclass

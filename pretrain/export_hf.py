@@ -1,6 +1,7 @@
 """Hugging Face export and import: our `Bert` ↔ `transformers`' BERT / Megatron-BERT.
 
     bert-export --checkpoint runs/demo/checkpoints --out runs/demo/hf [--force]
+        [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 
 writes a directory that `transformers` loads with no code of ours:
 
@@ -12,7 +13,10 @@ The conversion is a key-mapping table (our parameter name ↔ HF name) per Layer
 one real transformation: our fused QKV projection (rows laid out [heads, 3, d]) is split into
 HF's separate query/key/value projections, and fused again on import.
 
-Files of an export: model.safetensors (HF names, fp32), config.json, the tokenizer files
+Files of an export: model.safetensors (HF names, in `--dtype`, fp32 by default; a model larger
+than `--max-shard-size` is split into model-00001-of-0000N.safetensors shards with the
+model.safetensors.index.json that transformers reads, a line printed per shard), config.json, the
+tokenizer files
 (tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.txt or the
 SentencePiece model, and our bert_tokenizer.json), and pretrain_config.yaml (the run config
 stored in the checkpoint). The directory is written under a temporary name and renamed.
@@ -32,8 +36,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +56,13 @@ from pretrain.checkpoint import (
     resolve_checkpoint,
 )
 from pretrain.config import ConfigError, ModelShape
-from pretrain.model import LAYER_NORM_EPS, Bert, build_model
+from pretrain.model import LAYER_NORM_EPS, Bert, build_model, count_parameters
 
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' own default for save_pretrained
 CONFIG_FILE = "config.json"
 RUN_CONFIG_FILE = "pretrain_config.yaml"
 TOKENIZER_FILES = (
@@ -193,7 +203,7 @@ def fuse_qkv(
 # Export
 
 
-def hf_config(shape: ModelShape) -> dict[str, Any]:
+def hf_config(shape: ModelShape, dtype: str = "fp32") -> dict[str, Any]:
     """config.json for BertConfig (post-LN) or MegatronBertConfig (pre-LN).
 
     `tie_word_embeddings` tells transformers that the decoder is the word embedding, which is
@@ -219,7 +229,7 @@ def hf_config(shape: ModelShape) -> dict[str, Any]:
         "tie_word_embeddings": True,
         "is_decoder": False,
         "add_cross_attention": False,
-        "dtype": "float32",
+        "dtype": HF_DTYPE_NAMES[dtype],
     }
 
 
@@ -251,13 +261,80 @@ def to_hf_state_dict(model: Bert) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_hf_model(model: Bert, out_dir: Path) -> None:
-    """model.safetensors + config.json into an existing directory (no tokenizer)."""
+def parse_size(text: str) -> int:
+    """Bytes in `5GB`, `500MB`, `2GiB` or a plain number (GB = 10^9, GiB = 2^30, as in HF)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ConfigError(f"--max-shard-size {text!r}: give a size such as 5GB, 500MB or 2GiB")
+    unit = (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
+    scale["GIB"] = 2**30
+    size = int(float(match.group(1)) * scale[unit])
+    if size <= 0:
+        raise ConfigError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def shard_names(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names grouped into shards of at most `max_shard_bytes`, in order (a tensor
+    larger than that gets a shard of its own, as transformers does)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_hf_model(
+    model: Bert,
+    out_dir: Path,
+    dtype: str = "fp32",
+    max_shard_bytes: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """The weights in `dtype` (one model.safetensors, or shards + index beyond
+    `max_shard_bytes`) and config.json, into an existing directory (no tokenizer)."""
+    tensors = {k: v.to(EXPORT_DTYPES[dtype]) for k, v in to_hf_state_dict(model).items()}
+    if dtype == "fp16":
+        overflow = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+        if overflow:
+            raise CheckpointError(
+                f"{overflow[0]} has weights beyond the fp16 range (65504): export with "
+                "--dtype bf16 or fp32"
+            )
+    shards = shard_names(tensors, max_shard_bytes or sum(_nbytes(t) for t in tensors.values()))
     # metadata format=pt: transformers refuses safetensors files without it.
-    save_file(to_hf_state_dict(model), str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    if len(shards) == 1:
+        save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    else:
+        weight_map: dict[str, str] = {}
+        for number, names in enumerate(shards, start=1):
+            file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            shard = {name: tensors[name] for name in names}
+            save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+            if progress is not None:
+                written = sum(_nbytes(t) for t in shard.values()) / 1e9
+                progress(f"wrote shard {number}/{len(shards)}: {file} ({written:.2f} GB)")
+        index = {
+            "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+            "weight_map": weight_map,
+        }
+        (out_dir / WEIGHTS_INDEX_FILE).write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
     (out_dir / CONFIG_FILE).write_text(
-        json.dumps(hf_config(model.shape), indent=2) + "\n", encoding="utf-8"
+        json.dumps(hf_config(model.shape, dtype), indent=2) + "\n", encoding="utf-8"
     )
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _sha256(path: Path) -> str:
@@ -337,11 +414,15 @@ def export_checkpoint(
     *,
     force: bool = False,
     tokenizer_dir: Path | None = None,
+    dtype: str = "fp32",
+    max_shard_bytes: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a Hugging Face directory for `checkpoint` (a step dir or a checkpoint root).
 
     `tokenizer_dir` overrides the directory stored in the checkpoint (for runs moved between
-    machines). Returns `out_dir`. Raises CheckpointError (a ConfigError) on user mistakes.
+    machines); `dtype` and `max_shard_bytes` as in `write_hf_model`; `progress` gets a line per
+    stage. Returns `out_dir`. Raises CheckpointError (a ConfigError) on user mistakes.
     """
     path = resolve_checkpoint(checkpoint)
     check_intact(path)
@@ -351,6 +432,8 @@ def export_checkpoint(
     shape = _model_shape(state, path)
     tokenizer = _find_tokenizer(state, tokenizer_dir)
     model = build_model(shape)
+    if progress is not None:
+        progress(f"loading {path} ({count_parameters(model):,} parameters)")
     try:
         load_model_weights(path, model)
     except (OSError, RuntimeError) as error:  # missing file, or tensors of another size
@@ -369,7 +452,7 @@ def export_checkpoint(
         shutil.rmtree(temp)
     temp.mkdir()
     try:
-        write_hf_model(model, temp)
+        write_hf_model(model, temp, dtype, max_shard_bytes, progress)
         _copy_tokenizer(tokenizer, temp, shape)
         header = f"# The run config stored in checkpoint {path.name} (step {state.get('step')}).\n"
         body = yaml.safe_dump(state.get("config", {}), sort_keys=False)
@@ -555,10 +638,34 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="tokenizer directory (default: the one stored in the checkpoint)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(EXPORT_DTYPES),
+        default="fp32",
+        help="dtype of the exported weights (bf16/fp16 halve the size; default fp32)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="split the weights into safetensors shards of at most this size, with "
+        f"{WEIGHTS_INDEX_FILE} (e.g. 2GB, 500MB; default {DEFAULT_MAX_SHARD_SIZE})",
+    )
     args = parser.parse_args(argv)
+
+    def progress(line: str) -> None:
+        print(f"bert-export: {line}", file=sys.stderr, flush=True)
+
     try:
         step_dir = resolve_checkpoint(args.checkpoint)
-        out = export_checkpoint(step_dir, args.out, force=args.force, tokenizer_dir=args.tokenizer)
+        out = export_checkpoint(
+            step_dir,
+            args.out,
+            force=args.force,
+            tokenizer_dir=args.tokenizer,
+            dtype=args.dtype,
+            max_shard_bytes=parse_size(args.max_shard_size),
+            progress=progress,
+        )
     except ConfigError as error:
         print(f"bert-export: error: {error}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""`metrics.jsonl` (+ TensorBoard when installed) and the console log line.
+"""`metrics.jsonl` (+ TensorBoard when installed, + Weights & Biases when asked) and the log line.
 
 Written by global rank 0 only. On resume, lines whose `step` lies beyond the checkpoint are
 dropped before appending, so the file reads as one uninterrupted run (DESIGN.md).
@@ -6,19 +6,34 @@ dropped before appending, so the file reads as one uninterrupted run (DESIGN.md)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import write_text_atomic
+from pretrain.config import ConfigError, write_text_atomic
+from pretrain.progress import format_duration
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, resume_step: int | None, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        resume_step: int | None,
+        enabled: bool = True,
+        wandb_project: str | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
         self._tensorboard = None
+        self._wandb = None
+        if wandb_project and importlib.util.find_spec("wandb") is None:  # on every rank
+            raise ConfigError(
+                f"train.wandb_project={wandb_project} but wandb is not installed: "
+                "pip install wandb, or unset train.wandb_project"
+            )
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -29,6 +44,17 @@ class MetricsLog:
             self._tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
         except ImportError:  # tensorboard is an optional extra
             self._tensorboard = None
+        if wandb_project:
+            import wandb
+
+            # One wandb run per job segment, grouped under the run directory's name.
+            self._wandb = wandb.init(
+                project=wandb_project,
+                dir=str(out_dir),
+                name=out_dir.resolve().name,
+                group=out_dir.resolve().name,
+                config=run_config,
+            )
 
     def _truncate(self, resume_step: int | None) -> None:
         if not self.path.exists():
@@ -49,15 +75,23 @@ class MetricsLog:
                 handle.write(json.dumps(clean) + "\n")
         except OSError as error:  # a failed write() names no file
             raise OSError(error.errno, error.strerror, str(self.path)) from None
+        prefix = "valid/" if record.get("split") == "valid" else "train/"
+        scalars = {
+            prefix + key: value
+            for key, value in clean.items()
+            if isinstance(value, (int, float)) and key != "step"
+        }
         if self._tensorboard is not None:
-            prefix = "valid/" if record.get("split") == "valid" else "train/"
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tensorboard.add_scalar(prefix + key, value, record["step"])
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -78,7 +112,8 @@ def _json_number(value: Any) -> Any:
 
 
 def format_line(record: dict[str, Any]) -> str:
-    """A compact console line: `step 40 | loss 7.12 | masked 7.50 | acc 0.061 | ...`."""
+    """A compact console line:
+    `train step 40/300 | loss 7.12 | masked 7.50 | acc 0.061 | ... | 85 ms/step | ETA 3m05s`."""
     order = [
         ("loss", "loss", "{:.4f}"),
         ("masked_loss", "masked", "{:.4f}"),
@@ -86,13 +121,21 @@ def format_line(record: dict[str, Any]) -> str:
         ("lr", "lr", "{:.2e}"),
         ("grad_norm", "gnorm", "{:.2f}"),
         ("loss_scale", "scale", "{:.0f}"),
+        ("ms_per_step", "ms/step", "{:.0f}"),
         ("tokens_per_s", "tok/s", "{:.0f}"),
         ("tflops", "TFLOP/s", "{:.4f}"),
     ]
-    parts = [f"{record.get('split', 'train')} step {record['step']}"]
+    step = f"{record['step']}"
+    if "steps_total" in record:
+        step += f"/{record['steps_total']}"
+    parts = [f"{record.get('split', 'train')} step {step}"]
     for key, label, fmt in order:
         if key in record and isinstance(record[key], (int, float)):
             parts.append(f"{label} {fmt.format(record[key])}")
+    if isinstance(record.get("mfu"), float):
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if isinstance(record.get("eta_s"), float):
+        parts.append(f"ETA {format_duration(record['eta_s'])}")
     if record.get("skipped"):
         parts.append("SKIPPED (fp16 overflow)")
     return " | ".join(parts)

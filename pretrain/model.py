@@ -245,18 +245,29 @@ def count_parameters(model: nn.Module, *, non_embedding: bool = False) -> int:
     return total
 
 
-def flops_per_token(shape: ModelShape, seq_len: int, scored_fraction: float) -> float:
-    """Model FLOPs per token for forward + backward (DESIGN.md's metrics definition).
+def flops_per_step(shape: ModelShape, seq_len: int, sequences: int, scored: float) -> float:
+    """Model FLOPs of forward + backward over `sequences` sequences of `seq_len` positions.
 
-    6 x non-embedding parameters of the encoder, attention scores 12 * L * H * S, plus the MLM
-    head (transform and decoder, 6 * (H*H + H*V)) on the fraction of positions scored.
+    Counted as 2 FLOPs per multiply-add of every matrix product, x 3 for forward + backward:
+    the encoder's linear layers (4 H^2 + 2 H F per position and layer), attention's scores and
+    weighted sum at the sequence length (4 S H per position and layer: QK^T and AV), the MLM
+    head (transform H^2 and decoder H V) on the `scored` positions only (all non-special
+    positions for dense MLM, the picked ones for sparse), and the pooler + pair classifier on
+    one position per sequence when there is a pair task. Padding positions count: the encoder
+    computes them. Recomputation's extra forward is not a model FLOP and is not counted.
     """
     h, f, layers = shape.hidden, shape.ffn_hidden, shape.layers
-    per_layer = 4 * h * h + 2 * h * f
-    encoder = 6 * layers * per_layer
-    attention = 12 * layers * h * seq_len
-    head = 6 * (h * h + h * shape.vocab_size) * scored_fraction
-    return float(encoder + attention + head)
+    positions = sequences * seq_len
+    encoder = 2 * layers * (4 * h * h + 2 * h * f) * positions
+    attention = 2 * layers * 2 * seq_len * h * positions
+    head = 2 * (h * h + h * shape.vocab_size) * scored
+    pair = 2 * (h * h + 2 * h) * sequences if shape.pair_head else 0
+    return 3.0 * (encoder + attention + head + pair)
+
+
+def flops_per_token(shape: ModelShape, seq_len: int, scored_fraction: float) -> float:
+    """`flops_per_step` per position, when the MLM head scores `scored_fraction` of them."""
+    return flops_per_step(shape, seq_len, 1, scored_fraction * seq_len) / seq_len
 
 
 def param_count_formula(shape: ModelShape) -> int:

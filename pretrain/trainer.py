@@ -52,6 +52,7 @@ from pretrain.data import (
     most_frequent_token,
     open_training_data,
 )
+from pretrain.devices import describe_peak, peak_flops
 from pretrain.distributed import (
     ParallelDims,
     all_reduce_sum,
@@ -66,7 +67,7 @@ from pretrain.model import (
     apply_recompute,
     build_model,
     count_parameters,
-    flops_per_token,
+    flops_per_step,
 )
 from pretrain.objectives import LossOutput, pretraining_loss
 from pretrain.optim import (
@@ -86,6 +87,7 @@ from pretrain.precision import (
     dtype_summary,
     resolve_precision,
 )
+from pretrain.progress import RunClock, summary_line, write_summary
 from pretrain.run_dir import check_owner, check_resume, claim_run_dir
 
 # Exit code of a run stopped because it diverged (non-finite losses or gradients): it wrote a
@@ -102,6 +104,7 @@ class TrainResult:
     baseline_acc: float | None = None
     checkpoint: Path | None = None
     is_main: bool = True
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def log(message: str) -> None:
@@ -224,6 +227,7 @@ def _train(
     device: torch.device,
     precision_reason: str,
 ) -> TrainResult:
+    started = time.perf_counter()
     say = log if dims.is_main else _quiet
     say(launch_line)
     stop = StopRequest(config.train.walltime_s)
@@ -316,7 +320,13 @@ def _train(
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
         say("resolved config:\n" + (out_dir / "config.yaml").read_text(encoding="utf-8").rstrip())
-    metrics = MetricsLog(out_dir, resume_step=step if resume_path else None, enabled=dims.is_main)
+    metrics = MetricsLog(
+        out_dir,
+        resume_step=step if resume_path else None,
+        enabled=dims.is_main,
+        wandb_project=config.train.wandb_project,
+        run_config=config.to_dict(),
+    )
     say(
         f"model: {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, "
         f"vocab {shape.vocab_size}, {shape.norm}-LN, {count_parameters(model):,} parameters; "
@@ -344,6 +354,16 @@ def _train(
     for batch in held_out:
         check_token_ids(batch, data.dataset.vocab_size, config.data.path)
     result = TrainResult(exit_code=0, step=step, is_main=dims.is_main)
+    peak = peak_flops(device, config.train.precision)
+    say(describe_peak(device, config.train.precision, peak))
+    clock = RunClock(
+        total_steps=config.train.steps,
+        eval_every=config.train.eval_every if held_out else None,
+        checkpoint_every=config.checkpoint.every,
+        peak_flops=peak,
+        world_size=dims.world_size,
+        started=started,
+    )
     if held_out:
         result.baseline_acc = baseline_accuracy(held_out, most_frequent_token(data.dataset))
 
@@ -362,6 +382,7 @@ def _train(
 
     def checkpoint() -> None:
         # dp replicas hold identical state: the tp ranks of the first replica write, in parallel.
+        began = time.perf_counter()
         path = save_checkpoint(
             config.checkpoint_dir,
             step,
@@ -372,6 +393,7 @@ def _train(
             dims,
             sharding,
         )
+        clock.add_checkpoint(time.perf_counter() - began)
         say(f"checkpoint written: {path}")
         result.checkpoint = path
 
@@ -439,15 +461,17 @@ def _train(
 
         if step % config.train.log_every == 0 or step == config.train.steps:
             record = interval.record(
-                step, consumed, lr, float(grad_norm), loss_scale, shape, config, dims
+                step, consumed, lr, float(grad_norm), loss_scale, shape, config, dims, clock
             )
             metrics.write(record)
             result.history.append(record)
             say(format_line(record))
             interval = _Interval(comm)
         if held_out and (step % config.train.eval_every == 0 or step == config.train.steps):
+            began = time.perf_counter()
             shard = held_out[dims.dp_rank :: dims.dp_size]
             record = {"split": "valid", "step": step, **evaluate(model, shard, config, dims)}
+            clock.add_eval(time.perf_counter() - began)
             metrics.write(record)
             result.evals.append(record)
             say(format_line(record))
@@ -478,8 +502,12 @@ def _train(
             break
         if step % config.checkpoint.every == 0 or step == config.train.steps:
             checkpoint()
+            interval.start = time.perf_counter()  # nor is checkpoint time
     metrics.close()
     result.step = step
+    result.summary = clock.summary(step)
+    if dims.is_main:
+        write_summary(out_dir, result.summary)
     return result
 
 
@@ -542,10 +570,12 @@ class _Interval:
         shape: ModelShape,
         config: Config,
         dims: ParallelDims,
+        clock: RunClock,
     ) -> dict[str, Any]:
-        """The interval's record, with every sum reduced over the dp group."""
+        """The interval's record, with every sum reduced over the dp group; its time, tokens
+        and FLOPs go to `clock`, which gives the MFU and the ETA."""
         elapsed = time.perf_counter() - self.start
-        loss, masked_loss, correct, masked, tokens, scored = all_reduce_sum(
+        loss, masked_loss, correct, masked, tokens, scored, encoded = all_reduce_sum(
             [
                 sum(self.losses),
                 self.masked_loss,
@@ -553,13 +583,17 @@ class _Interval:
                 self.masked,
                 self.tokens,
                 self.scored,
+                self.encoded,
             ],
             dims,
         )
-        scored_fraction = scored / max(tokens, 1)
-        flops = flops_per_token(shape, config.data.seq_len, scored_fraction) * tokens
+        seq_len = config.data.seq_len
+        flops = flops_per_step(shape, seq_len, round(encoded) // seq_len, scored)
+        steps = len(self.losses)
+        clock.add_train(elapsed, steps, round(tokens), flops)
         record = {
             "step": step,
+            "steps_total": config.train.steps,
             "consumed_samples": consumed,
             "loss": loss / len(self.losses) / dims.dp_size,
             "masked_loss": masked_loss / max(masked, 1.0),
@@ -569,11 +603,13 @@ class _Interval:
             "loss_scale": loss_scale,
             "tokens_per_s": tokens / elapsed,
             "tflops": flops / elapsed / dims.world_size / 1e12,  # per device
+            "mfu": clock.mfu(flops, elapsed),
+            "ms_per_step": elapsed * 1000 / steps,
             "elapsed_s": elapsed,
+            "eta_s": clock.eta_s(step),
         }
         if self.comm is not None:
             moved = self.comm.bytes - self.comm_before
-            steps = len(self.losses)
             record["comm_bytes"] = {k: v // steps for k, v in sorted(moved.items())}
             minimum = self.comm.minimum(encoded=self.encoded, scored=self.scored)
             record["comm_bytes_min"] = {k: v // steps for k, v in sorted(minimum.items())}
@@ -597,6 +633,8 @@ def print_summary(result: TrainResult) -> None:
             f"summary: held-out masked-token accuracy {acc:.3f} "
             f"(most-frequent-token baseline {result.baseline_acc:.3f})"
         )
+    if result.summary.get("steps"):
+        log(f"summary: {summary_line(result.summary)}")
     if result.checkpoint is not None:
         log(f"summary: checkpoint {result.checkpoint}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def _one_thread() -> None:
     """2 cores per machine: keep each test process to one thread so parallel workers fit."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory) -> None:
+    """The CPU's measured peak (pretrain.devices) is cached under a temporary directory, not
+    the user's ~/.cache; subprocesses inherit it."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ if [ "$(id -u)" -eq 0 ]; then AS_ROOT=(--allow-run-as-root); else AS_ROOT=(); fi
 echo "bert-launch: $((NODES * RANKS_PER_NODE)) ranks, master $MASTER_ADDR:$MASTER_PORT"
 
 # -x passes variables to the ranks on other hosts (Open MPI / HPC-X; Intel MPI: -genv).
-mpirun "${AS_ROOT[@]}" -np $((NODES * RANKS_PER_NODE)) "${HOSTS[@]}" -bind-to none \
+mpirun "${AS_ROOT[@]}" -np $((NODES * RANKS_PER_NODE)) "${HOSTS[@]}" -bind-to none --tag-output \
     -x MASTER_ADDR -x MASTER_PORT -x OMP_NUM_THREADS -x PATH \
     ${LD_LIBRARY_PATH:+-x LD_LIBRARY_PATH} ${PYTHONPATH:+-x PYTHONPATH} ${VIRTUAL_ENV:+-x VIRTUAL_ENV}{{mpirun_env}} \
     {{container}}{{command}}

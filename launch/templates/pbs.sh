@@ -40,7 +40,7 @@ echo "bert-launch: job $PBS_JOBID, $NP ranks, master $MASTER_ADDR:$MASTER_PORT, 
 # it to resubmit (mpirun passes it on to the ranks).
 trap 'echo "bert-launch: SIGUSR1: the ranks checkpoint and stop"' USR1
 # -x passes variables to the ranks on other hosts (Open MPI / HPC-X; Intel MPI: -genv).
-mpirun -np "$NP" -hostfile "$HOSTFILE" -map-by ppr:"$RANKS_PER_NODE":node -bind-to none \
+mpirun -np "$NP" -hostfile "$HOSTFILE" -map-by ppr:"$RANKS_PER_NODE":node -bind-to none --tag-output \
     -x MASTER_ADDR -x MASTER_PORT -x OMP_NUM_THREADS -x PATH \
     ${LD_LIBRARY_PATH:+-x LD_LIBRARY_PATH} ${PYTHONPATH:+-x PYTHONPATH} ${VIRTUAL_ENV:+-x VIRTUAL_ENV}{{mpirun_env}} \
     {{container}}{{command}}

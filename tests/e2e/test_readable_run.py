@@ -1,0 +1,82 @@
+"""A run a user can read: progress fields in metrics.jsonl, the ETA's parts and the summary.
+
+Oracles: the run's own clock (the interval times in metrics.jsonl add up to the summary's
+training time, and training + evaluation + checkpoints fit inside the wall time), the CPU peak
+read back from the cache file (MFU = achieved FLOP/s per device / that peak, exactly), and
+`flops_per_step` (checked against torch's FlopCounterMode in tests/unit/test_flops.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import load_config
+from pretrain.devices import cache_path
+from pretrain.progress import SUMMARY_FILE
+from pretrain.trainer import print_summary, train
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.hidden=64", "model.heads=2", "model.layers=2", "model.max_seq_len=64",
+    "data.seq_len=64", "data.valid_fraction=0.05", "train.micro_batch=4",
+    "train.global_batch=8", "train.precision=fp32", "train.log_every=2", "train.eval_every=3",
+    "train.eval_batches=2", "optim.warmup_steps=2", "checkpoint.every=4", "train.steps=8",
+]  # fmt: skip
+
+
+def test_progress_fields_mfu_and_summary(small_dataset, tmp_path, capsys):
+    config = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [*TINY, f"data.path={small_dataset}", f"train.out_dir={tmp_path}"],
+    )
+    result = train(config)
+    print_summary(result)
+    printed = capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "split" not in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8]
+
+    peaks = json.loads(cache_path().read_text())
+    (peak,) = [rate for key, rate in peaks.items() if "|fp32|" in key]
+    for r in train_records:
+        assert r["steps_total"] == 8
+        assert r["ms_per_step"] * 2 / 1000 == pytest.approx(r["elapsed_s"], rel=1e-9)
+        assert r["mfu"] == pytest.approx(r["tflops"] * 1e12 / peak, rel=1e-9)
+        assert 0 < r["mfu"] < 1
+        assert r["loss_scale"] == 1.0  # fp32: no loss scaling
+        assert r["eta_s"] >= 0
+        assert f"train step {r['step']}/8 |" in printed
+    # Evaluations at 3, 6, 8 and checkpoints at 4, 8 are timed: from step 4 on the ETA
+    # includes the mean evaluation time for each evaluation still due.
+    assert train_records[1]["eta_s"] > 4 * train_records[1]["ms_per_step"] / 1000
+
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert summary == result.summary
+    assert summary["steps"] == 8
+    assert summary["train_s"] == pytest.approx(sum(r["elapsed_s"] for r in train_records))
+    tokens = sum(r["tokens_per_s"] * r["elapsed_s"] for r in train_records)
+    assert summary["tokens"] == pytest.approx(tokens, rel=1e-9)
+    assert summary["eval_s"] > 0 and summary["checkpoint_s"] > 0
+    spent = summary["train_s"] + summary["eval_s"] + summary["checkpoint_s"]
+    assert spent < summary["wall_s"]
+    assert summary["mfu"] == pytest.approx(summary["tflops"] * 1e12 / peak, rel=1e-9)
+    assert f"{summary['tokens']:,} tokens seen" in printed
+
+    # TensorBoard (the dev extra installs it): the same numbers, read back from the events.
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for tag, rows, key in [
+        ("train/loss", train_records, "loss"),
+        ("train/mfu", train_records, "mfu"),
+        ("train/eta_s", train_records, "eta_s"),
+        ("valid/mlm_acc", [r for r in records if r.get("split") == "valid"], "mlm_acc"),
+    ]:
+        scalars = events.Scalars(tag)
+        assert [e.step for e in scalars] == [r["step"] for r in rows], tag
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in rows], rel=1e-6)
