@@ -1,0 +1,268 @@
+"""Per-rank memory of a training step, in closed form: does a config and layout fit a device?
+
+`estimate_memory(shape, layout)` adds up what one rank holds at its peak, term by term, from the
+code of this project (each term says where it comes from). It is arithmetic only (a few
+microseconds), so a planner can call it for thousands of layouts. `bert-train --estimate-memory`
+prints it; the trainer prints it at start-up and refuses a config that does not fit.
+
+Peak = parameters + optimizer state
+       + max(forward/backward: weight copies + activations + head buffers + live gradients,
+             optimizer step: gradients + the step's temporaries)
+       + allowance (CUDA context, caching allocator, NCCL buffers; 0 on the CPU)
+
+Activations per layer and token (B·S tokens, e = bytes of an activation: 4 in fp32, 2 under
+autocast; H_tp = H / tp, F_tp = F / tp, h_tp = heads / tp), read off a traced layer
+(tests/unit/test_memory.py checks them against the tensors autograd really saves):
+
+  fp32 residual stream: the two LayerNorm inputs 2·4H (+ their mean/rstd, 16 bytes)
+  inputs of QKV and fc_in (autocast: their half copies)                 2·e·H
+  the two residual dropout masks (CUDA: bool; CPU: the input's dtype)   2·m·H
+  attention-out input (the re-laid-out context)                         e·H_tp
+  fc_in output and GELU output                                          2·e·F_tp
+  attention core, recompute none:
+    CPU (math SDPA, fp32): q, k, v copies and three [h, S, S] maps      4·(3·H_tp + 3·h_tp·S)
+    CUDA (flash / memory-efficient SDPA): q, k, v, output, logsumexp    4·e·H_tp + 4·h_tp
+  attention core, recompute selective: q, k, v only (the core reruns)   3·e·H_tp
+  recompute full: each layer keeps its fp32 input (4H) and one layer's activations at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+from pretrain.config import ModelShape
+
+GiB = 1024**3
+# kernels/cross_entropy.py: one chunk's fp32 logits are at most 2**24 elements.
+HEAD_CHUNK_ELEMENTS = 2**24
+VOCAB_MULTIPLE = 128  # pretrain/parallel/parallelize.py pads the vocabulary to 128 x tp
+# Allowance on a GPU, stated rather than measured (nothing here has a GPU):
+# - CUDA context and kernels (cuBLAS, cuDNN, NCCL, Triton modules) loaded by the process: PyTorch's
+#   CUDA notes say the context takes "a few hundred MB"; 0.75 GiB covers it on V100/A100/H100.
+CUDA_CONTEXT_BYTES = 3 * GiB // 4
+# - NCCL: NCCL_BUFFSIZE defaults to 4 MiB per channel and peer (NCCL environment-variable docs);
+#   up to 32 channels x 2 directions for a ring: 256 MiB for each communicator (tp and dp).
+NCCL_BYTES_PER_GROUP = 256 * 1024**2
+# - PyTorch's caching allocator rounds blocks and keeps freed ones split (CUDA semantics,
+#   "memory management"): a 10% margin on what changes during a step (activations, gradients).
+ALLOCATOR_FRACTION = 0.10
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model is trained: the inputs of the estimate besides the model's shape."""
+
+    seq_len: int
+    micro_batch: int
+    tp: int = 1
+    dp: int = 1
+    zero: bool = False
+    """ZeRO-1: the optimizer's two moments sharded over dp ranks by whole tensors."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    precision: str = "bf16"
+    """fp32, or bf16/fp16/auto (autocast: half activations and half weight copies)."""
+    mlm_mode: Literal["dense", "sparse"] = "dense"
+    mask_rate: float = 0.15
+    accumulation: int = 1
+    """Micro-batches per step; > 1 keeps gradients alive across forward passes."""
+    device: Literal["cuda", "cpu"] = "cuda"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank holds, by kind; `total` is the estimated peak."""
+
+    parameters: int
+    gradients: int
+    ddp_buckets: int
+    optimizer: int
+    optimizer_unsharded: int
+    weight_copies: int
+    activations: int
+    head_buffers: int
+    step_temporaries: int
+    allowance: int
+    live_gradients: int
+    """Gradient bytes alive during forward/backward (all of them under DDP or accumulation)."""
+
+    @property
+    def total(self) -> int:
+        forward_backward = (
+            self.weight_copies + self.activations + self.head_buffers + self.live_gradients
+        )
+        optimizer_step = self.gradients + self.ddp_buckets + self.step_temporaries
+        return (
+            self.parameters
+            + self.optimizer
+            + max(forward_backward, optimizer_step)
+            + self.allowance
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
+
+
+# What each term is, for the printed table.
+SOURCES = {
+    "parameters": "fp32 weights of this rank's shard (model.py, parallelize.py)",
+    "gradients": "fp32 .grad of every trained parameter (views into DDP's buckets when dp > 1)",
+    "ddp_buckets": "0: DDP is built with gradient_as_bucket_view=True (trainer.py)",
+    "optimizer": "LAMB/AdamW exp_avg + exp_avg_sq, fp32 (ZeRO-1: this rank's whole tensors)",
+    "optimizer_unsharded": "the same without ZeRO-1 (for comparison, not in the total)",
+    "weight_copies": "half copies of Linear weights cached by autocast for the forward",
+    "activations": "tensors autograd keeps for backward, all layers + embeddings + MLM transform",
+    "head_buffers": "MLM head: grads computed in forward (kernels/cross_entropy.py) + one chunk",
+    "step_temporaries": "optimizer step: LAMB's update and denominator (+ ZeRO's flat buffer)",
+    "allowance": "CUDA context, NCCL buffers per group, caching-allocator margin (GPU only)",
+    "live_gradients": "gradients alive during forward (DDP buckets or accumulation)",
+}
+
+
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    """Vocabulary rows of the whole decoder: unpadded at tp 1, else a multiple of 128 x tp."""
+    if tp == 1:
+        return vocab_size
+    multiple = VOCAB_MULTIPLE * tp
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+def parameter_counts(shape: ModelShape, tp: int) -> tuple[int, int, int, int]:
+    """(all, trained, largest trained tensor, Linear weights) elements on one tp rank."""
+    h, f, v = shape.hidden, shape.ffn_hidden, padded_vocab(shape.vocab_size, tp) // tp
+    layer_linear = (3 * h * h + h * h + h * f + f * h) // tp
+    layer = layer_linear + (3 * h + f) // tp + 2 * h + 4 * h  # split biases, out biases, norms
+    embeddings = v * h + shape.max_seq_len * h + 2 * h + (2 * h if shape.norm == "post" else 0)
+    final = 2 * h if shape.norm == "pre" else 0
+    head = (h * h + h) + 2 * h + v  # transform dense + norm, decoder bias (decoder = word emb.)
+    pooler = h * h + h
+    pair = 2 * h + 2 if shape.pair_head else 0
+    trained = embeddings + shape.layers * layer + final + head + pair
+    trained += pooler if shape.pair_head else 0  # frozen (no grad, no state) without a pair task
+    total = embeddings + shape.layers * layer + final + head + pooler + pair
+    largest = max(v * h, shape.max_seq_len * h, 3 * h * h // tp, h * f // tp)
+    linear_weights = shape.layers * layer_linear + h * h + (h * h if shape.pair_head else 0)
+    return total, trained, largest, linear_weights
+
+
+def layer_activation_bytes(shape: ModelShape, layout: Layout) -> int:
+    """Bytes one transformer layer keeps for backward without recomputation (see module doc)."""
+    tokens = layout.micro_batch * layout.seq_len
+    h, tp, s = shape.hidden, layout.tp, layout.seq_len
+    e = 4 if layout.precision == "fp32" else 2
+    mask = 1 if layout.device == "cuda" else e
+    per_token = 2 * 4 * h + 16 + 2 * e * h + 2 * mask * h + e * h // tp
+    per_token += 2 * e * shape.ffn_hidden // tp
+    heads = shape.heads // tp
+    if layout.recompute == "selective":
+        per_token += 3 * e * h // tp
+    elif layout.device == "cpu":
+        per_token += 4 * (3 * h // tp + 3 * heads * s)
+    else:
+        per_token += 4 * e * h // tp + 4 * heads
+    return tokens * per_token
+
+
+def saved_activation_bytes(shape: ModelShape, layout: Layout) -> int:
+    """What autograd keeps at the end of forward: all layers, the embeddings, the final norm and
+    the MLM transform (the head's own grads are `head_grad_bytes`)."""
+    tokens = layout.micro_batch * layout.seq_len
+    h = shape.hidden
+    e = 4 if layout.precision == "fp32" else 2
+    mask = 1 if layout.device == "cuda" else 4  # the embedding sum is fp32
+    if layout.recompute == "full":
+        layers = shape.layers * tokens * 4 * h  # each layer's fp32 input
+    else:
+        layers = shape.layers * layer_activation_bytes(shape, layout)
+    # Embeddings: the ids (int64) and the dropout mask; post-LN also its LayerNorm input.
+    embeddings = tokens * (16 + mask * h + (4 * h + 8 if shape.norm == "post" else 0))
+    final = tokens * (4 * h + 8) if shape.norm == "pre" else 0
+    # MLM transform on the N scored rows: dense input, GELU input, LayerNorm input (CUDA
+    # autocast runs layer_norm in fp32, so its saved input is an fp32 copy; CPU autocast does not).
+    norm_input = 4 if layout.device == "cuda" else e
+    transform = scored_rows(layout) * (2 * e * h + norm_input * h + 8)
+    return layers + embeddings + final + transform
+
+
+def recompute_bytes(shape: ModelShape, layout: Layout) -> int:
+    """Extra activations while backward reruns a region: one whole layer (full) or one
+    attention core (selective)."""
+    if layout.recompute == "none":
+        return 0
+    whole = layer_activation_bytes(shape, replace(layout, recompute="none"))
+    if layout.recompute == "full":
+        return whole
+    return (
+        whole
+        - layer_activation_bytes(shape, layout)
+        + layout.micro_batch
+        * layout.seq_len
+        * (3 * (4 if layout.precision == "fp32" else 2) * shape.hidden // layout.tp)
+    )
+
+
+def scored_rows(layout: Layout) -> int:
+    """Rows the MLM head runs on: every position (dense; an upper bound, since [CLS], [SEP] and
+    padding are not scored) or the picked ones (sparse)."""
+    tokens = layout.micro_batch * layout.seq_len
+    if layout.mlm_mode == "dense":
+        return tokens
+    return int(tokens * layout.mask_rate) + layout.micro_batch
+
+
+def head_grad_bytes(shape: ModelShape, layout: Layout) -> int:
+    """kernels/cross_entropy.py computes grad_hidden [N, H], grad_weight [V_tp, H] and
+    grad_bias [V_tp] in fp32 during forward and keeps them until backward."""
+    vocab = padded_vocab(shape.vocab_size, layout.tp) // layout.tp
+    return 4 * (scored_rows(layout) * shape.hidden + vocab * shape.hidden + vocab)
+
+
+def head_chunk_bytes(shape: ModelShape, layout: Layout) -> int:
+    """One [chunk, V_tp] fp32 logits buffer, alive while the head's forward runs."""
+    vocab = padded_vocab(shape.vocab_size, layout.tp) // layout.tp
+    return 4 * min(scored_rows(layout), max(1, HEAD_CHUNK_ELEMENTS // vocab)) * vocab
+
+
+def estimate_memory(shape: ModelShape, layout: Layout) -> MemoryEstimate:
+    """Peak bytes on one rank for `shape` trained with `layout` (closed form, no tensors)."""
+    if shape.heads % layout.tp or shape.ffn_hidden % layout.tp:
+        raise ValueError(f"tp={layout.tp} does not divide the heads and the MLP width")
+    total, trained, largest, linear_weights = parameter_counts(shape, layout.tp)
+    half = layout.precision != "fp32"
+    optimizer_unsharded = 2 * 4 * trained
+    if layout.zero and layout.dp > 1:
+        # Whole tensors, largest first to the least-loaded rank (parallel/zero.py): at least the
+        # largest tensor, otherwise about an even share.
+        owned = max(largest, -(-trained // layout.dp))
+    else:
+        owned = trained
+    gradients = 4 * trained
+    persistent = layout.dp > 1 or layout.accumulation > 1
+    head_grads = head_grad_bytes(shape, layout)
+    head = head_grads + head_chunk_bytes(shape, layout)
+    activations = saved_activation_bytes(shape, layout) + recompute_bytes(shape, layout)
+    weight_copies = 2 * linear_weights if half else 0
+    # Without DDP or accumulation .grad is freed after every step; backward starts by copying
+    # the head's saved grads (scaled by d loss), which then become .grad.
+    live = gradients if persistent else head_grads
+    temporaries = 2 * 4 * owned + (4 * owned if layout.zero and layout.dp > 1 else 0)
+    allowance = 0
+    if layout.device == "cuda":
+        groups = int(layout.tp > 1) + int(layout.dp > 1)
+        dynamic = activations + head + gradients
+        allowance = (
+            CUDA_CONTEXT_BYTES + groups * NCCL_BYTES_PER_GROUP + int(ALLOCATOR_FRACTION * dynamic)
+        )
+    return MemoryEstimate(
+        parameters=4 * total,
+        gradients=gradients,
+        ddp_buckets=0,
+        optimizer=2 * 4 * owned,
+        optimizer_unsharded=optimizer_unsharded,
+        weight_copies=weight_copies,
+        activations=activations,
+        head_buffers=head,
+        step_temporaries=temporaries,
+        allowance=allowance,
+        live_gradients=live,
+    )
