@@ -32,6 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    parser.add_argument(
+        "--estimate-memory",
+        action="store_true",
+        help="print the estimated per-GPU memory of this config and layout, term by term, and "
+        "exit (model.vocab_size defaults to 32768 here)",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --estimate-memory: number of ranks (dp = N / parallel.tp; default 1)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        metavar="GB",
+        help="with --estimate-memory: the GPU's memory; exit 1 when the estimate does not fit",
+    )
     return parser
 
 
@@ -44,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
+        if args.estimate_memory:
+            from pretrain.memory import print_estimate
+
+            return print_estimate(config, args.world_size, args.gpu_memory_gb)
         from pretrain.trainer import main_train
 
         return main_train(config)

@@ -119,6 +119,8 @@ class TrainConfig:
     metrics.jsonl, by group and kind); costs a Python call per operator, so off by default."""
     device: str = "auto"
     """auto = cuda:<local_rank> when CUDA is available, else cpu."""
+    skip_memory_check: bool = False
+    """Start even when the memory estimate (bert-train --estimate-memory) exceeds the device's."""
 
 
 @dataclass

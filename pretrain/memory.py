@@ -28,10 +28,20 @@ autocast; H_tp = H / tp, F_tp = F / tp, h_tp = heads / tp), read off a traced la
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
-from pretrain.config import ModelShape
+import torch
+import torch.distributed as dist
+
+from pretrain.config import (
+    Config,
+    ConfigError,
+    ModelShape,
+    check_batch_layout,
+    resolve_model_shape,
+)
 
 GiB = 1024**3
 # kernels/cross_entropy.py: one chunk's fp32 logits are at most 2**24 elements.
@@ -266,3 +276,160 @@ def estimate_memory(shape: ModelShape, layout: Layout) -> MemoryEstimate:
         allowance=allowance,
         live_gradients=live,
     )
+
+
+def layout_for(
+    config: Config, dp: int, device_type: str, accumulation: int = 1, world_tp: int | None = None
+) -> Layout:
+    """The Layout of a resolved config (`world_tp` overrides parallel.tp, for planning)."""
+    return Layout(
+        seq_len=config.data.seq_len,
+        micro_batch=config.train.micro_batch,
+        tp=world_tp or config.parallel.tp,
+        dp=dp,
+        zero=bool(config.parallel.zero),
+        recompute=config.train.recompute,
+        precision=config.train.precision,
+        mlm_mode=config.mlm.mode,
+        mask_rate=config.mlm.mask_rate,
+        accumulation=accumulation,
+        device="cuda" if device_type == "cuda" else "cpu",
+    )
+
+
+def format_estimate(estimate: MemoryEstimate, limit: int | None = None) -> str:
+    """The estimate as a table: one line per term with its source, then the total."""
+    rows = [
+        f"  {name:<20} {value / GiB:8.2f} GiB  {SOURCES[name]}"
+        for name, value in estimate.as_dict().items()
+        if name in SOURCES
+    ]
+    total = f"  {'total (peak)':<20} {estimate.total / GiB:8.2f} GiB"
+    if limit:
+        total += f"  of {limit / GiB:.1f} GiB ({estimate.total / limit:.0%})"
+    return "\n".join(["estimated memory per rank:", *rows, total])
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Memory of the device: the GPU's total, or the host's physical memory on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def layout_keys(layout: Layout) -> str:
+    return (
+        f"train.micro_batch={layout.micro_batch}, train.recompute={layout.recompute}, "
+        f"parallel.tp={layout.tp}, parallel.zero={int(layout.zero)}"
+    )
+
+
+def check_fits(estimate: MemoryEstimate, layout: Layout, limit: int) -> None:
+    """ConfigError (one line) when the estimated peak exceeds the device's memory."""
+    if estimate.total <= limit:
+        return
+    raise ConfigError(
+        f"estimated peak memory {estimate.total / GiB:.1f} GiB per rank exceeds the device's "
+        f"{limit / GiB:.1f} GiB at {layout_keys(layout)}: lower train.micro_batch, set "
+        "train.recompute=selective or full, parallel.zero=1 or a larger parallel.tp "
+        "(bert-train --estimate-memory shows the terms); train.skip_memory_check=true overrides"
+    )
+
+
+def oom_message(estimate: MemoryEstimate, layout: Layout) -> str:
+    """The one line a CUDA out-of-memory error becomes."""
+    return (
+        f"the device ran out of memory with {layout_keys(layout)} (estimated peak "
+        f"{estimate.total / GiB:.1f} GiB per rank): lower train.micro_batch, set "
+        "train.recompute=selective or full, parallel.zero=1 or a larger parallel.tp"
+    )
+
+
+class MemoryPlan:
+    """The run's layout and estimate, kept so that an out-of-memory error can quote them."""
+
+    def __init__(self) -> None:
+        self.layout: Layout | None = None
+        self.estimate: MemoryEstimate | None = None
+
+    def estimate_for(self, shape: ModelShape, layout: Layout) -> MemoryEstimate:
+        self.layout, self.estimate = layout, estimate_memory(shape, layout)
+        return self.estimate
+
+    def describe(self, device: torch.device) -> str:
+        assert self.estimate is not None
+        return format_estimate(self.estimate, device_memory_bytes(device))
+
+    def check(self, device: torch.device) -> None:
+        assert self.estimate is not None and self.layout is not None
+        check_fits(self.estimate, self.layout, device_memory_bytes(device))
+
+    def oom_message(self) -> str:
+        if self.estimate is None or self.layout is None:
+            return "out of memory while building the model or reading the data"
+        return oom_message(self.estimate, self.layout)
+
+
+def _rss_bytes() -> tuple[int, int]:
+    """(resident, high-water resident) bytes of this process, from /proc (Linux)."""
+    values = {}
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values.get("VmRSS", 0), values.get("VmHWM", 0)
+
+
+def memory_record(device: torch.device) -> dict[str, float]:
+    """This interval's memory for the log, in GB (10^9 bytes), reduced over all ranks.
+
+    GPU: allocated now and the allocator's peak since the last call (rank 0), and that peak's
+    maximum over ranks. CPU: the process's resident memory and its high-water mark since start.
+    """
+    if device.type == "cuda":
+        current = torch.cuda.memory_allocated(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        current, peak = _rss_bytes()
+    highest = torch.tensor([float(peak)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)  # a small collective per log interval
+    return {
+        "mem_gb": current / 1e9,
+        "mem_peak_gb": peak / 1e9,
+        "mem_peak_max_gb": float(highest.item()) / 1e9,
+    }
+
+
+DEFAULT_VOCAB = 32768  # for a config that leaves model.vocab_size to the tokenizer
+
+
+def print_estimate(config: Config, world_size: int, gpu_memory_gb: float | None) -> int:
+    """`bert-train --estimate-memory`: print the GPU estimate; 1 if it exceeds `gpu_memory_gb`."""
+    tp = config.parallel.tp
+    if world_size < 1 or world_size % tp:
+        raise ConfigError(f"--world-size {world_size} is not a multiple of parallel.tp={tp}")
+    dp = world_size // tp
+    accumulation = check_batch_layout(config, dp)
+    shape = resolve_model_shape(config, config.model.vocab_size or DEFAULT_VOCAB)
+    layout = layout_for(config, dp, "cuda", accumulation)
+    try:
+        estimate = estimate_memory(shape, layout)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    limit = int(gpu_memory_gb * 1e9) if gpu_memory_gb else None
+    print(
+        f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab_size}; seq "
+        f"{layout.seq_len}, dp {dp} x tp {tp}, {layout_keys(layout)}, {layout.precision}, "
+        f"mlm {layout.mlm_mode}, {accumulation} micro-batch(es) per step"
+    )
+    print(format_estimate(estimate, limit))
+    if limit is None:
+        return 0
+    if estimate.total > limit:
+        print(f"does not fit in {gpu_memory_gb:g} GB")
+        return 1
+    print(f"fits in {gpu_memory_gb:g} GB with {1 - estimate.total / limit:.0%} headroom")
+    return 0

@@ -82,6 +82,8 @@ def format_line(record: dict[str, Any]) -> str:
         ("loss_scale", "scale", "{:.0f}"),
         ("tokens_per_s", "tok/s", "{:.0f}"),
         ("tflops", "TFLOP/s", "{:.4f}"),
+        ("mem_gb", "mem GB", "{:.2f}"),
+        ("mem_peak_max_gb", "peak GB", "{:.2f}"),
     ]
     parts = [f"{record.get('split', 'train')} step {record['step']}"]
     for key, label, fmt in order:

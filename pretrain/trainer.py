@@ -54,6 +54,7 @@ from pretrain.distributed import (
     setup_parallel,
     shutdown,
 )
+from pretrain.memory import MemoryPlan, layout_for, memory_record
 from pretrain.metrics import MetricsLog, format_line
 from pretrain.model import (
     Bert,
@@ -158,14 +159,17 @@ def train(config: Config) -> TrainResult:
     """Pre-train as configured; returns the exit code (0, or 75 when stopped on request)."""
     kernels.set_enabled(config.kernels.enabled)  # false: PyTorch references everywhere (debug)
     env, dims, device = setup_parallel(config)
+    memory = MemoryPlan()
     try:
-        return _train(config, dims, env.describe(), device)
+        return _train(config, dims, env.describe(), device, memory)
+    except torch.OutOfMemoryError:
+        raise ConfigError(memory.oom_message()) from None
     finally:
         shutdown()
 
 
 def _train(
-    config: Config, dims: ParallelDims, launch_line: str, device: torch.device
+    config: Config, dims: ParallelDims, launch_line: str, device: torch.device, memory: MemoryPlan
 ) -> TrainResult:
     say = log if dims.is_main else _quiet
     say(launch_line)
@@ -188,6 +192,10 @@ def _train(
             f"model.vocab_size={shape.vocab_size} is smaller than the tokenizer's "
             f"{data.dataset.vocab_size}: unset model.vocab_size"
         )
+    memory.estimate_for(shape, layout_for(config, dims.dp_size, device.type, accumulation))
+    say(memory.describe(device))
+    if not config.train.skip_memory_check:
+        memory.check(device)
     # Built whole on the host and moved once split: a tp rank's GPU then never holds the full
     # model (3.9B in fp32 is 15.6 GB, about all of a 16 GB V100), and every device starts from
     # the same weights.
@@ -236,6 +244,7 @@ def _train(
             process_group=dims.dp_group,
             device_ids=[device] if device.type == "cuda" else None,
             broadcast_buffers=False,  # the one buffer, the vocabulary mask, is built alike
+            gradient_as_bucket_view=True,  # .grad are views into the buckets: no second copy
         )
 
     out_dir = Path(config.train.out_dir)
@@ -347,6 +356,7 @@ def _train(
             record = interval.record(
                 step, consumed, lr, float(grad_norm), loss_scale, shape, config, dims
             )
+            record.update(memory_record(device))
             metrics.write(record)
             result.history.append(record)
             say(format_line(record))
