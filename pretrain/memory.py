@@ -242,8 +242,10 @@ def estimate_memory(shape: ModelShape, layout: Layout) -> MemoryEstimate:
     optimizer_unsharded = 2 * 4 * trained
     if layout.zero and layout.dp > 1:
         # Whole tensors, largest first to the least-loaded rank (parallel/zero.py): at least the
-        # largest tensor, otherwise about an even share.
-        owned = max(largest, -(-trained // layout.dp))
+        # largest tensor; otherwise an even share plus at most one more layer tensor.
+        layer_tensor = max(3 * shape.hidden * shape.hidden, shape.hidden * shape.ffn_hidden)
+        even = -(-trained // layout.dp) + layer_tensor // layout.tp
+        owned = min(trained, max(largest, even))
     else:
         owned = trained
     gradients = 4 * trained
@@ -433,3 +435,91 @@ def print_estimate(config: Config, world_size: int, gpu_memory_gb: float | None)
         return 1
     print(f"fits in {gpu_memory_gb:g} GB with {1 - estimate.total / limit:.0%} headroom")
     return 0
+
+
+HEADROOM = 0.10  # a fitted layout leaves at least this fraction of the GPU free
+RECOMPUTE_COST = {"none": 0, "selective": 1, "full": 2}
+
+
+@dataclass(frozen=True)
+class FittedLayout:
+    """The layout chosen for a model on a cluster, at the smallest node count where it fits."""
+
+    nodes: int
+    layout: Layout
+    estimate: MemoryEstimate
+
+    def overrides(self) -> dict[str, object]:
+        """The config keys that select this layout."""
+        return {
+            "parallel.tp": self.layout.tp,
+            "parallel.zero": int(self.layout.zero),
+            "train.recompute": self.layout.recompute,
+            "train.micro_batch": self.layout.micro_batch,
+        }
+
+
+def candidate_layouts(
+    shape: ModelShape, base: Layout, world_size: int, gpus_per_node: int, global_batch: int
+) -> list[Layout]:
+    """Every layout on `world_size` ranks: tp dividing heads and MLP width within a node, ZeRO-1
+    on/off, each recompute mode, micro-batches (powers of two up to 64) that divide the batch."""
+    layouts = []
+    for tp in range(1, gpus_per_node + 1):
+        if shape.heads % tp or shape.ffn_hidden % tp or world_size % tp:
+            continue
+        dp = world_size // tp
+        for micro_batch in (64, 32, 16, 8, 4, 2, 1):
+            if global_batch % (micro_batch * dp):
+                continue
+            accumulation = global_batch // (micro_batch * dp)
+            for zero in (False, True) if dp > 1 else (False,):
+                for recompute in RECOMPUTE_COST:
+                    layouts.append(
+                        replace(
+                            base,
+                            tp=tp,
+                            dp=dp,
+                            zero=zero,
+                            recompute=recompute,
+                            micro_batch=micro_batch,
+                            accumulation=accumulation,
+                        )
+                    )
+    return layouts
+
+
+def preference(layout: Layout) -> tuple:
+    """Cheapest first: least tensor parallelism, a micro-batch of at least 8 (efficient GEMMs),
+    least recomputation, no ZeRO, then the largest micro-batch."""
+    return (
+        layout.tp,
+        layout.micro_batch < 8,
+        RECOMPUTE_COST[layout.recompute],
+        layout.zero,
+        -layout.micro_batch,
+    )
+
+
+def fit_layout(
+    shape: ModelShape,
+    base: Layout,
+    gpus_per_node: int,
+    memory_bytes: int,
+    global_batch: int,
+    max_nodes: int = 4096,
+) -> FittedLayout | None:
+    """The smallest node count at which some layout leaves HEADROOM of the GPU free, and the
+    preferred such layout there; None if none fits up to `max_nodes`."""
+    budget = (1 - HEADROOM) * memory_bytes
+    for nodes in range(1, max_nodes + 1):
+        world = nodes * gpus_per_node
+        fitting = []
+        for layout in candidate_layouts(shape, base, world, gpus_per_node, global_batch):
+            estimate = estimate_memory(shape, layout)
+            if estimate.total <= budget:
+                fitting.append((preference(layout), layout, estimate))
+        if fitting:
+            _, layout, estimate = min(fitting, key=lambda item: item[0])
+            return FittedLayout(nodes, layout, estimate)
+    return None
