@@ -90,7 +90,9 @@ class MemoryEstimate:
     optimizer_unsharded: int
     weight_copies: int
     activations: int
-    head_buffers: int
+    recompute: int
+    head_grads: int
+    head_chunk: int
     step_temporaries: int
     allowance: int
     live_gradients: int
@@ -98,9 +100,11 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        forward_backward = (
-            self.weight_copies + self.activations + self.head_buffers + self.live_gradients
-        )
+        # The dynamic peak is the largest of three moments: the head's forward (its grads and
+        # one logits chunk), the start of backward (the head's grads and their scaled copies),
+        # and a recomputed region in backward (the decoder's .grad exists by then).
+        head = self.head_grads + max(self.head_chunk, self.head_grads, self.recompute)
+        forward_backward = self.weight_copies + self.live_gradients + self.activations + head
         optimizer_step = self.gradients + self.ddp_buckets + self.step_temporaries
         return (
             self.parameters
@@ -122,7 +126,9 @@ SOURCES = {
     "optimizer_unsharded": "the same without ZeRO-1 (for comparison, not in the total)",
     "weight_copies": "half copies of Linear weights cached by autocast for the forward",
     "activations": "tensors autograd keeps for backward, all layers + embeddings + MLM transform",
-    "head_buffers": "MLM head: grads computed in forward (kernels/cross_entropy.py) + one chunk",
+    "recompute": "one recomputed layer (full) or attention core (selective) during backward",
+    "head_grads": "MLM head grads computed in forward, kept to backward (kernels/cross_entropy.py)",
+    "head_chunk": "MLM head: one [chunk, V_tp] fp32 logits buffer during its forward",
     "step_temporaries": "optimizer step: LAMB's update and denominator (+ ZeRO's flat buffer)",
     "allowance": "CUDA context, NCCL buffers per group, caching-allocator margin (GPU only)",
     "live_gradients": "gradients alive during forward (DDP buckets or accumulation)",
@@ -251,17 +257,17 @@ def estimate_memory(shape: ModelShape, layout: Layout) -> MemoryEstimate:
     gradients = 4 * trained
     persistent = layout.dp > 1 or layout.accumulation > 1
     head_grads = head_grad_bytes(shape, layout)
-    head = head_grads + head_chunk_bytes(shape, layout)
-    activations = saved_activation_bytes(shape, layout) + recompute_bytes(shape, layout)
+    head_chunk = head_chunk_bytes(shape, layout)
+    activations = saved_activation_bytes(shape, layout)
+    rerun = recompute_bytes(shape, layout)
     weight_copies = 2 * linear_weights if half else 0
-    # Without DDP or accumulation .grad is freed after every step; backward starts by copying
-    # the head's saved grads (scaled by d loss), which then become .grad.
-    live = gradients if persistent else head_grads
+    # Without DDP or accumulation .grad is freed after every step.
+    live = gradients if persistent else 0
     temporaries = 2 * 4 * owned + (4 * owned if layout.zero and layout.dp > 1 else 0)
     allowance = 0
     if layout.device == "cuda":
         groups = int(layout.tp > 1) + int(layout.dp > 1)
-        dynamic = activations + head + gradients
+        dynamic = activations + rerun + 2 * head_grads + gradients
         allowance = (
             CUDA_CONTEXT_BYTES + groups * NCCL_BYTES_PER_GROUP + int(ALLOCATOR_FRACTION * dynamic)
         )
@@ -273,7 +279,9 @@ def estimate_memory(shape: ModelShape, layout: Layout) -> MemoryEstimate:
         optimizer_unsharded=optimizer_unsharded,
         weight_copies=weight_copies,
         activations=activations,
-        head_buffers=head,
+        recompute=rerun,
+        head_grads=head_grads,
+        head_chunk=head_chunk,
         step_temporaries=temporaries,
         allowance=allowance,
         live_gradients=live,

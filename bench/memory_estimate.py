@@ -1,0 +1,181 @@
+"""The memory estimator (pretrain/memory.py) against real CPU runs, against Megatron-LM's formula,
+and the fitted layouts of the cluster files.
+
+    .venv/bin/python -m bench.memory_estimate cpu        # measured vs estimated, ~5 min on 2 cores
+    .venv/bin/python -m bench.memory_estimate megatron   # GPU activations vs Korthikanti et al.
+    .venv/bin/python -m bench.memory_estimate layouts configs/cluster/abci2.yaml
+
+`cpu` runs a few real fp32 training steps (the trainer's own pieces: model, recompute, LAMB,
+dense MLM loss, clipping) in a fresh process per shape and recompute mode, with glibc told to
+serve every allocation above 64 KiB by mmap so that freed tensors leave the resident set. The
+measured peak is the peak of live tensor storage (every op's outputs are counted until their
+storage is freed, like CUDA's max_memory_allocated); beside it, the process's high-water resident
+memory (VmHWM) minus its resident memory just before the model is built, which adds oneDNN's
+scratch buffers and malloc's overhead. The estimate is `estimate_memory(..., device="cpu")`.
+
+`layouts` prints the `layouts:` section of a cluster file (paste it over the old one): for each
+shipped large config at sequence length 128 and 512, the smallest node count at which a layout
+leaves 10% of the GPU free, and that layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+REPO = Path(__file__).resolve().parents[1]
+GiB = 1024**3
+
+# (name, layers, hidden, heads, seq_len, micro_batch), vocabulary 30522, post-LN, dense MLM:
+# each holds 0.3-1.6 GB of states and activations, far above the ~0.3 GB idle process.
+CPU_SHAPES = [
+    ("A", 4, 256, 4, 128, 32),
+    ("B", 2, 512, 8, 256, 8),
+    ("C", 6, 384, 6, 64, 48),
+]
+STEPS = 2
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+class TensorPeak(TorchDispatchMode):
+    """Live bytes of every tensor storage the ops under it create (freed ones drop out when
+    their storage dies), and the peak: the CPU counterpart of CUDA's max_memory_allocated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.seen: set[int] = set()
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if key in self.seen or size == 0:
+            return
+        self.seen.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+        def freed() -> None:
+            self.live -= size
+            self.seen.discard(key)
+
+        weakref.finalize(storage, freed)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self._add(item)
+        return out
+
+
+def measure_worker(
+    layers: int, hidden: int, heads: int, seq: int, batch: int, recompute: str
+) -> None:
+    """Runs in its own process: a few fp32 training steps; prints the peaks over the baseline."""
+    from pretrain.config import MLMConfig, ModelShape
+    from pretrain.model import apply_recompute, build_model
+    from pretrain.objectives import pretraining_loss
+    from pretrain.optim import build_param_groups, clip_grad_norm_, optimizer_for_groups
+
+    torch.manual_seed(0)
+    vocab = 30522
+    ids = torch.randint(5, vocab, (batch, seq))
+    data = {
+        "input_ids": ids,
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+        "picked": torch.rand(batch, seq) < 0.15,
+    }
+    mlm = MLMConfig(mode="dense")
+    baseline = _status_bytes("VmRSS")
+    tracker = TensorPeak()
+    with tracker:
+        shape = ModelShape(layers, hidden, heads, 4 * hidden, vocab, 512, "post", 0.1, False)
+        model = build_model(shape)
+        apply_recompute(model, recompute)
+        model.train()
+        optimizer = optimizer_for_groups(
+            build_param_groups(model, 0.01), "lamb", 1e-3, (0.9, 0.999), 1e-6, None
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        for _ in range(STEPS):  # the second step is the first with LAMB's state
+            pretraining_loss(model, data, mlm).loss.backward()
+            clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    rss = _status_bytes("VmHWM") - baseline
+    print(json.dumps({"tensor_peak": tracker.peak, "rss_peak": rss}))
+
+
+def measure(
+    layers: int, hidden: int, heads: int, seq: int, batch: int, recompute: str
+) -> dict[str, int]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    args = [str(a) for a in (layers, hidden, heads, seq, batch)]
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.memory_estimate", "_worker", *args, recompute],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_table() -> None:
+    from pretrain.config import ModelShape
+    from pretrain.memory import Layout, estimate_memory
+
+    print(
+        "| shape | L | H | heads | S | B | recompute | estimated MB | tensor peak MB | "
+        "est/tensor | RSS peak - baseline MB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    for name, layers, hidden, heads, seq, batch in CPU_SHAPES:
+        shape = ModelShape(layers, hidden, heads, 4 * hidden, 30522, 512, "post", 0.1, False)
+        for recompute in ("none", "selective", "full"):
+            layout = Layout(
+                seq_len=seq, micro_batch=batch, recompute=recompute, precision="fp32",
+                device="cpu",
+            )  # fmt: skip
+            estimated = estimate_memory(shape, layout).total
+            measured = measure(layers, hidden, heads, seq, batch, recompute)
+            print(
+                f"| {name} | {layers} | {hidden} | {heads} | {seq} | {batch} | {recompute} | "
+                f"{estimated / 1e6:.0f} | {measured['tensor_peak'] / 1e6:.0f} | "
+                f"{estimated / measured['tensor_peak']:.3f} | {measured['rss_peak'] / 1e6:.0f} |",
+                flush=True,
+            )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        *numbers, recompute = sys.argv[2:]
+        measure_worker(*(int(n) for n in numbers), recompute)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["cpu", "megatron", "layouts"])
+    parser.add_argument("cluster", nargs="?", help="layouts: the cluster file")
+    args = parser.parse_args()
+    if args.what == "cpu":
+        cpu_table()
+
+
+if __name__ == "__main__":
+    main()
