@@ -183,3 +183,29 @@ def test_terms_move_the_right_way():
     assert 0.25 < tp4.parameters / plain.parameters < 0.3
     cpu = estimate_memory(shape, Layout(seq_len=512, micro_batch=8, device="cpu"))
     assert cpu.allowance == 0 and plain.allowance > 0
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("size", LARGE_CONFIGS)
+@pytest.mark.parametrize("seq_len", [128, 512])
+def test_shipped_configs_fit_every_cluster(cluster: Path, size: str, seq_len: int):
+    """Every shipped large config, with the layout its cluster file names, leaves >= 10% of the
+    GPU free at the file's node count (through the estimator), and no layout fits on fewer
+    nodes (the file is what `python -m bench.memory_estimate layouts` computes)."""
+    data = yaml.safe_load(cluster.read_text(encoding="utf-8"))
+    hardware, entry = data["hardware"], data["layouts"][size][f"seq{seq_len}"]
+    overrides = [f"{k}={entry[k]}" for k in entry if k not in ("min_nodes", "estimate_gib")]
+    config = load_config(REPO / "configs" / f"{size}.yaml", [f"data.seq_len={seq_len}", *overrides])
+    shape = resolve_model_shape(config, 32768)
+    world = entry["min_nodes"] * hardware["gpus_per_node"]
+    dp = world // config.parallel.tp
+    accumulation = config.train.global_batch // (config.train.micro_batch * dp)
+    assert accumulation * config.train.micro_batch * dp == config.train.global_batch
+    estimate = estimate_memory(shape, layout_for(config, dp, "cuda", accumulation))
+    memory = hardware["gpu_memory_gib"] * 1024**3
+    assert estimate.total <= (1 - HEADROOM) * memory
+    fitted = fit_layout(
+        shape, layout_for(config, 1, "cuda"), hardware["gpus_per_node"], int(memory),
+        config.train.global_batch,
+    )  # fmt: skip
+    assert fitted is not None and fitted.nodes == entry["min_nodes"]
