@@ -165,6 +165,49 @@ def cpu_table() -> None:
 
 
 LARGE_CONFIGS = ("large", "xlarge", "3.9b")
+# (config, seq_len, micro_batch, tp) for the comparison with Megatron-LM's formula.
+GPU_SHAPES = [
+    ("large", 128, 64, 1),
+    ("large", 512, 16, 1),
+    ("xlarge", 128, 32, 2),
+    ("xlarge", 512, 8, 2),
+    ("3.9b", 128, 16, 4),
+    ("3.9b", 512, 4, 4),
+]
+
+
+def megatron_layer_bytes(s: int, b: int, h: int, a: int, t: int, recompute: str) -> float:
+    """Activation bytes per transformer layer, Korthikanti et al. 2022 ("Reducing Activation
+    Recomputation in Large Transformer Models", arXiv:2205.05198, Table 2), 16-bit activations,
+    tensor parallel without sequence parallelism: sbh(10 + 24/t + 5as/(ht)); selective
+    recomputation drops the attention term; full recomputation keeps the layer input, 2sbh."""
+    if recompute == "full":
+        return 2 * s * b * h
+    attention = 5 * a * s / (h * t) if recompute == "none" else 0.0
+    return s * b * h * (10 + 24 / t + attention)
+
+
+def megatron_table() -> None:
+    from pretrain.config import load_config, resolve_model_shape
+    from pretrain.memory import DEFAULT_VOCAB, Layout, layer_activation_bytes
+
+    print(
+        "| config | S | b | tp | recompute | ours MiB/layer | Megatron MiB/layer | ours/Megatron |"
+    )
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for name, seq_len, batch, tp in GPU_SHAPES:
+        shape = resolve_model_shape(load_config(REPO / "configs" / f"{name}.yaml"), DEFAULT_VOCAB)
+        for recompute in ("none", "selective", "full"):
+            layout = Layout(seq_len=seq_len, micro_batch=batch, tp=tp, recompute=recompute)
+            if recompute == "full":  # the layer's fp32 input; one layer reruns at a time
+                ours = seq_len * batch * 4 * shape.hidden
+            else:
+                ours = layer_activation_bytes(shape, layout)
+            theirs = megatron_layer_bytes(seq_len, batch, shape.hidden, shape.heads, tp, recompute)
+            print(
+                f"| {name} | {seq_len} | {batch} | {tp} | {recompute} | {ours / 2**20:.0f} | "
+                f"{theirs / 2**20:.0f} | {ours / theirs:.2f} |"
+            )
 
 
 def layouts_yaml(cluster: Path) -> str:
@@ -216,6 +259,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "cpu":
         cpu_table()
+    elif args.what == "megatron":
+        megatron_table()
     elif args.what == "layouts":
         if not args.cluster:
             parser.error("layouts needs the cluster file")
