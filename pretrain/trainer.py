@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import kernels
 from launch.signals import EXIT_RESUBMIT, StopRequest
@@ -66,7 +65,12 @@ from pretrain.model import (
 from pretrain.objectives import LossOutput, pretraining_loss
 from pretrain.optim import build_param_groups, clip_grad_norm_, lr_at, optimizer_for_groups, set_lr
 from pretrain.parallel.comm_stats import CommCounter, analytic_bytes, lamb_tensors
-from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout, tp_grad_norm_fn
+from pretrain.parallel.parallelize import (
+    apply_data_parallel,
+    apply_tensor_parallel,
+    shard_layout,
+    tp_grad_norm_fn,
+)
 from pretrain.parallel.zero import ZeroRedundancy
 from pretrain.precision import DynamicLossScaler, autocast_context
 
@@ -239,13 +243,7 @@ def _train(
         model.compile()  # compiles forward in place; the first steps pay the compile time
     if dims.dp_size > 1:
         # Gradients are averaged over the dp group in buckets, overlapping with backward.
-        loss_step = DistributedDataParallel(
-            loss_step,
-            process_group=dims.dp_group,
-            device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # the one buffer, the vocabulary mask, is built alike
-            gradient_as_bucket_view=True,  # .grad are views into the buckets: no second copy
-        )
+        loss_step = apply_data_parallel(loss_step, dims)
 
     out_dir = Path(config.train.out_dir)
     if dims.is_main:
