@@ -209,3 +209,24 @@ def test_shipped_configs_fit_every_cluster(cluster: Path, size: str, seq_len: in
         config.train.global_batch,
     )  # fmt: skip
     assert fitted is not None and fitted.nodes == entry["min_nodes"]
+
+
+def test_refusal_and_oom_lines_name_the_layout():
+    """The refusal (ConfigError) and the out-of-memory line are one line each, with the layout
+    keys to change, the estimate, and (refusal only) the override key."""
+    from pretrain.config import ConfigError
+    from pretrain.memory import check_fits, oom_message
+
+    shape = resolve_model_shape(load_config(REPO / "configs" / "3.9b.yaml"), 32768)
+    layout = Layout(seq_len=512, micro_batch=64, tp=1, recompute="none")
+    estimate = estimate_memory(shape, layout)
+    with pytest.raises(ConfigError) as refused:
+        check_fits(estimate, layout, 16 * 1024**3)
+    message = str(refused.value)
+    assert "\n" not in message and "train.skip_memory_check=true" in message
+    assert f"{estimate.total / 1024**3:.1f} GiB" in message
+    line = oom_message(estimate, layout)
+    assert "\n" not in line
+    for key in ("train.micro_batch=64", "train.recompute=none", "parallel.tp=1", "parallel.zero=0"):
+        assert key in line and key in message
+    check_fits(estimate, layout, estimate.total)  # exactly enough memory: no error
