@@ -6,7 +6,9 @@ microseconds), so a planner can call it for thousands of layouts. `bert-train --
 prints it; the trainer prints it at start-up and refuses a config that does not fit.
 
 Peak = parameters + optimizer state
-       + max(forward/backward: weight copies + activations + head buffers + live gradients,
+       + max(forward/backward: weight copies + live gradients + activations + head grads
+               + the largest of (one logits chunk, the head grads' scaled copies at the start
+               of backward, one recomputed region),
              optimizer step: gradients + the step's temporaries)
        + allowance (CUDA context, caching allocator, NCCL buffers; 0 on the CPU)
 
@@ -35,6 +37,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from kernels.cross_entropy import _CHUNK_ELEMENTS
 from pretrain.config import (
     Config,
     ConfigError,
@@ -42,14 +45,13 @@ from pretrain.config import (
     check_batch_layout,
     resolve_model_shape,
 )
+from pretrain.parallel.parallelize import padded_vocab_size
 
 GiB = 1024**3
-# kernels/cross_entropy.py: one chunk's fp32 logits are at most 2**24 elements.
-HEAD_CHUNK_ELEMENTS = 2**24
-VOCAB_MULTIPLE = 128  # pretrain/parallel/parallelize.py pads the vocabulary to 128 x tp
 # Allowance on a GPU, stated rather than measured (nothing here has a GPU):
-# - CUDA context and kernels (cuBLAS, cuDNN, NCCL, Triton modules) loaded by the process: PyTorch's
-#   CUDA notes say the context takes "a few hundred MB"; 0.75 GiB covers it on V100/A100/H100.
+# - CUDA context and the kernels the process loads (cuBLAS, cuDNN, NCCL, Triton modules): an
+#   assumed 0.75 GiB; it is outside what PyTorch's allocator reports, so size it on a real GPU
+#   as nvidia-smi's figure minus torch.cuda.memory_reserved().
 CUDA_CONTEXT_BYTES = 3 * GiB // 4
 # - NCCL: NCCL_BUFFSIZE defaults to 4 MiB per channel and peer (NCCL environment-variable docs);
 #   up to 32 channels x 2 directions for a ring: 256 MiB for each communicator (tp and dp).
@@ -136,11 +138,9 @@ SOURCES = {
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
-    """Vocabulary rows of the whole decoder: unpadded at tp 1, else a multiple of 128 x tp."""
-    if tp == 1:
-        return vocab_size
-    multiple = VOCAB_MULTIPLE * tp
-    return (vocab_size + multiple - 1) // multiple * multiple
+    """Vocabulary rows of the whole decoder: unpadded at tp 1 (nothing is split), else padded
+    as parallelize.py pads it."""
+    return vocab_size if tp == 1 else padded_vocab_size(vocab_size, tp)
 
 
 def parameter_counts(shape: ModelShape, tp: int) -> tuple[int, int, int, int]:
@@ -236,7 +236,7 @@ def head_grad_bytes(shape: ModelShape, layout: Layout) -> int:
 def head_chunk_bytes(shape: ModelShape, layout: Layout) -> int:
     """One [chunk, V_tp] fp32 logits buffer, alive while the head's forward runs."""
     vocab = padded_vocab(shape.vocab_size, layout.tp) // layout.tp
-    return 4 * min(scored_rows(layout), max(1, HEAD_CHUNK_ELEMENTS // vocab)) * vocab
+    return 4 * min(scored_rows(layout), max(1, _CHUNK_ELEMENTS // vocab)) * vocab
 
 
 def estimate_memory(shape: ModelShape, layout: Layout) -> MemoryEstimate:
@@ -288,14 +288,12 @@ def estimate_memory(shape: ModelShape, layout: Layout) -> MemoryEstimate:
     )
 
 
-def layout_for(
-    config: Config, dp: int, device_type: str, accumulation: int = 1, world_tp: int | None = None
-) -> Layout:
-    """The Layout of a resolved config (`world_tp` overrides parallel.tp, for planning)."""
+def layout_for(config: Config, dp: int, device_type: str, accumulation: int = 1) -> Layout:
+    """The Layout of a resolved config on `dp` data-parallel ranks of `device_type`."""
     return Layout(
         seq_len=config.data.seq_len,
         micro_batch=config.train.micro_batch,
-        tp=world_tp or config.parallel.tp,
+        tp=config.parallel.tp,
         dp=dp,
         zero=bool(config.parallel.zero),
         recompute=config.train.recompute,
