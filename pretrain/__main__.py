@@ -46,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --estimate-memory: number of ranks (dp = N / parallel.tp; default 1)",
     )
     parser.add_argument(
-        "--gpu-memory-gb",
+        "--gpu-memory-gib",
         type=float,
-        metavar="GB",
-        help="with --estimate-memory: the GPU's memory; exit 1 when the estimate does not fit",
+        metavar="GIB",
+        help="with --estimate-memory: the GPU's memory in GiB as CUDA reports it (16 GB V100: "
+        "15.78); exit 1 when the estimate does not fit",
     )
     return parser
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.estimate_memory:
             from pretrain.memory import print_estimate
 
-            return print_estimate(config, args.world_size, args.gpu_memory_gb)
+            return print_estimate(config, args.world_size, args.gpu_memory_gib)
         from pretrain.trainer import main_train
 
         return main_train(config)

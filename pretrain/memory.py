@@ -414,8 +414,8 @@ def memory_record(device: torch.device) -> dict[str, float]:
 DEFAULT_VOCAB = 32768  # for a config that leaves model.vocab_size to the tokenizer
 
 
-def print_estimate(config: Config, world_size: int, gpu_memory_gb: float | None) -> int:
-    """`bert-train --estimate-memory`: print the GPU estimate; 1 if it exceeds `gpu_memory_gb`."""
+def print_estimate(config: Config, world_size: int, gpu_memory_gib: float | None) -> int:
+    """`bert-train --estimate-memory`: print the GPU estimate; 1 if it exceeds `gpu_memory_gib`."""
     tp = config.parallel.tp
     if world_size < 1 or world_size % tp:
         raise ConfigError(f"--world-size {world_size} is not a multiple of parallel.tp={tp}")
@@ -427,7 +427,7 @@ def print_estimate(config: Config, world_size: int, gpu_memory_gb: float | None)
         estimate = estimate_memory(shape, layout)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    limit = int(gpu_memory_gb * 1e9) if gpu_memory_gb else None
+    limit = int(gpu_memory_gib * GiB) if gpu_memory_gib else None
     print(
         f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab_size}; seq "
         f"{layout.seq_len}, dp {dp} x tp {tp}, {layout_keys(layout)}, {layout.precision}, "
@@ -437,9 +437,9 @@ def print_estimate(config: Config, world_size: int, gpu_memory_gb: float | None)
     if limit is None:
         return 0
     if estimate.total > limit:
-        print(f"does not fit in {gpu_memory_gb:g} GB")
+        print(f"does not fit in {gpu_memory_gib:g} GiB")
         return 1
-    print(f"fits in {gpu_memory_gb:g} GB with {1 - estimate.total / limit:.0%} headroom")
+    print(f"fits in {gpu_memory_gib:g} GiB with {1 - estimate.total / limit:.0%} headroom")
     return 0
 
 

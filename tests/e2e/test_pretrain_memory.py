@@ -81,4 +81,4 @@ def test_estimate_memory_option(capsys):
     layout = Layout(seq_len=128, micro_batch=64, dp=8, precision="bf16", accumulation=16)
     total = estimate_memory(shape, layout).total
     assert f"{total / GiB:8.2f} GiB" in out
-    assert main(["--config", config, "--estimate-memory", "--gpu-memory-gb", "16"]) == 1
+    assert main(["--config", config, "--estimate-memory", "--gpu-memory-gib", "16"]) == 1
