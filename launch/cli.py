@@ -21,8 +21,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from launch.errors import LaunchError
+from launch.fit import fit_command, pop_fit_sections
 from launch.scripts import (
     CONTAINER_RUNTIMES,
     SCHEDULERS,
@@ -163,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def apply_cluster_defaults(parser: argparse.ArgumentParser, path: str, scheduler: str) -> None:
+def apply_cluster_defaults(
+    parser: argparse.ArgumentParser, path: str, scheduler: str
+) -> dict[str, Any]:
     """Make the options in a cluster file the parser's defaults (command-line values win;
-    repeatable options such as --env add to the file's)."""
+    repeatable options such as --env add to the file's); returns its fitted layouts."""
     import yaml
 
     try:
@@ -174,6 +178,9 @@ def apply_cluster_defaults(parser: argparse.ArgumentParser, path: str, scheduler
         raise LaunchError(f"cannot read cluster file {path}: {error}") from None
     if not isinstance(data, dict):
         raise LaunchError(f"cluster file {path} must be a mapping of option names to values")
+    hardware, layouts = pop_fit_sections(data, path)
+    if hardware is not None:
+        data.setdefault("gpus_per_node", hardware.gpus_per_node)
     wanted = data.pop("scheduler", scheduler)
     if wanted != scheduler:
         raise LaunchError(f"cluster file {path} is for {wanted}, not {scheduler}")
@@ -197,6 +204,7 @@ def apply_cluster_defaults(parser: argparse.ArgumentParser, path: str, scheduler
             value = [value]
         defaults[dest] = value
     parser.set_defaults(**defaults)
+    return layouts
 
 
 def spec_from_args(args: argparse.Namespace, command: list[str]) -> JobSpec:
@@ -273,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the training command after --, e.g. -- bert-train --config FILE")
     try:
         if args.cluster:
-            apply_cluster_defaults(parser, args.cluster, args.scheduler)
+            layouts = apply_cluster_defaults(parser, args.cluster, args.scheduler)
             args = parser.parse_args(options)
+            command, note = fit_command(command, layouts, args.nodes, args.cluster)
+            if note:
+                print(f"bert-launch: note: {note}", file=sys.stderr)
         spec = spec_from_args(args, command)
         path = Path(args.out or f"bert-{spec.scheduler}.sh")
         script = render_script(spec, path)

@@ -41,6 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check this node (precision auto picks, kernels, all-reduce, tp 1 vs tp 2) and exit",
     )
+    parser.add_argument(
+        "--estimate-memory",
+        action="store_true",
+        help="print the estimated per-GPU memory of this config and layout, term by term, and "
+        "exit (model.vocab_size defaults to 32768 here)",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --estimate-memory: number of ranks (dp = N / parallel.tp; default 1)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        metavar="GIB",
+        help="with --estimate-memory: the GPU's memory in GiB as CUDA reports it (16 GB V100: "
+        "15.78); exit 1 when the estimate does not fit",
+    )
     return parser
 
 
@@ -59,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
+        if args.estimate_memory:
+            from pretrain.memory import print_estimate
+
+            return print_estimate(config, args.world_size, args.gpu_memory_gib)
         from pretrain.trainer import main_train
 
         return main_train(config)

@@ -196,6 +196,8 @@ class TrainConfig:
     wandb_project: str | None = None
     """Also log metrics to this Weights & Biases project (needs `pip install wandb`; the usual
     WANDB_* variables apply, e.g. WANDB_MODE=offline)."""
+    skip_memory_check: bool = False
+    """Start even when the memory estimate (bert-train --estimate-memory) exceeds the device's."""
 
 
 @dataclass

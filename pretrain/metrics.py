@@ -124,6 +124,8 @@ def format_line(record: dict[str, Any]) -> str:
         ("ms_per_step", "ms/step", "{:.0f}"),
         ("tokens_per_s", "tok/s", "{:.0f}"),
         ("tflops", "TFLOP/s", "{:.4f}"),
+        ("mem_gb", "mem GB", "{:.2f}"),
+        ("mem_peak_max_gb", "peak GB", "{:.2f}"),
     ]
     step = f"{record['step']}"
     if "steps_total" in record:

@@ -219,7 +219,8 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def apply_recompute(model: Bert, mode: str) -> None:
-    """Activation recomputation: trade compute for memory (what lets xlarge and 3.9B fit).
+    """Activation recomputation: trade compute for activation memory (pretrain/memory.py says
+    how much; the cluster files name the layouts that need it).
 
     full: keep only each layer's input and recompute the layer in backward; selective: recompute
     just the attention core, whose activations grow with S^2. RNG state is replayed, so dropout

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import kernels
 from launch.signals import EXIT_RESUBMIT, StopRequest
@@ -61,6 +60,7 @@ from pretrain.distributed import (
     setup_parallel,
     shutdown,
 )
+from pretrain.memory import MemoryPlan, layout_for, memory_record
 from pretrain.metrics import MetricsLog, format_line
 from pretrain.model import (
     Bert,
@@ -79,7 +79,12 @@ from pretrain.optim import (
     tensors_with_tp_norms,
 )
 from pretrain.parallel.comm_stats import CommCounter, analytic_bytes
-from pretrain.parallel.parallelize import apply_tensor_parallel, shard_layout, tp_grad_norm_fn
+from pretrain.parallel.parallelize import (
+    apply_data_parallel,
+    apply_tensor_parallel,
+    shard_layout,
+    tp_grad_norm_fn,
+)
 from pretrain.parallel.zero import ZeroRedundancy
 from pretrain.precision import (
     DynamicLossScaler,
@@ -190,6 +195,7 @@ def train(config: Config) -> TrainResult:
     EXIT_DIVERGED, when stopped because the run diverged)."""
     kernels.set_enabled(config.kernels.enabled)  # false: PyTorch references everywhere (debug)
     env, dims, device = setup_parallel(config)
+    memory = MemoryPlan()
     try:
         try:
             precision, why = resolve_precision(config.train.precision, device)
@@ -201,7 +207,9 @@ def train(config: Config) -> TrainResult:
             config, train=dataclasses.replace(config.train, precision=precision)
         )
         with claim_run_dir(config, dims, log if dims.is_main else _quiet):
-            return _train(config, dims, env.describe(), device, why)
+            return _train(config, dims, env.describe(), device, why, memory)
+    except torch.OutOfMemoryError:
+        raise ConfigError(memory.oom_message()) from None
     finally:
         shutdown()
 
@@ -226,6 +234,7 @@ def _train(
     launch_line: str,
     device: torch.device,
     precision_reason: str,
+    memory: MemoryPlan,
 ) -> TrainResult:
     started = time.perf_counter()
     say = log if dims.is_main else _quiet
@@ -249,6 +258,10 @@ def _train(
             f"model.vocab_size={shape.vocab_size} is smaller than the tokenizer's "
             f"{data.dataset.vocab_size}: unset model.vocab_size"
         )
+    memory.estimate_for(shape, layout_for(config, dims.dp_size, device.type, accumulation))
+    say(memory.describe(device))
+    if not config.train.skip_memory_check:
+        memory.check(device)
     # Built whole on the host and moved once split: a tp rank's GPU then never holds the full
     # model (3.9B in fp32 is 15.6 GB, about all of a 16 GB V100), and every device starts from
     # the same weights.
@@ -308,12 +321,7 @@ def _train(
         model.compile()  # compiles forward in place; the first steps pay the compile time
     if dims.dp_size > 1:
         # Gradients are averaged over the dp group in buckets, overlapping with backward.
-        loss_step = DistributedDataParallel(
-            loss_step,
-            process_group=dims.dp_group,
-            device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # the one buffer, the vocabulary mask, is built alike
-        )
+        loss_step = apply_data_parallel(loss_step, dims)
 
     out_dir = Path(config.train.out_dir)
     if dims.is_main:
@@ -463,6 +471,7 @@ def _train(
             record = interval.record(
                 step, consumed, lr, float(grad_norm), loss_scale, shape, config, dims, clock
             )
+            record.update(memory_record(device))
             metrics.write(record)
             result.history.append(record)
             say(format_line(record))

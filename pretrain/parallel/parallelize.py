@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pretrain.config import ModelShape
 from pretrain.distributed import ParallelDims
@@ -83,6 +84,21 @@ def apply_tensor_parallel(model: Bert, dims: ParallelDims) -> None:
     shard = slice(rank * per_rank, (rank + 1) * per_rank)
     head.bias = mark_split(nn.Parameter(bias[shard].clone()), 0, vocab)
     head.vocab_mask = mask[shard].clone()
+
+
+def apply_data_parallel(module: nn.Module, dims: ParallelDims) -> nn.Module:
+    """DDP over the dp group: gradients averaged in buckets while backward runs.
+
+    With `gradient_as_bucket_view` each .grad is a view into its all-reduce bucket instead of a
+    second fp32 copy of all gradients (pretrain/memory.py counts no extra bucket memory).
+    """
+    return DistributedDataParallel(
+        module,
+        process_group=dims.dp_group,
+        device_ids=[dims.device] if dims.device.type == "cuda" else None,
+        broadcast_buffers=False,  # the one buffer, the vocabulary mask, is built alike
+        gradient_as_bucket_view=True,
+    )
 
 
 def tp_sharded_names(model: nn.Module) -> set[str]:

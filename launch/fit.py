@@ -1,0 +1,108 @@
+"""Fitted layouts from a cluster file: the `hardware:` and `layouts:` sections.
+
+A cluster file (configs/cluster/*.yaml) holds bert-launch's option defaults for a site, what its
+nodes are (`hardware:` GPU kind, memory per GPU in GiB, GPUs per node) and, for each shipped
+large config at sequence length 128 and 512, the layout that fits its GPUs and the smallest node
+count at which it does (`layouts:`, written by `python -m bench.memory_estimate layouts FILE`
+from pretrain's memory estimator). bert-launch only reads them (it does not import pretrain):
+for a `--config configs/NAME.yaml` with an entry it appends the layout's keys to the training
+command and refuses fewer nodes than the entry names, in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launch.errors import LaunchError
+
+LAYOUT_KEYS = ("parallel.tp", "parallel.zero", "train.recompute", "train.micro_batch")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu: str
+    gpu_memory_gib: float
+    gpus_per_node: int
+
+
+def pop_fit_sections(data: dict[str, Any], path: str) -> tuple[Hardware | None, dict[str, Any]]:
+    """Remove `hardware:` and `layouts:` from a cluster file's mapping and check them."""
+    hardware = None
+    raw = data.pop("hardware", None)
+    if raw is not None:
+        if not isinstance(raw, dict) or set(raw) != {"gpu", "gpu_memory_gib", "gpus_per_node"}:
+            raise LaunchError(
+                f"cluster file {path}: hardware needs exactly gpu, gpu_memory_gib, gpus_per_node"
+            )
+        if not (
+            isinstance(raw["gpus_per_node"], int)
+            and raw["gpus_per_node"] > 0
+            and isinstance(raw["gpu_memory_gib"], (int, float))
+            and raw["gpu_memory_gib"] > 0
+        ):
+            raise LaunchError(
+                f"cluster file {path}: hardware.gpus_per_node and gpu_memory_gib must be positive"
+            )
+        hardware = Hardware(str(raw["gpu"]), float(raw["gpu_memory_gib"]), raw["gpus_per_node"])
+    layouts = data.pop("layouts", None) or {}
+    if not isinstance(layouts, dict):
+        raise LaunchError(f"cluster file {path}: layouts must map config names to entries")
+    return hardware, layouts
+
+
+def _training_config(command: list[str]) -> tuple[str | None, dict[str, str]]:
+    """(the --config path, the key=value overrides) of a bert-train command."""
+    config = None
+    overrides = {}
+    for index, word in enumerate(command):
+        if word == "--config" and index + 1 < len(command):
+            config = command[index + 1]
+        elif word.startswith("--config="):
+            config = word.split("=", 1)[1]
+        elif "=" in word and not word.startswith("-") and "." in word.split("=", 1)[0]:
+            key, value = word.split("=", 1)
+            overrides[key] = value
+    return config, overrides
+
+
+def _seq_len(config_path: str, overrides: dict[str, str]) -> int:
+    """data.seq_len from the command, else from the config file (128 when neither sets it)."""
+    if "data.seq_len" in overrides:
+        return int(overrides["data.seq_len"])
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return 128
+    return int((data.get("data") or {}).get("seq_len", 128))
+
+
+def fit_command(
+    command: list[str], layouts: dict[str, Any], nodes: int, cluster: str | None
+) -> tuple[list[str], str | None]:
+    """The training command with the fitted layout's keys appended, and a note for the user.
+
+    Unchanged when the config has no entry, or when the command already sets a layout key (the
+    user's layout then wins and is not checked here; bert-train checks it at start-up).
+    """
+    config_path, overrides = _training_config(command)
+    if not layouts or config_path is None:
+        return command, None
+    name = Path(config_path).stem
+    entry = (layouts.get(name) or {}).get(f"seq{_seq_len(config_path, overrides)}")
+    if entry is None:
+        return command, None
+    if any(key in overrides for key in LAYOUT_KEYS):
+        return command, f"{name}: keeping your own layout keys (not the cluster file's)"
+    need = int(entry["min_nodes"])
+    if nodes < need:
+        raise LaunchError(
+            f"{name} at data.seq_len={_seq_len(config_path, overrides)} needs at least {need} "
+            f"node(s) on {cluster} to fit in GPU memory (estimated {entry.get('estimate_gib')} "
+            f"GiB per GPU): use --nodes {need} or more"
+        )
+    added = [f"{key}={entry[key]}" for key in LAYOUT_KEYS]
+    return [*command, *added], f"{name}: fitted layout from {cluster}: {' '.join(added)}"

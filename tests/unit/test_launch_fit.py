@@ -1,0 +1,69 @@
+"""bert-launch with a cluster file's fitted layouts (launch/fit.py): the layout's keys go into the
+job script, too few nodes are refused in one line, the user's own layout keys win.
+
+Oracle: the cluster files' `layouts:` entries themselves (their correctness against the memory
+estimator is tests/unit/test_memory.py's job) and the rendered script text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from launch import cli
+
+REPO = Path(__file__).resolve().parents[2]
+ABCI2 = str(REPO / "configs" / "cluster" / "abci2.yaml")
+XLARGE = str(REPO / "configs" / "xlarge.yaml")
+
+
+def _entry(size: str, seq_len: int) -> dict:
+    return yaml.safe_load(Path(ABCI2).read_text())["layouts"][size][f"seq{seq_len}"]
+
+
+def test_fitted_layout_is_written_into_the_script(capsys):
+    """xlarge at seq 512 on V100 nodes: the four layout keys follow the user's overrides."""
+    entry = _entry("xlarge", 512)
+    args = ["sge", "--cluster", ABCI2, "--nodes", str(entry["min_nodes"]), "--dry-run", "--"]
+    assert cli.main([*args, "bert-train", "--config", XLARGE, "data.seq_len=512"]) == 0
+    script = capsys.readouterr().out
+    for key in ("parallel.tp", "parallel.zero", "train.recompute", "train.micro_batch"):
+        assert f"{key}={entry[key]}" in script
+    assert "#$ -l rt_F=" in script  # gpus_per_node 4 comes from the hardware section
+
+
+def test_too_few_nodes_is_refused_in_one_line(capsys):
+    """3.9B at seq 128 needs the file's node count; one fewer is a usage error (exit 2)."""
+    need = _entry("3.9b", 128)["min_nodes"]
+    assert need > 1
+    config = str(REPO / "configs" / "3.9b.yaml")
+    args = ["sge", "--cluster", ABCI2, "--nodes", str(need - 1), "--dry-run", "--"]
+    assert cli.main([*args, "bert-train", "--config", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--nodes {need}" in err[0]
+
+
+def test_user_layout_keys_win(capsys):
+    """A command that sets a layout key keeps its own layout; nothing is appended or refused."""
+    config = str(REPO / "configs" / "3.9b.yaml")
+    args = ["sge", "--cluster", ABCI2, "--nodes", "1", "--dry-run", "--"]
+    assert cli.main([*args, "bert-train", "--config", config, "parallel.tp=4"]) == 0
+    captured = capsys.readouterr()
+    assert "train.recompute=" not in captured.out and "own layout" in captured.err
+
+
+def test_config_without_entry_is_left_alone(capsys):
+    """configs/base.yaml has no entry: the command is written as given."""
+    config = str(REPO / "configs" / "base.yaml")
+    args = ["sge", "--cluster", ABCI2, "--nodes", "1", "--dry-run", "--"]
+    assert cli.main([*args, "bert-train", "--config", config]) == 0
+    assert "parallel.tp=" not in capsys.readouterr().out
+
+
+def test_bad_hardware_section(tmp_path: Path, capsys):
+    """A non-positive memory in hardware: one line, exit 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheduler: sge\nhardware: {gpu: X, gpu_memory_gib: 0, gpus_per_node: 4}\n")
+    assert cli.main(["sge", "--cluster", str(bad), "--dry-run", "--", "bert-train"]) == 2
+    assert "gpu_memory_gib must be positive" in capsys.readouterr().err
