@@ -34,9 +34,9 @@ demo-ja: $(CORE)
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
-test: install
-	$(VENV)/bin/ruff check .
+test: lint
 	$(PY) -m pytest -q
 
 clean:
