@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train BERT (dense or sparse MLM) from data prepared by bert-prep.",
         epilog=(
             "Every config key can be overridden as section.key=value, e.g. train.steps=1000 "
-            "mlm.mode=sparse optim.lr=2e-3. Keys: see DESIGN.md or --print-config. "
+            "mlm.mode=sparse optim.lr=2e-3. Keys: --list-keys (each with its meaning), "
+            "--print-config (the resolved values), docs/design.md. "
             "Exit code 75 means: checkpointed and stopped on request, resubmit to continue; "
             "3 means: diverged (non-finite losses or gradients), stopped with a checkpoint of "
             "the last finite state."
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    parser.add_argument(
+        "--list-keys",
+        action="store_true",
+        help="list every config key with its type, default and meaning, and exit",
     )
     parser.add_argument(
         "--selftest",
@@ -72,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.selftest import run_selftest
 
         return run_selftest()
+    if args.list_keys:
+        from pretrain.config import key_reference
+
+        lines = [f"{k} ({kind}, default {d!r})\n    {doc}" for k, kind, d, doc in key_reference()]
+        try:
+            print("\n".join(lines))
+        except BrokenPipeError:  # `bert-train --list-keys | head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:

@@ -7,6 +7,7 @@ line. No interpolation, no registries: a YAML mapping per section, a dataclass p
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import os
@@ -461,6 +462,35 @@ def validate(config: Config) -> None:
             f"train.loss_scale_init={t.loss_scale_init} is below train.loss_scale_min="
             f"{t.loss_scale_min}: raise the initial scale or lower the floor"
         )
+
+
+def key_reference() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, docstring) of every config key, in definition order: what
+    `bert-train --list-keys` prints. The docstrings are read from this file's source, where
+    each one sits under its field."""
+    docs: dict[str, dict[str, str]] = {}
+    for node in ast.parse(Path(__file__).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef):
+            fields = docs.setdefault(node.name, {})
+            for item, after in zip(node.body, [*node.body[1:], None], strict=True):
+                if (
+                    isinstance(item, ast.AnnAssign)
+                    and isinstance(item.target, ast.Name)
+                    and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)
+                ):
+                    fields[item.target.id] = " ".join(after.value.value.split())
+    config = Config()
+    rows = []
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        hints = typing.get_type_hints(type(values))
+        for item in dataclasses.fields(values):
+            kind = str(hints[item.name]).replace("typing.", "")
+            doc = docs.get(type(values).__name__, {}).get(item.name, "")
+            rows.append((f"{section.name}.{item.name}", kind, getattr(values, item.name), doc))
+    return rows
 
 
 def check_batch_layout(config: Config, dp_size: int) -> int:
