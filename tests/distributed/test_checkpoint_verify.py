@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.distributed.harness import run_distributed
@@ -41,6 +42,7 @@ def _verify(path: str) -> tuple[list[str], str | None]:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_each_file_is_read_by_one_rank_and_all_ranks_agree(small_dataset, tmp_path):
     import json
 
