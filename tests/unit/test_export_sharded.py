@@ -10,6 +10,7 @@ here (measured), and the bounds below are about 4x that; the fp16 bound fails bf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain import export_hf
-from pretrain.config import ConfigError, ModelShape
+from pretrain.checkpoint import save_checkpoint
+from pretrain.config import Config, ConfigError, ModelShape
 from pretrain.model import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -118,3 +120,35 @@ def test_parse_size(text, size):
 def test_parse_size_errors(text):
     with pytest.raises(ConfigError, match="--max-shard-size"):
         export_hf.parse_size(text)
+
+
+def test_cli_prints_a_line_per_shard(tmp_path, capsys):
+    """The command a user runs: progress on stderr, shards + index in --out, one-line errors."""
+    model = _model()
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "tokenizer.json").write_text("{}")
+    state = {
+        "model_shape": dataclasses.asdict(SHAPE),
+        "config": Config().to_dict(),
+        "tokenizer_dir": str(tokenizer_dir),
+        "layout": {"tp": 1, "dp": 1, "world_size": 1},
+    }
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path / "checkpoints", 7, model, optimizer, state, keep=1)
+    out = tmp_path / "hf"
+    argv = ["--checkpoint", str(tmp_path / "checkpoints"), "--out", str(out), "--dtype", "fp16"]
+    assert export_hf.main([*argv, "--max-shard-size", "20KB"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    files = sorted(
+        set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    )
+    assert err[0].startswith("bert-export: loading ") and "parameters" in err[0]
+    assert [line.split(":")[1].strip() for line in err[1:]] == [
+        f"wrote shard {k}/{len(files)}" for k in range(1, len(files) + 1)
+    ]
+    assert export_hf.main([*argv, "--force", "--max-shard-size", "lots"]) == 2
+    assert capsys.readouterr().err == (
+        "bert-export: error: --max-shard-size 'lots': give a size such as 5GB, 500MB or 2GiB\n"
+    )
+    assert (out / files[0]).is_file()  # the earlier export is untouched
