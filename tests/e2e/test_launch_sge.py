@@ -116,7 +116,7 @@ def test_generic_site_matches_one_process(on_cell, small_dataset, reference, tmp
     out = tmp_path / "run"
     cluster = ["--cluster", str(REPO / "configs" / "cluster" / "gridengine.yaml")]
     job_id = submit([*cluster, "--job-name", "generic"], small_dataset, out, STEPS, capfd)
-    on_cell.wait_finished(job_id, 300)
+    on_cell.wait_finished(job_id, 600)
     log = job_log("generic", job_id)
     accounting = on_cell.accounting(job_id)
     assert (accounting["exit_status"], accounting["failed"]) == ("0", "0"), log
@@ -159,7 +159,7 @@ def test_abci_style_stops_before_h_rt(on_cell, small_dataset, reference, tmp_pat
         running = on_cell.run("qstat", "-u", "*")
         return ids if ids and not running else None  # a job resubmits before it ends
 
-    segments = wait_for(all_done, 600, "the run to finish over resubmitted jobs", 2)
+    segments = wait_for(all_done, 1200, "the run to finish over resubmitted jobs", 2)
     assert segments[0] == first and len(segments) >= 2, segments
     for number, job_id in enumerate(segments):
         log = job_log("abci", job_id)
@@ -182,9 +182,9 @@ def test_failing_rank_is_reported_and_not_resubmitted(on_cell, small_dataset, tm
     out = tmp_path / "run"
     cluster = ["--cluster", str(REPO / "configs" / "cluster" / "gridengine.yaml")]
     job_id = submit([*cluster, "--job-name", "failing"], small_dataset, out, 100_000, capfd)
-    wait_for(lambda: len(losses(out)) >= 2, 300, "the job to train")
+    wait_for(lambda: len(losses(out)) >= 2, 600, "the job to train")
     os.kill(rank_pid(job_id, rank=1), 9)
-    on_cell.wait_finished(job_id, 120)
+    on_cell.wait_finished(job_id, 300)
     log = job_log("failing", job_id)
     accounting = on_cell.accounting(job_id)
     assert accounting["exit_status"] not in ("0", "75") and accounting["failed"] == "0", log
