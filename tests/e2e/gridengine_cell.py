@@ -215,11 +215,15 @@ class GridEngineCell:
         wait_for(lambda: self.job_state(job_id) == "", timeout_s, f"job {job_id} to finish")
 
     def accounting(self, job_id: str) -> dict[str, str]:
-        """`qacct -j`: exit status, failure reason, ... of a finished job."""
-        text = wait_for(
-            lambda: self.run("qacct", "-j", job_id, check=False), 30, f"accounting of {job_id}"
-        )
-        return dict(re.findall(r"^(\w+)\s+(.*?)\s*$", text, re.M))
+        """`qacct -j`: exit status, failure reason, ... of a finished job (once its record is
+        complete: the qmaster flushes the accounting file every second, a record may be cut)."""
+
+        def record() -> dict[str, str] | None:
+            text = self.run("qacct", "-j", job_id, check=False)
+            fields = dict(re.findall(r"^(\w+)\s+(.*?)\s*$", text, re.M))
+            return fields if "exit_status" in fields and "failed" in fields else None
+
+        return wait_for(record, 60, f"the accounting record of job {job_id}")
 
     def logs(self) -> str:
         parts = []
