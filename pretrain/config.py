@@ -1,8 +1,9 @@
 """Typed run configuration: YAML file + `key=value` overrides → validated `Config`.
 
-Every key of DESIGN.md lives here with its default. Unknown keys and wrong types raise
-`ConfigError` with a message that names the key and says what to do; the CLI prints it as one
-line. No interpolation, no registries: a YAML mapping per section, a dataclass per section.
+Every config key lives here with its default and a docstring (docs/design.md, "Config").
+Unknown keys and wrong types raise `ConfigError` with a message that names the key and says what
+to do; the CLI prints it as one line. No interpolation, no registries: a YAML mapping per
+section, a dataclass per section.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def ranged(
     return field(default=default, metadata={"range": Range(low, high, low_open, high_open)})
 
 
-# Sizes of DESIGN.md: name -> (layers, hidden, heads). ffn_hidden defaults to 4 x hidden.
+# Sizes of docs/design.md: name -> (layers, hidden, heads). ffn_hidden defaults to 4 x hidden.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 128, 2),
     "base": (12, 768, 12),

@@ -533,7 +533,7 @@ def _read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     def load(file: Path) -> dict[str, torch.Tensor]:
         if file.suffix == ".safetensors":
             return load_file(str(file))
-        # Pickled weights: weights_only=True never runs code from the file (DESIGN.md: trust).
+        # Pickled weights: weights_only=True never runs code from the file (docs/design.md: trust).
         return torch.load(file, map_location="cpu", weights_only=True)
 
     for base in ("model.safetensors", "pytorch_model.bin"):

@@ -1,7 +1,7 @@
 """`metrics.jsonl` (+ TensorBoard when installed, + Weights & Biases when asked) and the log line.
 
 Written by global rank 0 only. On resume, lines whose `step` lies beyond the checkpoint are
-dropped before appending, so the file reads as one uninterrupted run (DESIGN.md).
+dropped before appending, so the file reads as one uninterrupted run (docs/design.md).
 """
 
 from __future__ import annotations

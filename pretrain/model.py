@@ -272,7 +272,7 @@ def flops_per_token(shape: ModelShape, seq_len: int, scored_fraction: float) -> 
 
 
 def param_count_formula(shape: ModelShape) -> int:
-    """Closed-form parameter count, used to check the DESIGN.md sizes on the meta device."""
+    """Closed-form parameter count, used to check the docs/design.md sizes on the meta device."""
     h, f, v = shape.hidden, shape.ffn_hidden, shape.vocab_size
     embeddings = (v + shape.max_seq_len + 2) * h + (2 * h if shape.norm == "post" else 0)
     layer = (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 4 * h

@@ -31,7 +31,7 @@ pytestmark = [
     pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}"),
 ]
 # One thread per process: the machine has 2 cores, and a second OpenMP thread in a busy
-# process mostly waits at barriers (DESIGN.md, testing).
+# process mostly waits at barriers (docs/design.md, testing).
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 

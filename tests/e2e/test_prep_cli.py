@@ -170,7 +170,7 @@ def test_merge(dataset: Path, tmp_path: Path) -> None:
     ],  # fmt: skip
 )
 def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) -> None:
-    """Oracle: DESIGN.md: a user error exits non-zero (2) with one line and no traceback."""
+    """Oracle: docs/design.md: a user error exits non-zero (2) with one line and no traceback."""
     (tmp_path / "binary.dat").write_bytes(b"\0\1\2" * 100)
     (tmp_path / "sjis.txt").write_bytes((CORPUS_DIR / "akutagawa.txt").read_text().encode("cp932"))
     (tmp_path / "good").mkdir()
@@ -190,7 +190,7 @@ def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) ->
 
 
 def test_help_for_every_subcommand() -> None:
-    """Oracle: DESIGN.md: every command has --help (exit 0, mentions its options)."""
+    """Oracle: docs/design.md: every command has --help (exit 0, mentions its options)."""
     for sub, option in [("tokenizer", "--vocab-size"), ("encode", "--workers"),
                         ("verify", "DIR"), ("merge", "--out")]:  # fmt: skip
         res = prep(sub, "--help")

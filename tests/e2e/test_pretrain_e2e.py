@@ -2,7 +2,7 @@
 
 Oracles: an uninterrupted run of the same config (resume must reproduce its losses and weights
 bit for bit in fp32 on the CPU), the checkpoint's own files (init_from), and the one-line error
-contract of DESIGN.md (user mistakes never print a traceback).
+contract of docs/design.md (user mistakes never print a traceback).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_resume_reproduces_an_uninterrupted_run_bitwise(small_dataset, tmp_path,
 
 
 def test_metrics_fields_and_checkpoint_layout(small_dataset, tmp_path):
-    """Every field DESIGN.md names is logged; checkpoints are complete and pruned to `keep`."""
+    """Every field docs/design.md names is logged; checkpoints are complete and pruned to `keep`."""
     result = train(_config(small_dataset, tmp_path, "train.steps=7", "checkpoint.keep=2"))
     records = _metrics(tmp_path)
     fields = {"step", "consumed_samples", "loss", "masked_loss", "mlm_acc", "lr", "grad_norm",
@@ -203,7 +203,7 @@ def test_user_errors_are_one_line(small_dataset, tmp_path):
 
 
 def test_kernels_name_does_not_fool_transformers():
-    """Our `kernels` package must not pass for Hugging Face's `kernels` library (DESIGN.md)."""
+    """Our `kernels` package must not pass for Hugging Face's `kernels` library (docs/design.md)."""
     from transformers.utils.import_utils import is_kernels_available
 
     assert not is_kernels_available()

@@ -1,4 +1,4 @@
-"""Config parsing and validation: the oracle is DESIGN.md's list of keys and error rules."""
+"""Config parsing and validation: the oracle is docs/design.md's list of keys and error rules."""
 
 import pytest
 

@@ -68,8 +68,9 @@ def _assert_same_ids_as_transformers(tok_dir: Path, sentences: list[str]) -> Non
 
 
 def test_wordpiece_files_specials_and_metadata(english) -> None:
-    """Oracle: the contract in DESIGN.md/trainer: specials at ids 0..4 in order, the hash is the
-    sha256 of tokenizer.json, vocab.txt lists the vocabulary in id order, English is uncased."""
+    """Oracle: the contract in docs/design.md and the trainer: specials at ids 0..4 in order, the
+    hash is the sha256 of tokenizer.json, vocab.txt lists the vocabulary in id order, English is
+    uncased."""
     _, tok_dir = english
     for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "vocab.txt", "bert_tokenizer.json"]:  # fmt: skip
@@ -151,7 +152,7 @@ def test_japanese_tokenizers(tmp_path: Path, kind: str, sp_model_type: str) -> N
 
 
 def test_mixed_english_japanese_defaults_to_cased(tmp_path: Path) -> None:
-    """Oracle: DESIGN.md: uncased normalisation turns ガ into カ, so a mostly-English corpus
+    """Oracle: docs/design.md: uncased normalisation turns ガ into カ, so a mostly-English corpus
     with some Japanese (lang resolves to en) must still not be lowercased/accent-stripped."""
     text = gzip.decompress((CORPUS_DIR / "gutenberg_excerpt.txt.gz").read_bytes()).decode()
     path = tmp_path / "mixed.txt"

@@ -205,7 +205,7 @@ def test_import_of_pytorch_model_bin_with_legacy_names(tmp_path):
     ],
 )
 def test_import_names_the_mismatching_field(tmp_path, change, fragment):
-    """Oracle: DESIGN.md's rule that user errors name the key and the fix."""
+    """Oracle: docs/design.md's rule that user errors name the key and the fix."""
     shape = odd_shape("post", pair_head=False)
     export_hf.write_hf_model(build_model(shape), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -308,7 +308,7 @@ def test_export_refuses_what_it_must_not_overwrite(tmp_path):
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
-    """Oracle: DESIGN.md's command contract: exit 2, one line on stderr, no traceback."""
+    """Oracle: docs/design.md's command contract: exit 2, one line on stderr, no traceback."""
     code = export_hf.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2

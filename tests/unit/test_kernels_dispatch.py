@@ -44,7 +44,7 @@ torch.set_num_threads(1)
     ],
 )
 def test_dispatch_rule(is_cuda, capability, importable, enabled, compiling, expected) -> None:
-    """Oracle: DESIGN.md's rule (Triton on CUDA with capability >= 8.0 when importable)."""
+    """Oracle: docs/design.md's rule (Triton on CUDA with capability >= 8.0 when importable)."""
     got = dispatch.choose_triton(
         is_cuda=is_cuda,
         capability=capability,

@@ -1,7 +1,7 @@
 """Masking: rates, 80/10/10 split, dense vs sparse labels, whole words, determinism.
 
-Oracle: the definitions in DESIGN.md ("Dense MLM"); proportions are checked on ~100k tokens
-with tolerances of several binomial standard deviations.
+Oracle: the definitions in docs/design.md ("Dense and sparse MLM"); proportions are checked on
+~100k tokens with tolerances of several binomial standard deviations.
 """
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Model structure: parameter counts against DESIGN.md's table and a closed form."""
+"""Model structure: parameter counts against docs/design.md's table and a closed form."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from pretrain.config import load_config, resolve_model_shape
 from pretrain.model import build_model, count_parameters, param_count_formula
 
-# DESIGN.md: base 110M, large 340M, xlarge 1.3B, 3.9b 3.9B (BERT's 30522 WordPiece vocabulary).
+# docs/design.md: base 110M, large 340M, xlarge 1.3B, 3.9b 3.9B (BERT's 30522 WordPiece vocabulary).
 EXPECTED = {"base": 110e6, "large": 340e6, "xlarge": 1.3e9, "3.9b": 3.9e9}
 
 
@@ -48,7 +48,7 @@ def test_forward_shapes_and_padding_invariance(norm):
 
 
 def test_model_code_never_imports_torch_distributed():
-    """The model knows nothing of process groups (DESIGN.md)."""
+    """The model knows nothing of process groups (docs/design.md)."""
     import pretrain.model as module
 
     source = open(module.__file__, encoding="utf-8").read()
