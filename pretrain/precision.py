@@ -66,11 +66,12 @@ def resolve_precision(setting: str, device: torch.device) -> tuple[Precision, st
     compute capability 8.0 (the message names the alternatives)."""
     capability = detect_capability(device)
     if setting == "auto":
-        chosen = choose_precision(device.type, capability, cpu_flags())
+        flags = cpu_flags()
+        chosen = choose_precision(device.type, capability, flags)
         if capability is not None:
             reason = f"auto: compute capability {capability[0]}.{capability[1]}"
         elif device.type == "cpu":
-            native = sorted(cpu_flags() & FAST_BF16_CPU_FLAGS)
+            native = sorted(flags & FAST_BF16_CPU_FLAGS)
             reason = f"auto: CPU {'with ' + ', '.join(native) if native else 'without native bf16'}"
         else:
             reason = f"auto: device {device.type}"

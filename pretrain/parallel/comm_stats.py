@@ -105,7 +105,7 @@ def analytic_bytes(
     accuracy. LAMB all-reduces two fp32 norms per tensor (whole-parameter trust ratios) and
     the global gradient norm (logged, and clipped to) one fp32 square.
     DP: the fp32 gradients once (DDP), and with ZeRO-1 the updated parameters (one broadcast
-    per owner).
+    per owner). World: one fp32 flag, so every rank skips the same non-finite steps.
     """
     h = shape.hidden
     out: dict[str, int] = {}
@@ -121,4 +121,6 @@ def analytic_bytes(
         out["dp.all_reduce"] = local_params * 4
         if zero:
             out["dp.broadcast"] = local_params * 4
+    if tp * dp > 1:
+        out["world.all_reduce"] = 4
     return out

@@ -41,7 +41,7 @@ def test_counted_bytes_equal_the_analytic_minimum(small_dataset, tmp_path, mode,
     """dp=2 x tp=2, two micro-batches per step: every step moves exactly the minimum, except
     DDP's one-time broadcast of its rebuilt bucket order at step 2 (a few hundred bytes)."""
     ranks = run_distributed(_train, 4, str(small_dataset), str(tmp_path), mode, zero, precision)
-    expected_kinds = {"tp.all_reduce", "tp.all_gather", "dp.all_reduce"} | (
+    expected_kinds = {"tp.all_reduce", "tp.all_gather", "dp.all_reduce", "world.all_reduce"} | (
         {"dp.broadcast"} if zero else set()
     )
     for history in ranks:
