@@ -33,7 +33,17 @@ from pretrain.parallel.zero import assign_owners
 
 REPO = Path(__file__).resolve().parents[2]
 LARGE_CONFIGS = ("large", "xlarge", "3.9b")
-CLUSTERS = sorted((REPO / "configs" / "cluster").glob("*.yaml"))
+# Cluster files that name their hardware (a generic site-style file such as gridengine.yaml
+# cannot know its GPUs, so it carries no layouts).
+CLUSTERS = [
+    path
+    for path in sorted((REPO / "configs" / "cluster").glob("*.yaml"))
+    if "hardware" in yaml.safe_load(path.read_text(encoding="utf-8"))
+]
+
+
+def test_the_hardware_cluster_files_are_the_shipped_gpu_kinds():
+    assert {p.stem for p in CLUSTERS} == {"abci2", "abci2-a", "abci3"}
 
 
 def _shape(norm: str = "post", vocab: int = 131, pair: bool = False) -> ModelShape:

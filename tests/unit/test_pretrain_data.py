@@ -129,18 +129,19 @@ def test_token_ids_beyond_the_vocabulary_are_refused(small_dataset):
         check_token_ids(batch, largest, str(small_dataset))
 
 
-def test_a_truncated_manifest_is_a_one_line_config_error(small_dataset, tmp_path):
-    """Before: a JSONDecodeError traceback from bert-train."""
+def test_a_truncated_manifest_is_a_one_line_error(small_dataset, tmp_path):
+    """Before: a JSONDecodeError traceback from bert-train. The format's reader reports it
+    (PrepError, which bert-train prints as one line)."""
     import shutil
 
     import pytest
 
-    from pretrain.config import ConfigError
+    from data_prep.errors import PrepError
 
     cut = tmp_path / "cut"
     shutil.copytree(small_dataset, cut)
     text = (cut / "manifest.json").read_text()
     (cut / "manifest.json").write_text(text[: len(text) // 2])
-    with pytest.raises(ConfigError, match="manifest.json is not valid JSON") as error:
+    with pytest.raises(PrepError, match="manifest.json") as error:
         open_training_data(str(cut), None, 64, 0.0, MLMConfig(), 1)
     assert "\n" not in str(error.value)
