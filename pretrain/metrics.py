@@ -139,5 +139,5 @@ def format_line(record: dict[str, Any]) -> str:
     if isinstance(record.get("eta_s"), float):
         parts.append(f"ETA {format_duration(record['eta_s'])}")
     if record.get("skipped"):
-        parts.append("SKIPPED (fp16 overflow)")
+        parts.append("SKIPPED (non-finite loss or gradients)")
     return " | ".join(parts)
