@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 import kernels
 from pretrain.config import MLMConfig
@@ -73,3 +74,17 @@ def pretraining_loss(
         masked_count=picked_rows.sum(),
         scored_count=int(targets.numel()),
     )
+
+
+class PretrainingLoss(nn.Module):
+    """The model and its objective as one module: what a training step calls, and what DDP
+    wraps, so that DDP sees every parameter used in forward (the MLM decoder is the embedding)."""
+
+    def __init__(self, model: Bert, mlm: MLMConfig, tp_group: dist.ProcessGroup | None) -> None:
+        super().__init__()
+        self.model = model
+        self.mlm = mlm
+        self.tp_group = tp_group
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+        return pretraining_loss(self.model, batch, self.mlm, self.tp_group)

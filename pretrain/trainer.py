@@ -6,7 +6,6 @@ Run it with `bert-train --config configs/tiny.yaml data.path=... train.steps=200
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import kernels
@@ -36,7 +34,6 @@ from pretrain.checkpoint import (
 from pretrain.config import (
     Config,
     ConfigError,
-    MLMConfig,
     ModelShape,
     check_batch_layout,
     resolve_model_shape,
@@ -45,6 +42,7 @@ from pretrain.config import (
 from pretrain.data import (
     EVAL_MLM,
     StreamBatches,
+    TrainingData,
     build_loader,
     check_token_ids,
     eval_batches,
@@ -64,7 +62,6 @@ from pretrain.memory import MemoryPlan, layout_for, memory_record
 from pretrain.metrics import MetricsLog, format_line
 from pretrain.model import (
     Bert,
-    apply_recompute,
     build_model,
     count_parameters,
     flops_per_step,
@@ -80,8 +77,7 @@ from pretrain.optim import (
 )
 from pretrain.parallel.comm_stats import CommCounter, analytic_bytes
 from pretrain.parallel.parallelize import (
-    apply_data_parallel,
-    apply_tensor_parallel,
+    parallelize_bert,
     shard_layout,
     tp_grad_norm_fn,
 )
@@ -177,19 +173,6 @@ def baseline_accuracy(batches: list[dict[str, torch.Tensor]], token: int) -> flo
     return hits / max(total, 1)
 
 
-class _LossStep(nn.Module):
-    """The model and its objective as one module, so DDP sees every parameter use in forward."""
-
-    def __init__(self, model: Bert, mlm: MLMConfig, tp_group: dist.ProcessGroup | None) -> None:
-        super().__init__()
-        self.model = model
-        self.mlm = mlm
-        self.tp_group = tp_group
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput:
-        return pretraining_loss(self.model, batch, self.mlm, self.tp_group)
-
-
 def train(config: Config) -> TrainResult:
     """Pre-train as configured; returns the exit code (0; 75 when stopped on request; 3,
     EXIT_DIVERGED, when stopped because the run diverged)."""
@@ -214,18 +197,46 @@ def train(config: Config) -> TrainResult:
         shutdown()
 
 
-def _agreed_bad_step(flag: torch.Tensor, loss_is_finite: bool, dims: ParallelDims) -> torch.Tensor:
+def _agreed_bad_step(
+    flag: torch.Tensor, loss_is_bad: torch.Tensor, dims: ParallelDims
+) -> torch.Tensor:
     """Every rank's verdict on a step: bad if any rank (tp or dp) saw a non-finite loss or
     gradient. An inf in one tp rank's weight-gradient shard is seen by that rank alone."""
-    if not loss_is_finite:
-        flag = flag + 1.0
-    return max_over_world(flag, dims)
+    return max_over_world(flag + loss_is_bad.to(flag), dims)
 
 
 def _params_finite(model: nn.Module, dims: ParallelDims) -> bool:
     """Whether every parameter of every rank's shard is finite."""
     local_bad = any(not bool(torch.isfinite(p).all()) for p in model.parameters())
     return not any_rank(local_bad, dims)
+
+
+@dataclass
+class _Run:
+    """Everything the training loop works with, built once by `_build`."""
+
+    config: Config
+    dims: ParallelDims
+    shape: ModelShape
+    data: TrainingData
+    data_paths: list[str]
+    model: Bert  # this rank's shard, on its device
+    loss_step: nn.Module  # model + objective, under DDP when dp > 1 (parallelize_bert)
+    optimizer: torch.optim.Optimizer
+    scaler: DynamicLossScaler
+    params: list[nn.Parameter]
+    grad_norm_fn: Callable[[torch.Tensor], torch.Tensor] | None
+    sharding: dict[str, dict[str, int]]
+    accumulation: int  # micro-batches per optimizer step
+    step: int
+    consumed: int
+    say: Callable[[str], None]
+    metrics: MetricsLog | None = None
+    clock: RunClock | None = None
+    batches: Any = None  # iterator over this rank's training micro-batches
+    held_out: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    comm: CommCounter | None = None
+    result: TrainResult | None = None
 
 
 def _train(
@@ -241,16 +252,24 @@ def _train(
     say(launch_line)
     stop = StopRequest(config.train.walltime_s)
     stop.install()
+    run = _build(config, dims, precision_reason, memory, say)
+    _start_logging(run, precision_reason, started)
+    return _loop(run, stop)
+
+
+def _build(
+    config: Config,
+    dims: ParallelDims,
+    precision_reason: str,
+    memory: MemoryPlan,
+    say: Callable[[str], None],
+) -> _Run:
+    """Data, model (parallelized), optimizer and loss scaler, resumed from a checkpoint if any."""
     accumulation = check_batch_layout(config, dims.dp_size)
     torch.manual_seed(config.train.seed)
-
+    d = config.data
     data = open_training_data(
-        config.data.path,
-        config.data.tokenizer,
-        config.data.seq_len,
-        config.data.valid_fraction,
-        config.mlm,
-        config.train.seed,
+        d.path, d.tokenizer, d.seq_len, d.valid_fraction, config.mlm, config.train.seed
     )
     shape = resolve_model_shape(config, data.dataset.vocab_size)
     if shape.vocab_size < data.dataset.vocab_size:
@@ -258,266 +277,290 @@ def _train(
             f"model.vocab_size={shape.vocab_size} is smaller than the tokenizer's "
             f"{data.dataset.vocab_size}: unset model.vocab_size"
         )
-    memory.estimate_for(shape, layout_for(config, dims.dp_size, device.type, accumulation))
-    say(memory.describe(device))
+    layout = layout_for(config, dims.dp_size, dims.device.type, accumulation)
+    memory.estimate_for(shape, layout)
+    say(memory.describe(dims.device))
     if not config.train.skip_memory_check:
-        memory.check(device)
+        memory.check(dims.device)
     # Built whole on the host and moved once split: a tp rank's GPU then never holds the full
     # model (3.9B in fp32 is 15.6 GB, about all of a 16 GB V100), and every device starts from
     # the same weights.
     model = build_model(shape, "cpu")
-    apply_recompute(model, config.train.recompute)
     resume_path = _find_resume(config, dims, say)
-    data_paths = [str(Path(p).resolve()) for p in parse_blend_spec(config.data.path)[0]]
+    data_paths = [str(Path(p).resolve()) for p in parse_blend_spec(d.path)[0]]
     if resume_path is None and config.train.init_from:
         _init_weights_from(config.train.init_from, model, dims)  # whole weights, before splitting
         say(f"initialised weights from {config.train.init_from}")
-    try:
-        apply_tensor_parallel(model, dims)
-    except ValueError as error:
-        raise ConfigError(f"parallel.tp={dims.tp_size}: {error}") from None
-    model.to(device)
-    sharding = shard_layout(model)
+    loss_step = parallelize_bert(model, dims, config)
     groups = build_param_groups(model, config.optim.weight_decay)
 
     def build(share: list[dict[str, Any]]) -> torch.optim.Optimizer:
         o = config.optim
         return optimizer_for_groups(share, o.name, o.lr, o.betas, o.eps, dims.tp_group)
 
-    optimizer = ZeroRedundancy(groups, build, dims) if config.parallel.zero else build(groups)
     t = config.train
-    scaler = DynamicLossScaler(
-        enabled=t.precision == "fp16",
-        init_scale=t.loss_scale_init,
-        growth_interval=t.loss_scale_window,
-        min_scale=t.loss_scale_min,
-    )
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm_fn = tp_grad_norm_fn(model, params, dims)
-
-    step, consumed = 0, 0
+    run = _Run(
+        config=config,
+        dims=dims,
+        shape=shape,
+        data=data,
+        data_paths=data_paths,
+        model=model,
+        loss_step=loss_step,
+        optimizer=ZeroRedundancy(groups, build, dims) if config.parallel.zero else build(groups),
+        scaler=DynamicLossScaler(
+            enabled=t.precision == "fp16",
+            init_scale=t.loss_scale_init,
+            growth_interval=t.loss_scale_window,
+            min_scale=t.loss_scale_min,
+        ),
+        params=params,
+        grad_norm_fn=tp_grad_norm_fn(model, params, dims),
+        sharding=shard_layout(model),
+        accumulation=accumulation,
+        step=0,
+        consumed=0,
+        say=say,
+    )
     if resume_path is not None:
-        stored = read_train_state(resume_path)
-        check_shape(resume_path, stored.get("model_shape", {}), shape)
-        check_resume(stored, resume_path, config, data.dataset.tokenizer_hash, data_paths, say)
-        state = load_checkpoint(resume_path, model, optimizer, dims, sharding)
-        step, consumed = state["step"], state["consumed_samples"]
-        saved_precision = state.get("config", {}).get("train", {}).get("precision")
-        if saved_precision in (None, t.precision):
-            scaler.load_state_dict(state["scaler"])
-        else:
-            say(
-                f"precision: the checkpoint was trained in {saved_precision}, this run uses "
-                f"{t.precision} ({precision_reason}); the loss scaler starts afresh"
-            )
-        saved = state.get("layout", {})
-        say(
-            f"resumed from {resume_path} at step {step} ({consumed} samples consumed; saved at "
-            f"tp {saved.get('tp', 1)} x dp {saved.get('dp', 1)})"
+        _resume(run, resume_path, precision_reason)
+    run.result = TrainResult(exit_code=0, step=run.step, is_main=dims.is_main)
+    return run
+
+
+def _resume(run: _Run, path: Path, precision_reason: str) -> None:
+    """Continue from checkpoint `path`: weights, optimizer, scaler, step and data position."""
+    config, t = run.config, run.config.train
+    stored = read_train_state(path)
+    check_shape(path, stored.get("model_shape", {}), run.shape)
+    check_resume(stored, path, config, run.data.dataset.tokenizer_hash, run.data_paths, run.say)
+    state = load_checkpoint(path, run.model, run.optimizer, run.dims, run.sharding)
+    run.step, run.consumed = state["step"], state["consumed_samples"]
+    saved_precision = state.get("config", {}).get("train", {}).get("precision")
+    if saved_precision in (None, t.precision):
+        run.scaler.load_state_dict(state["scaler"])
+    else:
+        run.say(
+            f"precision: the checkpoint was trained in {saved_precision}, this run uses "
+            f"{t.precision} ({precision_reason}); the loss scaler starts afresh"
         )
+    saved = state.get("layout", {})
+    run.say(
+        f"resumed from {path} at step {run.step} ({run.consumed} samples consumed; saved at "
+        f"tp {saved.get('tp', 1)} x dp {saved.get('dp', 1)})"
+    )
 
-    loss_step: nn.Module = _LossStep(model, config.mlm, dims.tp_group)
-    if config.train.compile:
-        model.compile()  # compiles forward in place; the first steps pay the compile time
-    if dims.dp_size > 1:
-        # Gradients are averaged over the dp group in buckets, overlapping with backward.
-        loss_step = apply_data_parallel(loss_step, dims)
 
-    out_dir = Path(config.train.out_dir)
+def _start_logging(run: _Run, precision_reason: str, started: float) -> None:
+    """config.yaml, metrics.jsonl, the start-up lines, the data streams and the run clock."""
+    config, dims, shape, say = run.config, run.dims, run.shape, run.say
+    t, device = config.train, dims.device
+    out_dir = Path(t.out_dir)
     if dims.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
         say("resolved config:\n" + (out_dir / "config.yaml").read_text(encoding="utf-8").rstrip())
-    metrics = MetricsLog(
+    run.metrics = MetricsLog(
         out_dir,
-        resume_step=step if resume_path else None,
+        resume_step=run.step if run.step else None,
         enabled=dims.is_main,
-        wandb_project=config.train.wandb_project,
+        wandb_project=t.wandb_project,
         run_config=config.to_dict(),
     )
     say(
         f"model: {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, "
-        f"vocab {shape.vocab_size}, {shape.norm}-LN, {count_parameters(model):,} parameters; "
-        f"{len(data.train):,} training samples of up to {config.data.seq_len} tokens; "
-        f"dp {dims.dp_size} x tp {dims.tp_size}, device {device}, {config.train.precision}, "
-        f"mlm {config.mlm.mode}, {accumulation} micro-batch(es) per step"
+        f"vocab {shape.vocab_size}, {shape.norm}-LN, {count_parameters(run.model):,} parameters; "
+        f"{len(run.data.train):,} training samples of up to {config.data.seq_len} tokens; "
+        f"dp {dims.dp_size} x tp {dims.tp_size}, device {device}, {t.precision}, "
+        f"mlm {config.mlm.mode}, {run.accumulation} micro-batch(es) per step"
     )
     reduction = f"all-reduced over dp {dims.dp_size}" if dims.dp_size > 1 else "no dp all-reduce"
     say(f"{dtype_summary(t.precision, device.type, reduction)} ({precision_reason})")
+    scaler = run.scaler
     if scaler.enabled:
         say(
             f"loss scale: initial {scaler.scale:g}, doubles after {scaler.growth_interval} "
             f"clean steps, floor {scaler.min_scale:g}"
         )
-
-    sampler = StreamBatches(
-        consumed, config.train.global_batch, config.train.micro_batch, dims.dp_rank, dims.dp_size
-    )
-    batches = iter(build_loader(data.train, sampler, config.data.workers))
-    held_out = (
-        eval_batches(data.valid, config.train.micro_batch, config.train.eval_batches)
-        if data.valid is not None
-        else []
-    )
-    for batch in held_out:
-        check_token_ids(batch, data.dataset.vocab_size, config.data.path)
-    result = TrainResult(exit_code=0, step=step, is_main=dims.is_main)
-    peak = peak_flops(device, config.train.precision)
-    say(describe_peak(device, config.train.precision, peak))
-    clock = RunClock(
-        total_steps=config.train.steps,
-        eval_every=config.train.eval_every if held_out else None,
+    sampler = StreamBatches(run.consumed, t.global_batch, t.micro_batch, dims.dp_rank, dims.dp_size)
+    run.batches = iter(build_loader(run.data.train, sampler, config.data.workers))
+    if run.data.valid is not None:
+        run.held_out = eval_batches(run.data.valid, t.micro_batch, t.eval_batches)
+    for batch in run.held_out:
+        check_token_ids(batch, run.data.dataset.vocab_size, config.data.path)
+    peak = peak_flops(device, t.precision)
+    say(describe_peak(device, t.precision, peak))
+    run.clock = RunClock(
+        total_steps=t.steps,
+        eval_every=t.eval_every if run.held_out else None,
         checkpoint_every=config.checkpoint.every,
         peak_flops=peak,
         world_size=dims.world_size,
         started=started,
     )
-    if held_out:
-        result.baseline_acc = baseline_accuracy(held_out, most_frequent_token(data.dataset))
-
-    def train_state() -> dict[str, Any]:
-        return {
-            "consumed_samples": consumed,
-            "scaler": scaler.state_dict(),
-            "config": config.to_dict(),
-            "model_shape": asdict(shape),
-            "layout": {"tp": dims.tp_size, "dp": dims.dp_size, "world_size": dims.world_size},
-            "tokenizer_hash": data.dataset.tokenizer_hash,
-            "data_paths": data_paths,
-            "tokenizer_dir": str(data.tokenizer_dir.resolve()),
-            "finite": _params_finite(model, dims),  # rotation never removes the newest finite one
-        }
-
-    def checkpoint() -> None:
-        # dp replicas hold identical state: the tp ranks of the first replica write, in parallel.
-        began = time.perf_counter()
-        path = save_checkpoint(
-            config.checkpoint_dir,
-            step,
-            model,
-            optimizer,
-            train_state(),
-            config.checkpoint.keep,
-            dims,
-            sharding,
-        )
-        clock.add_checkpoint(time.perf_counter() - began)
-        say(f"checkpoint written: {path}")
-        result.checkpoint = path
-
-    # The collectives of each training step (not logging or evaluation) are counted on request.
-    comm = None
-    if config.train.comm_stats:
-        comm = CommCounter({"tp": dims.tp_group, "dp": dims.dp_group})
-        comm.minimum = partial(
+    if run.held_out:
+        frequent = most_frequent_token(run.data.dataset)
+        run.result.baseline_acc = baseline_accuracy(run.held_out, frequent)
+    if t.comm_stats:  # the collectives of each training step, not of logging or evaluation
+        run.comm = CommCounter({"tp": dims.tp_group, "dp": dims.dp_group})
+        run.comm.minimum = partial(
             analytic_bytes,
             shape,
             tp=dims.tp_size,
             dp=dims.dp_size,
-            local_params=sum(p.numel() for p in params),
-            optimizer_tensors=tensors_with_tp_norms(optimizer),
+            local_params=sum(p.numel() for p in run.params),
+            optimizer_tensors=tensors_with_tp_norms(run.optimizer),
             zero=bool(config.parallel.zero),
-            autocast_bytes=4 if config.train.precision == "fp32" else 2,
+            autocast_bytes=4 if t.precision == "fp32" else 2,
         )
-    counting = comm if comm is not None else nullcontext()
-    interval = _Interval(comm)
-    bad_steps = 0  # steps in a row with a non-finite loss or gradient (none of them applied)
-    loss_step.train()
-    while step < config.train.steps:
-        lr = lr_at(
-            step,
-            base_lr=config.optim.lr,
-            warmup_steps=config.optim.warmup_steps,
-            total_steps=config.train.steps,
-            decay=config.optim.decay,
-            power=config.optim.power,
-            min_lr_ratio=config.optim.min_lr_ratio,
-        )
-        set_lr(optimizer, lr)
-        step_loss = 0.0
-        with counting:
-            for micro in range(accumulation):
-                batch = next(batches)
-                check_token_ids(batch, data.dataset.vocab_size, config.data.path)
-                batch = _to_device(batch, device)
-                last = micro == accumulation - 1
-                sync = nullcontext() if last or dims.dp_size == 1 else loss_step.no_sync()
-                with sync:
-                    with autocast_context(config.train.precision, device.type):
-                        out = loss_step(batch)
-                    scaler.scale_loss(out.loss / accumulation).backward()
-                step_loss += float(out.loss.detach()) / accumulation  # CPU-GPU sync point
-                interval.add(out, int(batch["attention_mask"].sum()), batch["input_ids"].numel())
-            # One flag for the whole world (a sync point): every rank skips the same steps.
-            found_inf = scaler.unscale_and_check(
-                params,
-                reduce_found_inf=partial(
-                    _agreed_bad_step, loss_is_finite=math.isfinite(step_loss), dims=dims
-                ),
-            )
-            grad_norm = clip_grad_norm_(params, config.optim.clip_grad, norm_fn=grad_norm_fn)
-            if not found_inf:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_scale = scaler.scale
-        overflow_at_floor = found_inf and scaler.at_floor
-        scaler.update(found_inf)
-        bad_steps = bad_steps + 1 if found_inf else 0
-        step += 1
-        consumed += config.train.global_batch
-        interval.end_step(step_loss, found_inf)
 
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            record = interval.record(
-                step, consumed, lr, float(grad_norm), loss_scale, shape, config, dims, clock
-            )
-            record.update(memory_record(device))
-            metrics.write(record)
-            result.history.append(record)
-            say(format_line(record))
-            interval = _Interval(comm)
-        if held_out and (step % config.train.eval_every == 0 or step == config.train.steps):
+
+def _loop(run: _Run, stop: StopRequest) -> TrainResult:
+    """The schedule, logging, evaluation, checkpoints, the divergence stop and stop signals."""
+    config, dims, result, clock = run.config, run.dims, run.result, run.clock
+    t = config.train
+    interval = _Interval(run.comm, dims.device)
+    bad_steps = 0  # steps in a row with a non-finite loss or gradient (none of them applied)
+    run.loss_step.train()
+    while run.step < t.steps:
+        o = config.optim
+        lr = lr_at(
+            run.step,
+            base_lr=o.lr,
+            warmup_steps=o.warmup_steps,
+            total_steps=t.steps,
+            decay=o.decay,
+            power=o.power,
+            min_lr_ratio=o.min_lr_ratio,
+        )
+        set_lr(run.optimizer, lr)
+        with run.comm if run.comm is not None else nullcontext():
+            found_inf, grad_norm = _train_step(run, interval)
+        overflow_at_floor = found_inf and run.scaler.at_floor
+        loss_scale = run.scaler.scale
+        run.scaler.update(found_inf)
+        bad_steps = bad_steps + 1 if found_inf else 0
+        run.step += 1
+        run.consumed += t.global_batch
+        last = run.step == t.steps
+
+        if run.step % t.log_every == 0 or last:
+            record = interval.record(run, lr, float(grad_norm), loss_scale)
+            record.update(memory_record(dims.device))
+            _write(run, record, result.history)
+            interval = _Interval(run.comm, dims.device)
+        if run.held_out and (run.step % t.eval_every == 0 or last):
             began = time.perf_counter()
-            shard = held_out[dims.dp_rank :: dims.dp_size]
-            record = {"split": "valid", "step": step, **evaluate(model, shard, config, dims)}
+            shard = run.held_out[dims.dp_rank :: dims.dp_size]
+            scores = evaluate(run.model, shard, config, dims)
+            record = {"split": "valid", "step": run.step, **scores}
             clock.add_eval(time.perf_counter() - began)
-            metrics.write(record)
-            result.evals.append(record)
-            say(format_line(record))
+            _write(run, record, result.evals)
             interval.start = time.perf_counter()  # evaluation time is not training time
         diverged = _divergence(bad_steps, overflow_at_floor, config)
         if diverged is not None:
-            checkpoint()
+            _save(run)
             held = (
                 "holds the last finite state"
-                if _params_finite(model, dims)
+                if _params_finite(run.model, dims)
                 else "has non-finite weights (an applied step overflowed them); rotation kept "
                 "the newest finite checkpoint"
             )
-            say(
-                f"stopping at step {step} (exit code {EXIT_DIVERGED}): {diverged}; no such step "
-                f"was applied, {result.checkpoint} {held}"
+            run.say(
+                f"stopping at step {run.step} (exit code {EXIT_DIVERGED}): {diverged}; no such "
+                f"step was applied, {result.checkpoint} {held}"
             )
             result.exit_code = EXIT_DIVERGED
             break
         reason = stop.reason()
-        if any_rank(reason is not None, dims) and step < config.train.steps:
-            checkpoint()
-            say(
-                f"stopping at step {step}: {reason or 'another rank was asked to stop'}; "
+        if any_rank(reason is not None, dims) and not last:
+            _save(run)
+            run.say(
+                f"stopping at step {run.step}: {reason or 'another rank was asked to stop'}; "
                 "resubmit with train.resume=auto to continue"
             )
             result.exit_code = EXIT_RESUBMIT
             break
-        if step % config.checkpoint.every == 0 or step == config.train.steps:
-            checkpoint()
+        if run.step % config.checkpoint.every == 0 or last:
+            _save(run)
             interval.start = time.perf_counter()  # nor is checkpoint time
-    metrics.close()
-    result.step = step
-    result.summary = clock.summary(step)
+    run.metrics.close()
+    result.step = run.step
+    result.summary = clock.summary(run.step)
     if dims.is_main:
-        write_summary(out_dir, result.summary)
+        write_summary(Path(t.out_dir), result.summary)
     return result
+
+
+def _train_step(run: _Run, interval: _Interval) -> tuple[bool, torch.Tensor]:
+    """One optimizer step: the micro-batches' forward and backward (gradients averaged over dp
+    on the last one), unscale and check, clip, update unless some rank saw a non-finite value.
+    Returns (skipped, gradient norm)."""
+    dims, accumulation, scaler = run.dims, run.accumulation, run.scaler
+    step_loss = torch.zeros((), dtype=torch.float64, device=dims.device)
+    for micro in range(accumulation):
+        batch = next(run.batches)
+        check_token_ids(batch, run.data.dataset.vocab_size, run.config.data.path)
+        tokens = int(batch["attention_mask"].sum())  # on the host: no device sync
+        batch = _to_device(batch, dims.device)
+        last = micro == accumulation - 1
+        sync = nullcontext() if last or dims.dp_size == 1 else run.loss_step.no_sync()
+        with sync:
+            with autocast_context(run.config.train.precision, dims.device.type):
+                out = run.loss_step(batch)
+            scaler.scale_loss(out.loss / accumulation).backward()
+        step_loss += out.loss.detach().double() / accumulation
+        interval.add(out, tokens, batch["input_ids"].numel())
+    # One flag for the whole world (the step's one sync point): every rank skips the same steps.
+    found_inf = scaler.unscale_and_check(
+        run.params,
+        reduce_found_inf=partial(
+            _agreed_bad_step, loss_is_bad=~torch.isfinite(step_loss), dims=dims
+        ),
+    )
+    grad_norm = clip_grad_norm_(run.params, run.config.optim.clip_grad, norm_fn=run.grad_norm_fn)
+    if not found_inf:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    interval.end_step(step_loss, found_inf)
+    return found_inf, grad_norm
+
+
+def _write(run: _Run, record: dict[str, Any], kept: list[dict[str, Any]]) -> None:
+    run.metrics.write(record)
+    kept.append(record)
+    run.say(format_line(record))
+
+
+def _save(run: _Run) -> None:
+    """Checkpoint the current state (the tp ranks of the first dp replica write in parallel)."""
+    began, dims = time.perf_counter(), run.dims
+    state = {
+        "consumed_samples": run.consumed,
+        "scaler": run.scaler.state_dict(),
+        "config": run.config.to_dict(),
+        "model_shape": asdict(run.shape),
+        "layout": {"tp": dims.tp_size, "dp": dims.dp_size, "world_size": dims.world_size},
+        "tokenizer_hash": run.data.dataset.tokenizer_hash,
+        "data_paths": run.data_paths,
+        "tokenizer_dir": str(run.data.tokenizer_dir.resolve()),
+        "finite": _params_finite(run.model, run.dims),  # rotation keeps the newest finite one
+    }
+    checkpoint = run.config.checkpoint
+    path = save_checkpoint(
+        run.config.checkpoint_dir,
+        run.step,
+        run.model,
+        run.optimizer,
+        state,
+        checkpoint.keep,
+        run.dims,
+        run.sharding,
+    )
+    run.clock.add_checkpoint(time.perf_counter() - began)
+    run.say(f"checkpoint written: {path}")
+    run.result.checkpoint = path
 
 
 def _divergence(bad_steps: int, overflow_at_floor: bool, config: Config) -> str | None:
@@ -542,69 +585,52 @@ def _quiet(message: str) -> None:
 
 
 class _Interval:
-    """Accumulates one logging interval's statistics."""
+    """Accumulates one logging interval's statistics. The sums stay on the device; `record`
+    brings them to the host once per interval."""
 
-    def __init__(self, comm: CommCounter | None = None) -> None:
+    def __init__(self, comm: CommCounter | None, device: torch.device) -> None:
         self.start = time.perf_counter()
         self.comm = comm
         self.comm_before = Counter(comm.bytes) if comm is not None else Counter()
-        self.losses: list[float] = []
-        self.masked_loss = 0.0
-        self.correct = 0.0
-        self.masked = 0.0
+        # loss sum, masked loss sum, correct, masked count (float64, on the device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.steps = 0
         self.tokens = 0
         self.scored = 0
         self.encoded = 0
         self.skipped = False
 
-    def add(self, out: Any, tokens: int, encoded: int) -> None:
-        self.masked_loss += float(out.masked_loss_sum)
-        self.correct += float(out.masked_correct)
-        self.masked += float(out.masked_count)
+    def add(self, out: LossOutput, tokens: int, encoded: int) -> None:
+        self.sums[1:] += torch.stack(
+            [out.masked_loss_sum.double(), out.masked_correct.double(), out.masked_count.double()]
+        )
         self.tokens += tokens
         self.scored += out.scored_count
         self.encoded += encoded
 
-    def end_step(self, loss: float, skipped: bool) -> None:
-        self.losses.append(loss)
+    def end_step(self, loss: torch.Tensor, skipped: bool) -> None:
+        self.sums[0] += loss
+        self.steps += 1
         self.skipped = self.skipped or skipped
 
-    def record(
-        self,
-        step: int,
-        consumed: int,
-        lr: float,
-        grad_norm: float,
-        loss_scale: float,
-        shape: ModelShape,
-        config: Config,
-        dims: ParallelDims,
-        clock: RunClock,
-    ) -> dict[str, Any]:
+    def record(self, run: _Run, lr: float, grad_norm: float, loss_scale: float) -> dict[str, Any]:
         """The interval's record, with every sum reduced over the dp group; its time, tokens
-        and FLOPs go to `clock`, which gives the MFU and the ETA."""
+        and FLOPs go to the run clock, which gives the MFU and the ETA."""
+        config, dims, step = run.config, run.dims, run.step
         elapsed = time.perf_counter() - self.start
+        device_sums = self.sums.tolist()  # the interval's one device-to-host copy
         loss, masked_loss, correct, masked, tokens, scored, encoded = all_reduce_sum(
-            [
-                sum(self.losses),
-                self.masked_loss,
-                self.correct,
-                self.masked,
-                self.tokens,
-                self.scored,
-                self.encoded,
-            ],
-            dims,
+            [*device_sums, self.tokens, self.scored, self.encoded], dims
         )
         seq_len = config.data.seq_len
-        flops = flops_per_step(shape, seq_len, round(encoded) // seq_len, scored)
-        steps = len(self.losses)
-        clock.add_train(elapsed, steps, round(tokens), flops)
+        flops = flops_per_step(run.shape, seq_len, round(encoded) // seq_len, scored)
+        steps = self.steps
+        run.clock.add_train(elapsed, steps, round(tokens), flops)
         record = {
             "step": step,
             "steps_total": config.train.steps,
-            "consumed_samples": consumed,
-            "loss": loss / len(self.losses) / dims.dp_size,
+            "consumed_samples": run.consumed,
+            "loss": loss / steps / dims.dp_size,
             "masked_loss": masked_loss / max(masked, 1.0),
             "mlm_acc": correct / max(masked, 1.0),
             "lr": lr,
@@ -612,10 +638,10 @@ class _Interval:
             "loss_scale": loss_scale,
             "tokens_per_s": tokens / elapsed,
             "tflops": flops / elapsed / dims.world_size / 1e12,  # per device
-            "mfu": clock.mfu(flops, elapsed),
+            "mfu": run.clock.mfu(flops, elapsed),
             "ms_per_step": elapsed * 1000 / steps,
             "elapsed_s": elapsed,
-            "eta_s": clock.eta_s(step),
+            "eta_s": run.clock.eta_s(step),
         }
         if self.comm is not None:
             moved = self.comm.bytes - self.comm_before

@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pretrain.config import ModelShape
+from pretrain.config import Config, ConfigError, ModelShape
 from pretrain.distributed import ParallelDims
-from pretrain.model import Bert
+from pretrain.model import Bert, apply_recompute
+from pretrain.objectives import PretrainingLoss
 from pretrain.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -84,6 +85,34 @@ def apply_tensor_parallel(model: Bert, dims: ParallelDims) -> None:
     shard = slice(rank * per_rank, (rank + 1) * per_rank)
     head.bias = mark_split(nn.Parameter(bias[shard].clone()), 0, vocab)
     head.vocab_mask = mask[shard].clone()
+
+
+def parallelize_bert(model: Bert, dims: ParallelDims, config: Config) -> nn.Module:
+    """Make a built model (whole, on the host) ready to train, in this order, which matters:
+
+    1. recompute (`train.recompute`): flags on the model's own modules; tensor parallelism
+       wraps the attention core, so flags set after it would not reach the core
+    2. tensor parallelism (`parallel.tp`): each rank keeps its shard
+    3. device: only the shard moves to this rank's GPU
+    4. compile (`train.compile`): the model's forward, in place
+    5. data parallelism: DDP over the dp group, around the model and its loss
+
+    Returns the module a training step calls: the model and its objective (`PretrainingLoss`),
+    wrapped in DDP when dp > 1. The model itself stays reachable as `model` for evaluation,
+    checkpoints and the optimizer.
+    """
+    apply_recompute(model, config.train.recompute)
+    try:
+        apply_tensor_parallel(model, dims)
+    except ValueError as error:
+        raise ConfigError(f"parallel.tp={dims.tp_size}: {error}") from None
+    model.to(dims.device)
+    if config.train.compile:
+        model.compile()  # the first steps pay the compile time
+    loss_step: nn.Module = PretrainingLoss(model, config.mlm, dims.tp_group)
+    if dims.dp_size > 1:
+        loss_step = apply_data_parallel(loss_step, dims)
+    return loss_step
 
 
 def apply_data_parallel(module: nn.Module, dims: ParallelDims) -> nn.Module:
