@@ -1,6 +1,7 @@
 """Rebuild the built-in demo corpus from the shared data (see ATTRIBUTION.md).
 
-Run from the repository root:  python data_prep/corpus/build_corpus.py [../shared/data]
+Run from the repository root:  python data_prep/corpus/build_corpus.py DATA
+(DATA: the shared data directory, outside the repository; nothing else reads it).
 
 The output is deterministic (gzip with mtime 0 and no file name), so a rebuild is
 byte-identical and git shows no change.
@@ -44,4 +45,6 @@ def main(data_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("../shared/data"))
+    if len(sys.argv) != 2:
+        sys.exit("usage: python data_prep/corpus/build_corpus.py DATA (the shared data directory)")
+    main(Path(sys.argv[1]))
