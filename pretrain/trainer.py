@@ -191,7 +191,7 @@ def train(config: Config) -> TrainResult:
         )
         with claim_run_dir(config, dims, log if dims.is_main else _quiet):
             return _train(config, dims, env.describe(), device, why, memory)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5; 2.4 has this
         raise ConfigError(memory.oom_message()) from None
     finally:
         shutdown()
