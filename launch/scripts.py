@@ -99,6 +99,13 @@ class JobSpec:
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
 
 
+# The training budget of a PBS/SGE job, in the script's own shell arithmetic: the wall time minus
+# the stop margin minus the seconds the script has used, floored at 0.
+WALLTIME_LEFT = (
+    "$(( WALLTIME_S - STOP_MARGIN_S - SECONDS > 0 ? WALLTIME_S - STOP_MARGIN_S - SECONDS : 0 ))"
+)
+
+
 def walltime_seconds(text: str) -> int:
     """Seconds in "HH:MM:SS" (or "MM:SS"); hours may exceed 24 (ABCI allows 168:00:00)."""
     parts = text.split(":")
@@ -325,7 +332,9 @@ def _command(spec: JobSpec) -> str:
             words.append("train.resume=auto")
         if spec.scheduler in ("pbs", "sge") and "train.walltime_s" not in keys:
             # Evaluated when the ranks start: $SECONDS is the time the script has used so far.
-            words.append("train.walltime_s=$(( WALLTIME_S - STOP_MARGIN_S - SECONDS ))")
+            # Never below 0: a job whose setup used up its budget still makes one step and
+            # checkpoints (exit 75, resubmitted) instead of failing on a negative value.
+            words.append(f"train.walltime_s={WALLTIME_LEFT}")
     head: list[str] = []
     rest: list[str] = []
     for word in words:

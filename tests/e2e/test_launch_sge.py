@@ -134,11 +134,11 @@ def test_abci_style_stops_before_h_rt(on_cell, small_dataset, reference, tmp_pat
     (`qsub -g gabc -hold_jid`), until the run is done.
 
     h_rt is 180 s and the stop margin 178 s, so each segment's training budget is 2 s minus the
-    seconds the script used before mpirun: less than the trainer's own start-up (data-loader
-    worker, first batch), so every segment stops after its first step, whatever the machine's
-    speed, and the 4-step run takes several segments. The 178 s left before h_rt hold the
-    start-up before the trainer's clock starts (torch imports: up to a minute on a loaded
-    2-core machine), the step and the checkpoint.
+    seconds the script used before mpirun, and a `--setup` line that sleeps 3 s uses them up:
+    the budget the script computes is floored at 0, so every segment stops after its first step
+    whatever the machine's speed, and the 4-step run takes 4 segments. The 178 s left before
+    h_rt hold the start-up before the trainer's clock starts (torch imports: up to a minute on
+    a loaded 2-core machine), the step and the checkpoint.
     """
     site = yaml.safe_load((REPO / "configs" / "cluster" / "abci2.yaml").read_text())
     site.pop("modules")  # the site's CUDA modules do not exist here; every scheduler key stays
@@ -149,6 +149,7 @@ def test_abci_style_stops_before_h_rt(on_cell, small_dataset, reference, tmp_pat
     args = [
         "--cluster", str(cluster_file), "--group", "gabc", "--job-name", "abci",
         "--walltime", walltime, "--stop-margin", str(margin_s), "--max-resubmits", "12",
+        "--setup", "sleep 3",
     ]  # fmt: skip
     first = submit(args, small_dataset, out, STEPS, capfd)
     script = (tmp_path / "bert-sge.sh").read_text()

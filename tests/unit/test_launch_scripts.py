@@ -67,7 +67,8 @@ def test_pbs_two_nodes_four_gpus(tmp_path: Path):
         "export NCCL_IB_TIMEOUT=22",
         '"$PBS_NODEFILE"',
         "        train.resume=auto \\",
-        "        train.walltime_s=$(( WALLTIME_S - STOP_MARGIN_S - SECONDS ))",
+        "        train.walltime_s=$(( WALLTIME_S - STOP_MARGIN_S - SECONDS > 0 ? "
+        "WALLTIME_S - STOP_MARGIN_S - SECONDS : 0 ))",
         f"THIS_SCRIPT={tmp_path / 'job.sh'}  # resubmitted on exit 75",
     ]:
         assert line in text.splitlines() or line in text, line
@@ -85,7 +86,8 @@ def test_sge_two_nodes_four_gpus(tmp_path: Path):
         "#$ -cwd",
         "RANKS_PER_NODE=4",
         "#   qsub -g gabc " + str(tmp_path / "job.sh"),
-        "        train.walltime_s=$(( WALLTIME_S - STOP_MARGIN_S - SECONDS ))",
+        "        train.walltime_s=$(( WALLTIME_S - STOP_MARGIN_S - SECONDS > 0 ? "
+        "WALLTIME_S - STOP_MARGIN_S - SECONDS : 0 ))",
     ]:
         assert line in text, line
     assert 'qsub -g gabc -hold_jid "$JOB_ID"' in text
