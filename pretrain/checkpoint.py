@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from data_prep.shard_format import file_sha256 as sha256_file  # None if the file is missing
 from pretrain.config import ConfigError, ModelShape
 from pretrain.distributed import ParallelDims, any_rank, barrier
 from pretrain.parallel.zero import ZeroRedundancy
@@ -62,14 +62,6 @@ def _fsync_tree(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_checksums(directory: Path, names: list[str], tag: str) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,7 @@ from pretrain.checkpoint import (
     non_finite_tensor,
     read_train_state,
     resolve_checkpoint,
+    sha256_file,
 )
 from pretrain.config import ConfigError, ModelShape
 from pretrain.model import LAYER_NORM_EPS, Bert, build_model, count_parameters
@@ -337,14 +337,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _find_tokenizer(state: dict[str, Any], override: Path | None) -> Path:
     """The tokenizer directory the run used; its tokenizer.json must hash as training saw it."""
     stored = state.get("tokenizer_dir")
@@ -357,7 +349,7 @@ def _find_tokenizer(state: dict[str, Any], override: Path | None) -> Path:
         hint = "" if override is not None else " (stored in the checkpoint): pass --tokenizer DIR"
         raise CheckpointError(f"no tokenizer.json in tokenizer directory {directory}{hint}")
     expected = state.get("tokenizer_hash")
-    if expected and _sha256(directory / "tokenizer.json") != expected:
+    if expected and sha256_file(directory / "tokenizer.json") != expected:
         raise CheckpointError(
             f"tokenizer {directory} is not the one this run was trained with (hash mismatch): "
             "pass the right one with --tokenizer DIR"
