@@ -5,12 +5,12 @@ several times; each process finds its rank here, encodes its block of the work u
 them to the shared output directory. Rank 0 then waits until every unit's record is on disk,
 removes duplicates across units and writes the manifest. The only communication is through
 files on the shared filesystem, so no MPI library (mpi4py) is needed and any launcher works
-that exports a rank: Open MPI, MVAPICH2, MPICH/Intel MPI (PMI), Slurm's srun, torchrun, or
-BERT_PREP_RANK/BERT_PREP_WORLD_SIZE set by hand (e.g. by a job array that wants ranks, or a
-test).
+that exports a rank.
 
-Slurm: only an srun step counts (SLURM_STEP_NUM_TASKS), not the batch script itself, whose
-SLURM_NTASKS would otherwise make a lone `bert-prep` wait for ranks that never start.
+The launcher is read by the same detector `bert-train` uses (`launch.env`, one source of truth
+for Open MPI, MVAPICH2, MPICH/Intel MPI, Slurm steps and torchrun, including the rule that an
+sbatch shell without srun is one process). `BERT_PREP_RANK`/`BERT_PREP_WORLD_SIZE`, set by hand
+(e.g. by a job array that wants ranks), take precedence.
 """
 
 from __future__ import annotations
@@ -20,15 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from data_prep.errors import PrepError
-
-_VARIABLES = (
-    ("bert-prep", "BERT_PREP_RANK", "BERT_PREP_WORLD_SIZE"),
-    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-    ("mvapich2", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
-    ("mpich", "PMI_RANK", "PMI_SIZE"),
-    ("slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
-    ("torchrun", "RANK", "WORLD_SIZE"),
-)
+from launch.env import detect_environment
+from launch.errors import LaunchError
 
 
 @dataclass(frozen=True)
@@ -39,14 +32,21 @@ class RankInfo:
 
 
 def detect_rank(environ: Mapping[str, str] | None = None) -> RankInfo:
+    """This process's rank among the `bert-prep encode` processes of one job."""
     env = os.environ if environ is None else environ
-    for launcher, rank_var, size_var in _VARIABLES:
-        if env.get(rank_var, "") != "" and env.get(size_var, "") != "":
-            try:
-                rank, size = int(env[rank_var]), int(env[size_var])
-            except ValueError:
-                raise PrepError(f"{rank_var}/{size_var} are not integers") from None
-            if not 0 <= rank < size:
-                raise PrepError(f"{rank_var}={rank} is not in [0, {size_var}={size})")
-            return RankInfo(rank, size, launcher)
-    return RankInfo()
+    if env.get("BERT_PREP_RANK", "") != "" or env.get("BERT_PREP_WORLD_SIZE", "") != "":
+        try:
+            rank, size = int(env["BERT_PREP_RANK"]), int(env["BERT_PREP_WORLD_SIZE"])
+        except (KeyError, ValueError):
+            message = "set both BERT_PREP_RANK and BERT_PREP_WORLD_SIZE, as integers"
+            raise PrepError(message) from None
+        if not 0 <= rank < size:
+            raise PrepError(f"BERT_PREP_RANK={rank} is not in [0, BERT_PREP_WORLD_SIZE={size})")
+        return RankInfo(rank, size, "bert-prep")
+    try:
+        found = detect_environment(env)
+    except LaunchError as error:
+        raise PrepError(str(error)) from None
+    if found.world_size == 1:
+        return RankInfo()
+    return RankInfo(found.rank, found.world_size, found.launcher)

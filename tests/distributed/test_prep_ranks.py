@@ -14,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from data_prep.encode import encode_corpus
+from data_prep.errors import PrepError
 from data_prep.ranks import RankInfo, detect_rank
 from data_prep.shard_format import verify
 from data_prep.sources import CORPUS_DIR
@@ -22,18 +25,44 @@ from data_prep.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
+# What Open MPI exports to rank r of `mpirun -n 4` on one node, and Slurm to task r of an srun step.
+OPENMPI = [
+    {
+        "OMPI_COMM_WORLD_RANK": str(r),
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_RANK": str(r),
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+    }
+    for r in range(4)
+]
+
+
+def srun_task(rank: int, world: int) -> dict[str, str]:
+    return {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank),
+        "SLURM_STEP_NUM_TASKS": str(world),
+        "SLURM_NTASKS": str(world),
+    }
+
 
 def test_rank_variables_of_each_launcher() -> None:
     """Oracle: the variables each launcher documents; a Slurm batch script (no srun step)
     is not a multi-rank job."""
     assert detect_rank({}) == RankInfo()
-    assert detect_rank({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}) == RankInfo(
-        3, 4, "openmpi"
+    assert detect_rank(OPENMPI[3]) == RankInfo(3, 4, "openmpi")
+    mpich = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
+    assert detect_rank(mpich).launcher == "mpich"
+    assert detect_rank(srun_task(5, 8)) == RankInfo(5, 8, "slurm")
+    batch_shell = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"}
+    assert detect_rank(batch_shell) == RankInfo()
+    assert detect_rank({"BERT_PREP_RANK": "1", "BERT_PREP_WORLD_SIZE": "3"}) == RankInfo(
+        1, 3, "bert-prep"
     )
-    assert detect_rank({"PMI_RANK": "1", "PMI_SIZE": "2"}).launcher == "mpich"
-    srun = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8"}
-    assert detect_rank(srun) == RankInfo(5, 8, "slurm")
-    assert detect_rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) == RankInfo()
+    with pytest.raises(PrepError, match="local rank"):
+        detect_rank({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
 
 
 def test_two_ranks_write_the_single_process_dataset(tmp_path: Path) -> None:
@@ -51,8 +80,8 @@ def test_two_ranks_write_the_single_process_dataset(tmp_path: Path) -> None:
             "--rank-timeout", "60"]  # fmt: skip
     base = {**os.environ, "PYTHONPATH": str(REPO)}
     envs = [
-        {**base, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"},
-        {**base, "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"},
+        {**base, **OPENMPI[0], "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
+        {**base, **srun_task(1, 2)},
     ]
     rank0 = subprocess.Popen(args, env=envs[0], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
