@@ -418,21 +418,16 @@ def _start_logging(run: _Run, precision_reason: str, started: float) -> None:
 
 def _loop(run: _Run, stop: StopRequest) -> TrainResult:
     """The schedule, logging, evaluation, checkpoints, the divergence stop and stop signals."""
-    config, dims, result, clock = run.config, run.dims, run.result, run.clock
+    config, dims, result = run.config, run.dims, run.result
     t = config.train
     interval = _Interval(run.comm, dims.device)
     bad_steps = 0  # steps in a row with a non-finite loss or gradient (none of them applied)
     run.loss_step.train()
     while run.step < t.steps:
         o = config.optim
+        schedule = {"warmup_steps": o.warmup_steps, "decay": o.decay, "power": o.power}
         lr = lr_at(
-            run.step,
-            base_lr=o.lr,
-            warmup_steps=o.warmup_steps,
-            total_steps=t.steps,
-            decay=o.decay,
-            power=o.power,
-            min_lr_ratio=o.min_lr_ratio,
+            run.step, base_lr=o.lr, total_steps=t.steps, **schedule, min_lr_ratio=o.min_lr_ratio
         )
         set_lr(run.optimizer, lr)
         with run.comm if run.comm is not None else nullcontext():
@@ -451,46 +446,56 @@ def _loop(run: _Run, stop: StopRequest) -> TrainResult:
             _write(run, record, result.history)
             interval = _Interval(run.comm, dims.device)
         if run.held_out and (run.step % t.eval_every == 0 or last):
-            began = time.perf_counter()
-            shard = run.held_out[dims.dp_rank :: dims.dp_size]
-            scores = evaluate(run.model, shard, config, dims)
-            record = {"split": "valid", "step": run.step, **scores}
-            clock.add_eval(time.perf_counter() - began)
-            _write(run, record, result.evals)
+            _evaluate_held_out(run)
             interval.start = time.perf_counter()  # evaluation time is not training time
-        diverged = _divergence(bad_steps, overflow_at_floor, config)
-        if diverged is not None:
-            _save(run)
-            held = (
-                "holds the last finite state"
-                if _params_finite(run.model, dims)
-                else "has non-finite weights (an applied step overflowed them); rotation kept "
-                "the newest finite checkpoint"
-            )
-            run.say(
-                f"stopping at step {run.step} (exit code {EXIT_DIVERGED}): {diverged}; no such "
-                f"step was applied, {result.checkpoint} {held}"
-            )
-            result.exit_code = EXIT_DIVERGED
-            break
-        reason = stop.reason()
-        if any_rank(reason is not None, dims) and not last:
-            _save(run)
-            run.say(
-                f"stopping at step {run.step}: {reason or 'another rank was asked to stop'}; "
-                "resubmit with train.resume=auto to continue"
-            )
-            result.exit_code = EXIT_RESUBMIT
+        exit_code = _stop_early(run, stop, _divergence(bad_steps, overflow_at_floor, config), last)
+        if exit_code is not None:
+            result.exit_code = exit_code
             break
         if run.step % config.checkpoint.every == 0 or last:
             _save(run)
             interval.start = time.perf_counter()  # nor is checkpoint time
     run.metrics.close()
     result.step = run.step
-    result.summary = clock.summary(run.step)
+    result.summary = run.clock.summary(run.step)
     if dims.is_main:
         write_summary(Path(t.out_dir), result.summary)
     return result
+
+
+def _evaluate_held_out(run: _Run) -> None:
+    """Score this dp rank's share of the held-out batches; the time is kept apart from training."""
+    began = time.perf_counter()
+    shard = run.held_out[run.dims.dp_rank :: run.dims.dp_size]
+    scores = evaluate(run.model, shard, run.config, run.dims)
+    run.clock.add_eval(time.perf_counter() - began)
+    _write(run, {"split": "valid", "step": run.step, **scores}, run.result.evals)
+
+
+def _stop_early(run: _Run, stop: StopRequest, diverged: str | None, last: bool) -> int | None:
+    """Save and return the exit code when the run diverged or any rank was asked to stop."""
+    if diverged is not None:
+        _save(run)
+        held = (
+            "holds the last finite state"
+            if _params_finite(run.model, run.dims)
+            else "has non-finite weights (an applied step overflowed them); rotation kept "
+            "the newest finite checkpoint"
+        )
+        run.say(
+            f"stopping at step {run.step} (exit code {EXIT_DIVERGED}): {diverged}; no such "
+            f"step was applied, {run.result.checkpoint} {held}"
+        )
+        return EXIT_DIVERGED
+    reason = stop.reason()
+    if any_rank(reason is not None, run.dims) and not last:
+        _save(run)
+        run.say(
+            f"stopping at step {run.step}: {reason or 'another rank was asked to stop'}; "
+            "resubmit with train.resume=auto to continue"
+        )
+        return EXIT_RESUBMIT
+    return None
 
 
 def _train_step(run: _Run, interval: _Interval) -> tuple[bool, torch.Tensor]:

@@ -9,7 +9,6 @@ weights restored before the final dev/test scores are taken and the model is sav
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -27,7 +26,8 @@ from pretrain.checkpoint import non_finite_tensor
 from pretrain.config import ConfigError
 from pretrain.finetune import data as data_mod
 from pretrain.finetune import metrics, tasks
-from pretrain.precision import resolve_precision
+from pretrain.optim import build_param_groups, lr_at, optimizer_for_groups, set_lr
+from pretrain.precision import autocast_context, resolve_precision
 
 METRICS_FILE = "metrics.json"
 DEFAULT_MAX_LENGTH = 128
@@ -149,13 +149,6 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
 
@@ -253,11 +246,6 @@ def load_model(opt: FinetuneOptions, labels: list[str]):
     return tokenizer, model
 
 
-def no_decay(name: str) -> bool:
-    """Biases and LayerNorm weights are not decayed (as BERT's own fine-tuning code)."""
-    return name.endswith("bias") or "LayerNorm" in name or ".ln." in name or name.endswith(".ln")
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -272,7 +260,7 @@ def predict(model, split: Split, opt: FinetuneOptions, pad_id: int, device) -> l
     out: list[Any] = [None] * len(features)
     for chunk, batch in batches(features, order, opt.batch_size * 2, pad_id):
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with autocast(device, opt.precision):
+        with autocast_context(opt.precision, device.type):
             logits = model(**batch).logits
         ids = logits.argmax(-1).cpu().tolist()  # a device→host sync, once per batch
         for index, row in zip(chunk, ids, strict=True):
@@ -388,19 +376,10 @@ def train_loop(opt, model, pad_id: int, splits: dict[str, Split], labels, device
     total_steps = max(1, math.ceil(opt.epochs * steps_per_epoch))
     warmup = int(opt.warmup_ratio * total_steps)
     eval_every = opt.eval_every or steps_per_epoch
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in params if not no_decay(n)], "weight_decay": opt.weight_decay},
-        {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(0.9, 0.999), eps=1e-8)
-
-    def lr_factor(step: int) -> float:  # linear warm-up to lr, then linear decay to 0
-        if step < warmup:
-            return step / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    # Pre-training's own parts: biases and norm gains undecayed, AdamW, and its LR schedule.
+    groups = build_param_groups(model, opt.weight_decay)
+    optimizer = optimizer_for_groups(groups, "adamw", opt.lr, betas=(0.9, 0.999), eps=1e-8)
+    schedule = {"base_lr": opt.lr, "warmup_steps": warmup, "total_steps": total_steps}
     scaler = torch.amp.GradScaler(device.type, enabled=opt.precision == "fp16")
     primary = PRIMARY_METRIC[opt.task]
     sizes = " / ".join(f"{len(s.examples)} {name}" for name, s in splits.items())
@@ -424,14 +403,14 @@ def train_loop(opt, model, pad_id: int, splits: dict[str, Split], labels, device
         order = torch.randperm(len(train.examples), generator=generator).tolist()
         for _, batch in batches(train.encoded.features, order, opt.batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, opt.precision):
+            set_lr(optimizer, lr_at(step, **schedule, decay="linear"))
+            with autocast_context(opt.precision, device.type):
                 loss = model(**batch).loss
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             scaler.step(optimizer)
             scaler.update()
-            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             running += loss.item()  # a device→host sync per step; small next to a CPU step
