@@ -1,4 +1,4 @@
-"""Fine-tuning and scoring of exported checkpoints with Hugging Face `transformers` (issue 7).
+"""Fine-tuning and scoring of exported checkpoints with Hugging Face `transformers`.
 
 `bert-finetune` (cli.py) fine-tunes an export with transformers' own
 `AutoModelForSequenceClassification` / `AutoModelForTokenClassification`, so what it measures
@@ -7,9 +7,8 @@ is what a user gets from the export in their own code. Modules:
     data.py      readers: TSV/CSV with a header, JSONL, CoNLL token<TAB>tag (gzip-aware)
     tasks.py     label sets, tokenisation (first-sub-word NER labels), batching
     metrics.py   accuracy, macro-F1, majority baseline, strict IOB2 entity P/R/F1
-    training.py  the run: plain PyTorch loop, early stopping, saving
-    japanese.py  the tokenizer_config.json that makes MeCab-WordPiece exports load with
-                 transformers' BertJapaneseTokenizer
+    training.py  the run: plain PyTorch loop (pre-training's autocast, decay groups, AdamW
+                 builder and LR schedule), early stopping, saving
     cli.py       the command line
 
 Needs `transformers` (the `finetune` extra); importing this package does not.

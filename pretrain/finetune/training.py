@@ -1,10 +1,11 @@
 """The fine-tuning run: read data, load the export with transformers, train, evaluate, save.
 
 A plain PyTorch loop (no `transformers.Trainer`, so no `accelerate` dependency) that can be read
-top to bottom: AdamW with linear warm-up and linear decay, gradient clipping at 1.0, autocast
-for bf16/fp16 (fp16 with loss scaling), evaluation on dev every epoch or every `eval_every`
-steps, early stopping after `patience` evaluations without a better dev score, and the best
-weights restored before the final dev/test scores are taken and the model is saved.
+top to bottom: AdamW with linear warm-up and linear decay (pretrain.optim.lr_at), gradient
+clipping at 1.0, autocast for bf16/fp16 (fp16 with loss scaling), evaluation on dev every epoch
+or every `eval_every` steps, early stopping after `patience` evaluations without a better dev
+score, and the best weights restored before the final dev/test scores are taken and the model is
+saved.
 """
 
 from __future__ import annotations
