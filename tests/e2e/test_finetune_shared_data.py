@@ -116,8 +116,11 @@ def test_sst2_beats_majority(export_en, tmp_path):
 def test_ncbi_disease_finds_entities(export_en, tmp_path):
     """NCBI-disease NER: 1,500 train sentences (of 5,424), the first 400 devel sentences.
 
-    Tagging everything "O" scores entity F1 0. Measured: 0.286 on this slice (seed 42; best
-    after epoch 2 of 3), 0.25-0.26 on the full devel split with 1,500-3,000 sentences;
+    Tagging everything "O" scores entity F1 0. From this 30-step model the tagger first sits on
+    all-"O" and leaves it somewhere in the first two epochs; on one CI machine (another CPU,
+    so other rounding in the same fp32 runs) 2 epochs ended still on it (F1 0, no entity
+    predicted), so the test runs 3. Measured here with 2 / 3 epochs, fine-tuning seeds 42, 1, 2:
+    0.23, 0.17, 0.23 / 0.25, 0.25, 0.27 (also 0.18 with 2 epochs under ATEN_CPU_CAPABILITY=avx2);
     required: strict entity F1 >= 0.10.
     """
     conll = SHARED / "ncbi-disease" / "conll"
@@ -127,7 +130,7 @@ def test_ncbi_disease_finds_entities(export_en, tmp_path):
     report = finetune(
         export_en, tmp_path / "out", "--task", "ner",
         "--train", str(conll / "train.tsv"), "--dev", str(dev), "--test", str(dev),
-        "--max-train-examples", "1500", "--epochs", "2", "--lr", "2e-3", "--batch-size", "16",
+        "--max-train-examples", "1500", "--epochs", "3", "--lr", "2e-3", "--batch-size", "16",
         "--max-length", "96",
     )  # fmt: skip
     result = report["dev"]
