@@ -234,7 +234,7 @@ class _Run:
     data: TrainingData
     data_paths: list[str]
     model: Bert  # this rank's shard, on its device
-    loss_step: nn.Module  # model + objective, under DDP when dp > 1 (parallelize_bert)
+    loss_step: nn.Module  # model + objective, under DDP when dp > 1 without ZeRO-1
     optimizer: torch.optim.Optimizer
     scaler: DynamicLossScaler
     params: list[nn.Parameter]
