@@ -131,7 +131,12 @@ class ParallelConfig:
     tp: int = ranged(1, 1)
     """Tensor-parallel degree; the data-parallel degree is world_size / tp."""
     zero: int = ranged(0, 0, 1)
-    """1 = shard the optimizer state over the data-parallel ranks (ZeRO-1)."""
+    """1 = shard the optimizer state over the data-parallel ranks (ZeRO-1): gradients are
+    reduced to the rank owning them and updated weights sent back, at plain DDP's wire volume."""
+    grad_reduce_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype in which data-parallel gradients cross the network; auto = fp16 under
+    train.precision=fp16 (loss scaling keeps it in range), else fp32. fp16 needs
+    train.precision=fp16; bf16 is allowed with any precision."""
     timeout_s: float = ranged(300.0, 0.0, low_open=True)
     """Collective timeout: a dead or hung rank stops the job after this long."""
 

@@ -247,8 +247,8 @@ def estimate_memory(shape: ModelShape, layout: Layout) -> MemoryEstimate:
     half = layout.precision != "fp32"
     optimizer_unsharded = 2 * 4 * trained
     if layout.zero and layout.dp > 1:
-        # Whole tensors, largest first to the least-loaded rank (parallel/zero.py): at least the
-        # largest tensor; otherwise an even share plus at most one more layer tensor.
+        # Whole tensors in contiguous runs, balanced by bisection (parallel/zero.py): at least
+        # the largest tensor; otherwise an even share plus at most one more layer tensor.
         layer_tensor = max(3 * shape.hidden * shape.hidden, shape.hidden * shape.ffn_hidden)
         even = -(-trained // layout.dp) + layer_tensor // layout.tp
         owned = min(trained, max(largest, even))

@@ -9,7 +9,7 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -77,9 +77,12 @@ from pretrain.optim import (
 )
 from pretrain.parallel.comm_stats import CommCounter, analytic_bytes
 from pretrain.parallel.parallelize import (
+    REDUCE_DTYPES,
     parallelize_bert,
+    resolve_grad_reduce_dtype,
     shard_layout,
     tp_grad_norm_fn,
+    tp_sharded_names,
 )
 from pretrain.parallel.zero import ZeroRedundancy
 from pretrain.precision import (
@@ -189,6 +192,16 @@ def train(config: Config) -> TrainResult:
         config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, precision=precision)
         )
+        p = config.parallel
+        try:
+            reduce_dtype = resolve_grad_reduce_dtype(p.grad_reduce_dtype, precision)
+        except ValueError as error:
+            raise ConfigError(
+                f"parallel.grad_reduce_dtype={p.grad_reduce_dtype}: {error}"
+            ) from None
+        config = dataclasses.replace(
+            config, parallel=dataclasses.replace(p, grad_reduce_dtype=reduce_dtype)
+        )
         with claim_run_dir(config, dims, log if dims.is_main else _quiet):
             return _train(config, dims, env.describe(), device, why, memory)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5; 2.4 has this
@@ -221,7 +234,7 @@ class _Run:
     data: TrainingData
     data_paths: list[str]
     model: Bert  # this rank's shard, on its device
-    loss_step: nn.Module  # model + objective, under DDP when dp > 1 (parallelize_bert)
+    loss_step: nn.Module  # model + objective, under DDP when dp > 1 without ZeRO-1
     optimizer: torch.optim.Optimizer
     scaler: DynamicLossScaler
     params: list[nn.Parameter]
@@ -300,6 +313,13 @@ def _build(
 
     t = config.train
     params = [p for p in model.parameters() if p.requires_grad]
+    if config.parallel.zero:
+        reduce_dtype = REDUCE_DTYPES[config.parallel.grad_reduce_dtype]
+        optimizer = ZeroRedundancy(params, groups, build, dims, reduce_dtype)
+        sharded = {id(p) for n, p in model.named_parameters() if n in tp_sharded_names(model)}
+        grad_norm_fn = optimizer.grad_norm_fn(sharded)
+    else:
+        optimizer, grad_norm_fn = build(groups), tp_grad_norm_fn(model, params, dims)
     run = _Run(
         config=config,
         dims=dims,
@@ -308,7 +328,7 @@ def _build(
         data_paths=data_paths,
         model=model,
         loss_step=loss_step,
-        optimizer=ZeroRedundancy(groups, build, dims) if config.parallel.zero else build(groups),
+        optimizer=optimizer,
         scaler=DynamicLossScaler(
             enabled=t.precision == "fp16",
             init_scale=t.loss_scale_init,
@@ -316,7 +336,7 @@ def _build(
             min_scale=t.loss_scale_min,
         ),
         params=params,
-        grad_norm_fn=tp_grad_norm_fn(model, params, dims),
+        grad_norm_fn=grad_norm_fn,
         sharding=shard_layout(model),
         accumulation=accumulation,
         step=0,
@@ -375,7 +395,13 @@ def _start_logging(run: _Run, precision_reason: str, started: float) -> None:
         f"dp {dims.dp_size} x tp {dims.tp_size}, device {device}, {t.precision}, "
         f"mlm {config.mlm.mode}, {run.accumulation} micro-batch(es) per step"
     )
-    reduction = f"all-reduced over dp {dims.dp_size}" if dims.dp_size > 1 else "no dp all-reduce"
+    wire = config.parallel.grad_reduce_dtype
+    if dims.dp_size == 1:
+        reduction = "no dp reduction"
+    elif config.parallel.zero:
+        reduction = f"reduced to their ZeRO-1 owner over dp {dims.dp_size} in {wire}"
+    else:
+        reduction = f"all-reduced over dp {dims.dp_size} in {wire}"
     say(f"{dtype_summary(t.precision, device.type, reduction)} ({precision_reason})")
     scaler = run.scaler
     if scaler.enabled:
@@ -412,6 +438,7 @@ def _start_logging(run: _Run, precision_reason: str, started: float) -> None:
             local_params=sum(p.numel() for p in run.params),
             optimizer_tensors=tensors_with_tp_norms(run.optimizer),
             zero=bool(config.parallel.zero),
+            reduce_bytes=REDUCE_DTYPES[config.parallel.grad_reduce_dtype].itemsize,
             autocast_bytes=4 if t.precision == "fp32" else 2,
         )
 
@@ -510,13 +537,15 @@ def _train_step(run: _Run, interval: _Interval) -> tuple[bool, torch.Tensor]:
         tokens = int(batch["attention_mask"].sum())  # on the host: no device sync
         batch = _to_device(batch, dims.device)
         last = micro == accumulation - 1
-        sync = nullcontext() if last or dims.dp_size == 1 else run.loss_step.no_sync()
+        sync = nullcontext() if last or dims.dp_size == 1 else _no_sync(run)
         with sync:
             with autocast_context(run.config.train.precision, dims.device.type):
                 out = run.loss_step(batch)
             scaler.scale_loss(out.loss / accumulation).backward()
         step_loss += out.loss.detach().double() / accumulation
         interval.add(out, tokens, batch["input_ids"].numel())
+    if isinstance(run.optimizer, ZeroRedundancy):
+        run.optimizer.finish_gradient_reduction()
     # One flag for the whole world (the step's one sync point): every rank skips the same steps.
     found_inf = scaler.unscale_and_check(
         run.params,
@@ -530,6 +559,13 @@ def _train_step(run: _Run, interval: _Interval) -> tuple[bool, torch.Tensor]:
     run.optimizer.zero_grad(set_to_none=True)
     interval.end_step(step_loss, found_inf)
     return found_inf, grad_norm
+
+
+def _no_sync(run: _Run) -> AbstractContextManager[Any]:
+    """Gradient accumulation: this micro-batch's gradients stay local (DDP or ZeRO-1)."""
+    if isinstance(run.optimizer, ZeroRedundancy):
+        return run.optimizer.no_sync()
+    return run.loss_step.no_sync()
 
 
 def _write(run: _Run, record: dict[str, Any], kept: list[dict[str, Any]]) -> None:

@@ -1,15 +1,17 @@
 """Communication accounting: the bytes each collective moves, by process group and kind.
 
 `CommCounter` is a dispatch mode that sees every c10d collective issued while it is active —
-ours (tp mappings, vocabulary-parallel cross-entropy, LAMB's norms, ZeRO-1's broadcasts) and
-DDP's bucketed gradient all-reduce alike — so nothing has to be instrumented by hand and
-nothing can be forgotten. It costs a Python call per operator, so the trainer turns it on only
-with `train.comm_stats=true`.
+ours (tp mappings, vocabulary-parallel cross-entropy, LAMB's norms, ZeRO-1's reduces and
+broadcasts) and DDP's bucketed gradient all-reduce alike — so nothing has to be instrumented
+by hand and nothing can be forgotten. It costs a Python call per operator, so the trainer turns
+it on only with `train.comm_stats=true`.
 
-Bytes are payload bytes: the tensor of an all-reduce or broadcast, the gathered result of an
-all-gather, the input of a reduce-scatter. (A ring algorithm puts 2(p-1)/p of an all-reduce's
-payload on each rank's link, (p-1)/p of the others'.) `analytic_bytes` is the minimum the
-configuration needs, which the benchmark compares the measurement with.
+Bytes are payload bytes: the tensor of an all-reduce, reduce or broadcast, the gathered result
+of an all-gather, the input of a reduce-scatter. `wire_bytes` turns them into what crosses each
+rank's link on average: 2(p-1)/p of an all-reduce's payload (a ring's reduce-scatter then
+all-gather), (p-1)/p of the others' (each of the p-1 other ranks' shares, or the root's
+tensor, crosses once). `analytic_bytes` is the minimum the configuration needs, which the
+tests and the benchmark compare the measurement with.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _COLLECTIVES: dict[str, tuple[str, int, int]] = {
     "allreduce_": ("all_reduce", 1, 0),
     "allreduce_coalesced_": ("all_reduce", 1, 0),
     "broadcast_": ("broadcast", 1, 0),
+    "reduce_": ("reduce", 1, 0),
     "allgather_": ("all_gather", 2, 0),
     "_allgather_base_": ("all_gather", 2, 0),
     "allgather_into_tensor_coalesced_": ("all_gather", 2, 0),
@@ -85,6 +88,7 @@ def analytic_bytes(
     local_params: int,
     optimizer_tensors: int,
     zero: bool,
+    reduce_bytes: int = 4,
     autocast_bytes: int = 4,
 ) -> dict[str, int]:
     """The minimum payload per optimizer step on one rank, by "group.kind".
@@ -93,7 +97,8 @@ def analytic_bytes(
     scored: positions whose logits it computes (every non-special position in dense MLM, the
     picked ones in sparse MLM); local_params: parameters this rank holds (its tp shard);
     optimizer_tensors: parameter tensors its LAMB updates (0 for AdamW; with ZeRO-1 only the
-    ones it owns); autocast_bytes: 2 when matmuls run under bf16/fp16 autocast.
+    ones it owns); reduce_bytes: bytes per gradient element on the dp wire
+    (`parallel.grad_reduce_dtype`); autocast_bytes: 2 when matmuls run under bf16/fp16 autocast.
 
     TP, per layer: the row-parallel attention-out and MLP-out all-reduce [encoded, h] in
     forward (in the autocast dtype), and the column-parallel QKV and MLP-in inputs all-reduce
@@ -104,8 +109,10 @@ def analytic_bytes(
     target logit) and all-gathers each rank's best logit (fp32) and its index (int64) for
     accuracy. LAMB all-reduces two fp32 norms per tensor (whole-parameter trust ratios) and
     the global gradient norm (logged, and clipped to) one fp32 square.
-    DP: the fp32 gradients once (DDP), and with ZeRO-1 the updated parameters (one broadcast
-    per owner). World: one fp32 flag, so every rank skips the same non-finite steps.
+    DP without ZeRO: the gradients once (DDP's all-reduce). DP with ZeRO-1: the gradients once
+    (reduced to their owners), the updated fp32 parameters once (broadcast by their owners) and
+    the global gradient norm's one fp32 square (each rank holds only its owned gradients).
+    World: one fp32 flag, so every rank skips the same non-finite steps.
     """
     h = shape.hidden
     out: dict[str, int] = {}
@@ -117,10 +124,25 @@ def analytic_bytes(
         norms = 2 * optimizer_tensors * 4 + 4
         out["tp.all_reduce"] = encoder + embedding + decoder + cross_entropy + norms
         out["tp.all_gather"] = scored * (4 + 8) * tp
-    if dp > 1:
-        out["dp.all_reduce"] = local_params * 4
-        if zero:
-            out["dp.broadcast"] = local_params * 4
+    if dp > 1 and zero:
+        out["dp.reduce"] = local_params * reduce_bytes
+        out["dp.broadcast"] = local_params * 4
+        out["dp.all_reduce"] = 4
+    elif dp > 1:
+        out["dp.all_reduce"] = local_params * reduce_bytes
     if tp * dp > 1:
         out["world.all_reduce"] = 4
+    return out
+
+
+def wire_bytes(payload: dict[str, int], sizes: dict[str, int]) -> dict[str, float]:
+    """Bytes each rank's link carries for `payload` ("group.kind" -> bytes), on average, with
+    `sizes` the ranks in each group ({"tp": 2, "dp": 2, "world": 4}): 2(p-1)/p of an
+    all-reduce, (p-1)/p of any other collective (0 in a group of one)."""
+    out = {}
+    for key, value in payload.items():
+        group, kind = key.split(".", 1)
+        p = sizes[group]
+        factor = (p - 1) / p * (2 if kind == "all_reduce" else 1)
+        out[key] = value * factor
     return out

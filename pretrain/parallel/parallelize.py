@@ -95,11 +95,12 @@ def parallelize_bert(model: Bert, dims: ParallelDims, config: Config) -> nn.Modu
     2. tensor parallelism (`parallel.tp`): each rank keeps its shard
     3. device: only the shard moves to this rank's GPU
     4. compile (`train.compile`): the model's forward, in place
-    5. data parallelism: DDP over the dp group, around the model and its loss
+    5. data parallelism: DDP over the dp group, around the model and its loss (not with
+       `parallel.zero=1`: ZeRO-1 reduces the gradients itself, `pretrain/parallel/zero.py`)
 
     Returns the module a training step calls: the model and its objective (`PretrainingLoss`),
-    wrapped in DDP when dp > 1. The model itself stays reachable as `model` for evaluation,
-    checkpoints and the optimizer.
+    wrapped in DDP when dp > 1 without ZeRO. The model itself stays reachable as `model` for
+    evaluation, checkpoints and the optimizer.
     """
     apply_recompute(model, config.train.recompute)
     try:
@@ -110,24 +111,71 @@ def parallelize_bert(model: Bert, dims: ParallelDims, config: Config) -> nn.Modu
     if config.train.compile:
         model.compile()  # the first steps pay the compile time
     loss_step: nn.Module = PretrainingLoss(model, config.mlm, dims.tp_group)
-    if dims.dp_size > 1:
-        loss_step = apply_data_parallel(loss_step, dims)
+    if dims.dp_size > 1 and not config.parallel.zero:
+        dtype = REDUCE_DTYPES[config.parallel.grad_reduce_dtype]
+        loss_step = apply_data_parallel(loss_step, dims, dtype)
     return loss_step
 
 
-def apply_data_parallel(module: nn.Module, dims: ParallelDims) -> nn.Module:
-    """DDP over the dp group: gradients averaged in buckets while backward runs.
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_grad_reduce_dtype(setting: str, precision: str) -> str:
+    """What `parallel.grad_reduce_dtype` means for a resolved `train.precision`, or ValueError.
+
+    auto: fp16 when training in fp16 (the loss scale keeps gradients in fp16's range, and an
+    overflow is caught and skipped like any other), else fp32. bf16 has fp32's range, so any
+    precision may choose it (it rounds each gradient to 8 significant bits). fp16 without
+    loss scaling would flush small gradients to zero and could overflow with nothing to back
+    off, so it is refused.
+    """
+    if setting == "auto":
+        return "fp16" if precision == "fp16" else "fp32"
+    if setting == "fp16" and precision != "fp16":
+        raise ValueError(
+            f"fp16 gradients need loss scaling, which train.precision={precision} does not "
+            "have: use fp32 or bf16"
+        )
+    return setting
+
+
+def apply_data_parallel(
+    module: nn.Module, dims: ParallelDims, reduce_dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """DDP over the dp group: gradients averaged in buckets while backward runs, in
+    `reduce_dtype` on the wire.
 
     With `gradient_as_bucket_view` each .grad is a view into its all-reduce bucket instead of a
     second fp32 copy of all gradients (pretrain/memory.py counts no extra bucket memory).
     """
-    return DistributedDataParallel(
+    ddp = DistributedDataParallel(
         module,
         process_group=dims.dp_group,
         device_ids=[dims.device] if dims.device.type == "cuda" else None,
         broadcast_buffers=False,  # the one buffer, the vocabulary mask, is built alike
         gradient_as_bucket_view=True,
     )
+    if reduce_dtype != torch.float32:
+        ddp.register_comm_hook(dims.dp_group, _all_reduce_in(reduce_dtype))
+    return ddp
+
+
+def _all_reduce_in(dtype: torch.dtype) -> Callable:
+    """A DDP comm hook averaging each bucket in `dtype`: divided by the group size in fp32
+    first, so the sum of the shares stays within fp16's range where each share was."""
+
+    # No annotations: DDP inspects them and would compare this module's string annotations.
+    def hook(group, bucket):
+        buffer = bucket.buffer()
+        wire = buffer.div(group.size()).to(dtype)
+        future = dist.all_reduce(wire, group=group, async_op=True).get_future()
+
+        def back(done: torch.futures.Future) -> torch.Tensor:
+            return buffer.copy_(done.value()[0])
+
+        return future.then(back)
+
+    return hook
 
 
 def tp_sharded_names(model: nn.Module) -> set[str]:
