@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pretrain.blend import parse_blend_spec
+from pretrain.blend import DataSource, parse_data_path
 
 
 class ConfigError(ValueError):
@@ -124,6 +124,14 @@ class DataConfig:
     """Fraction of documents held out for evaluation; 0 = no evaluation."""
     workers: int = ranged(1, 0)
     """DataLoader worker processes that assemble and mask batches."""
+
+    @property
+    def sources(self) -> tuple[DataSource, ...]:
+        """`path` as typed (path, weight) entries: the one place `data.path` is parsed."""
+        try:
+            return parse_data_path(self.path)
+        except ValueError as error:
+            raise ConfigError(f"data.path: {error}") from None
 
 
 @dataclass
@@ -448,11 +456,9 @@ def validate(config: Config) -> None:
     m, d, t = config.model, config.data, config.train
     if m.size is not None and m.size not in MODEL_SIZES:
         raise ConfigError(f"model.size={m.size!r} is not one of {'|'.join(MODEL_SIZES)}")
-    if d.path:
-        try:
-            parse_blend_spec(d.path)
-        except ValueError as error:
-            raise ConfigError(f"data.path: {error}") from None
+    for source in d.sources:  # parsing checks the blend's form
+        if not source.path:
+            raise ConfigError("data.path: a blend entry has an empty path")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "

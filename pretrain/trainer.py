@@ -20,7 +20,6 @@ from torch import nn
 
 import kernels
 from launch.signals import EXIT_RESUBMIT, StopRequest
-from pretrain.blend import parse_blend_spec
 from pretrain.checkpoint import (
     check_intact,
     check_shape,
@@ -267,10 +266,7 @@ def _build(
     """Data, model (parallelized), optimizer and loss scaler, resumed from a checkpoint if any."""
     accumulation = check_batch_layout(config, dims.dp_size)
     torch.manual_seed(config.train.seed)
-    d = config.data
-    data = open_training_data(
-        d.path, d.tokenizer, d.seq_len, d.valid_fraction, config.mlm, config.train.seed
-    )
+    data = _open_data(config, dims, say)
     shape = resolve_model_shape(config, data.dataset.vocab_size)
     if shape.vocab_size < data.dataset.vocab_size:
         raise ConfigError(
@@ -287,7 +283,7 @@ def _build(
     # the same weights.
     model = build_model(shape, "cpu")
     resume_path = _find_resume(config, dims, say)
-    data_paths = [str(Path(p).resolve()) for p in parse_blend_spec(d.path)[0]]
+    data_paths = [str(Path(source.path).resolve()) for source in data.sources]
     if resume_path is None and config.train.init_from:
         _init_weights_from(config.train.init_from, model, dims)  # whole weights, before splitting
         say(f"initialised weights from {config.train.init_from}")
@@ -327,6 +323,34 @@ def _build(
         _resume(run, resume_path, precision_reason)
     run.result = TrainResult(exit_code=0, step=run.step, is_main=dims.is_main)
     return run
+
+
+def _open_data(config: Config, dims: ParallelDims, say: Callable[[str], None]) -> TrainingData:
+    """The training data, its sample index cached in OUT_DIR/sample_index: the main rank builds
+    (or checks) the cache first, then the other ranks memory-map what it wrote."""
+    d, cache = config.data, Path(config.train.out_dir) / "sample_index"
+    open_data = partial(
+        open_training_data,
+        d.sources,
+        d.tokenizer,
+        d.seq_len,
+        d.valid_fraction,
+        config.mlm,
+        config.train.seed,
+        cache_dir=cache,
+        say=say,
+    )
+    data, error = None, None
+    if dims.is_main:
+        try:
+            data = open_data()
+        except Exception as caught:  # re-raised below, once the other ranks know
+            error = caught
+    if any_rank(error is not None, dims):
+        if error is not None:
+            raise error
+        raise ConfigError("data.path: the main rank could not open the data (see its error)")
+    return data if data is not None else open_data()
 
 
 def _resume(run: _Run, path: Path, precision_reason: str) -> None:
