@@ -392,7 +392,11 @@ def check_shape(path: Path, stored: dict[str, Any], shape: ModelShape) -> None:
 
 
 class _ShardedReader:
-    """Whole tensors from a checkpoint of any tp layout (one parameter in memory at a time)."""
+    """Tensors from a checkpoint of any tp layout, one parameter in memory at a time.
+
+    `local` reads only the bytes of this rank's piece (safetensors slices a tensor in its
+    file without reading the rest); `whole` assembles the entire tensor. `bytes_read` counts
+    what was read through it (memory-mapped reads do not show in /proc/self/io)."""
 
     def __init__(self, path: Path, names: Callable[[int], list[str]]) -> None:
         state = read_train_state(path)
@@ -403,17 +407,51 @@ class _ShardedReader:
         for r in range(tp):
             files = [safe_open(str(path / name), framework="pt") for name in names(r)]
             self.index.append({key: f for f in files for key in f.keys()})
+        self.bytes_read = 0
 
     def keys(self) -> list[str]:
         return list(self.index[0])
 
+    def _read(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
     def whole(self, key: str, param_name: str) -> torch.Tensor:
         info = self.sharding.get(param_name)
-        first = self.index[0][key].get_tensor(key)
+        first = self._read(self.index[0][key].get_tensor(key))
         if info is None or first.ndim == 0:
             return first
-        parts = [first] + [files[key].get_tensor(key) for files in self.index[1:]]
+        parts = [first] + [self._read(files[key].get_tensor(key)) for files in self.index[1:]]
         return torch.cat(parts, dim=info["dim"]).narrow(info["dim"], 0, info["size"])
+
+    def local(
+        self, key: str, param_name: str, like: torch.Tensor, split: dict[str, int] | None, rank: int
+    ) -> torch.Tensor:
+        """This tp rank's piece of `key` for the current layout (`split`: its dim and tp), read
+        from the saved parts it overlaps only; vocabulary padding rows are zeros."""
+        saved = self.sharding.get(param_name)
+        stored = self.index[0][key].get_slice(key)
+        shape = stored.get_shape()
+        if split is None or len(shape) == 0 or len(shape) != like.ndim:
+            return _local_part(self.whole(key, param_name), like, split, rank)
+        dim, local = split["dim"], like.shape[split["dim"]]
+        size = shape[dim] if saved is None else saved["size"]  # the unpadded whole length
+        parts = [stored] if saved is None else [f[key].get_slice(key) for f in self.index]
+        step = shape[dim]  # every saved part has the same (padded) length along dim
+        begin, end = rank * local, min((rank + 1) * local, size)
+        pieces = []
+        for r, part in enumerate(parts):
+            lo, hi = max(begin, r * step), min(end, (r + 1) * step)
+            if lo < hi:
+                index = [slice(None)] * len(shape)
+                index[dim] = slice(lo - r * step, hi - r * step)
+                pieces.append(self._read(part[tuple(index)]))
+        missing = local - max(0, end - begin)
+        if missing > 0 or not pieces:
+            pad_shape = list(like.shape)
+            pad_shape[dim] = missing
+            pieces.append(torch.zeros(pad_shape, dtype=like.dtype))
+        return torch.cat(pieces, dim=dim)
 
 
 def _local_part(
@@ -449,8 +487,9 @@ def load_model_weights(
     model: torch.nn.Module,
     dims: ParallelDims | None = None,
     sharding: dict[str, dict[str, int]] | None = None,
-) -> None:
-    """Load weights saved at any tp into `model` laid out by `sharding` (None: unsharded)."""
+) -> int:
+    """Load weights saved at any tp into `model` laid out by `sharding` (None: unsharded),
+    reading only this rank's piece of each tensor; returns the bytes read."""
     reader = _ShardedReader(path, lambda r: [_model_file(r)])
     split = _current_split(sharding, dims)
     tp_rank = 0 if dims is None else dims.tp_rank
@@ -465,8 +504,8 @@ def load_model_weights(
         )
     with torch.no_grad():
         for name, target in expected.items():
-            part = _local_part(reader.whole(name, name), target, split(name), tp_rank)
-            target.copy_(part)
+            target.copy_(reader.local(name, name, target, split(name), tp_rank))
+    return reader.bytes_read
 
 
 def full_model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -481,10 +520,11 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     dims: ParallelDims | None = None,
     sharding: dict[str, dict[str, int]] | None = None,
-) -> dict[str, Any]:
-    """Restore model, optimizer and RNG (resharding to the current layout); return the state."""
+) -> tuple[dict[str, Any], int]:
+    """Restore model, optimizer and RNG (resharding to the current layout); return the train
+    state and the bytes of tensors this rank read (its own pieces only)."""
     state = read_train_state(path)
-    load_model_weights(path, model, dims, sharding)
+    bytes_read = load_model_weights(path, model, dims, sharding)
     parts = state.get("optimizer_parts", 1)
     reader = _ShardedReader(path, lambda r: [_optimizer_file(r, d) for d in range(parts)])
     split = _current_split(sharding, dims)
@@ -500,8 +540,8 @@ def load_checkpoint(
             entries = {}
             for key in reader.keys():
                 if key.startswith(name + "::"):
-                    whole = reader.whole(key, name)
-                    entries[key.split("::", 1)[1]] = _local_part(whole, param, split(name), tp_rank)
+                    piece = reader.local(key, name, param, split(name), tp_rank)
+                    entries[key.split("::", 1)[1]] = piece
             if entries:
                 by_index[index] = entries
             index += 1
@@ -510,4 +550,4 @@ def load_checkpoint(
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return state
+    return state, bytes_read + reader.bytes_read

@@ -359,7 +359,7 @@ def _resume(run: _Run, path: Path, precision_reason: str) -> None:
     stored = read_train_state(path)
     check_shape(path, stored.get("model_shape", {}), run.shape)
     check_resume(stored, path, config, run.data.dataset.tokenizer_hash, run.data_paths, run.say)
-    state = load_checkpoint(path, run.model, run.optimizer, run.dims, run.sharding)
+    state, bytes_read = load_checkpoint(path, run.model, run.optimizer, run.dims, run.sharding)
     run.step, run.consumed = state["step"], state["consumed_samples"]
     saved_precision = state.get("config", {}).get("train", {}).get("precision")
     if saved_precision in (None, t.precision):
@@ -372,7 +372,8 @@ def _resume(run: _Run, path: Path, precision_reason: str) -> None:
     saved = state.get("layout", {})
     run.say(
         f"resumed from {path} at step {run.step} ({run.consumed} samples consumed; saved at "
-        f"tp {saved.get('tp', 1)} x dp {saved.get('dp', 1)})"
+        f"tp {saved.get('tp', 1)} x dp {saved.get('dp', 1)}; rank 0 read "
+        f"{bytes_read / 1e6:.1f} MB of tensors)"
     )
 
 
