@@ -242,6 +242,17 @@ class CheckpointConfig:
     """Write a checkpoint every this many steps (and at the end and on a stop request)."""
     keep: int = ranged(3, 1)
     """Complete checkpoints kept; older ones are deleted after each new one."""
+    timeout_s: float = ranged(1800.0, 0.0, low_open=True)
+    """How long the ranks wait for each other during a save (its own process group; a slow
+    file system then fails the save, not the job); parallel.timeout_s is for training."""
+    async_save: bool = False
+    """Write periodic checkpoints in a background thread from a host copy of the state while
+    training goes on (costs one copy of the rank's weights and optimizer state in host memory);
+    the last save of a run is always waited for."""
+    fail_on_error: bool = False
+    """A periodic checkpoint that cannot be written ends the run; false: it is reported in one
+    line, `latest` keeps naming the previous one, and training goes on. The last save of a run
+    ends it with an error either way."""
 
 
 @dataclass

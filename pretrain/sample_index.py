@@ -180,19 +180,21 @@ def load_or_build(
     began = time.perf_counter()
     split = build()
     temp = directory.with_name(f".{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
+    took = f"built {len(split.samples):,} samples in {time.perf_counter() - began:.1f}s"
     try:
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir(parents=True)
         for name in ARRAYS:
             np.save(temp / f"{name}.npy", getattr(split, name))
         (temp / "index.json").write_text(json.dumps(key), encoding="utf-8")
         _replace_dir(temp, directory)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    say(
-        f"sample index {directory} ({reason}): built {len(split.samples):,} samples in "
-        f"{time.perf_counter() - began:.1f}s"
-    )
+    except OSError as error:  # a full disk or a read-only run directory: train without it
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+        say(f"warning: sample index not cached in {directory} ({error}); {took}, kept in memory")
+        return split
+    say(f"sample index {directory} ({reason}): {took}")
     return Split(**_map_arrays(directory), cached=directory)
 
 

@@ -21,14 +21,18 @@ from torch import nn
 import kernels
 from launch.signals import EXIT_RESUBMIT, StopRequest
 from pretrain.checkpoint import (
+    BackgroundWriter,
+    CheckpointError,
     check_intact,
     check_shape,
+    checkpoint_group,
     load_checkpoint,
     load_model_weights,
     newest_intact_checkpoint,
     read_train_state,
     resolve_checkpoint,
-    save_checkpoint,
+    take_snapshot,
+    write_snapshot,
 )
 from pretrain.config import (
     Config,
@@ -236,6 +240,8 @@ class _Run:
     held_out: list[dict[str, torch.Tensor]] = field(default_factory=list)
     comm: CommCounter | None = None
     result: TrainResult | None = None
+    save_group: Any = None  # the checkpoint group (checkpoint.timeout_s); None for one process
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter)
 
 
 def _train(
@@ -319,6 +325,7 @@ def _build(
         consumed=0,
         say=say,
     )
+    run.save_group = checkpoint_group(dims, config.checkpoint.timeout_s)
     if resume_path is not None:
         _resume(run, resume_path, precision_reason)
     run.result = TrainResult(exit_code=0, step=run.step, is_main=dims.is_main)
@@ -508,7 +515,7 @@ def _loop(run: _Run, stop: StopRequest) -> TrainResult:
             result.exit_code = EXIT_RESUBMIT
             break
         if run.step % config.checkpoint.every == 0 or last:
-            _save(run)
+            _save(run, final=last)
             interval.start = time.perf_counter()  # nor is checkpoint time
     run.metrics.close()
     result.step = run.step
@@ -558,8 +565,12 @@ def _write(run: _Run, record: dict[str, Any], kept: list[dict[str, Any]]) -> Non
     run.say(format_line(record))
 
 
-def _save(run: _Run) -> None:
-    """Checkpoint the current state (the tp ranks of the first dp replica write in parallel)."""
+def _save(run: _Run, final: bool = True) -> None:
+    """Checkpoint the current state. Several ranks write at once (pretrain.checkpoint); with
+    checkpoint.async_save a periodic save is written by a background thread from a host copy
+    while training goes on. A periodic save that fails is reported and training goes on
+    (unless checkpoint.fail_on_error); the final one (end, stop request, divergence) is waited
+    for and its failure ends the run."""
     began, dims = time.perf_counter(), run.dims
     state = {
         "consumed_samples": run.consumed,
@@ -573,19 +584,45 @@ def _save(run: _Run) -> None:
         "finite": _params_finite(run.model, run.dims),  # rotation keeps the newest finite one
     }
     checkpoint = run.config.checkpoint
-    path = save_checkpoint(
-        run.config.checkpoint_dir,
-        run.step,
-        run.model,
-        run.optimizer,
-        state,
-        checkpoint.keep,
-        run.dims,
-        run.sharding,
+    background = checkpoint.async_save and not final
+    snapshot = take_snapshot(
+        run.step, run.model, run.optimizer, state, dims, run.sharding, copy=background
     )
-    run.clock.add_checkpoint(time.perf_counter() - began)
-    run.say(f"checkpoint written: {path}")
-    run.result.checkpoint = path
+    _report_save(run, run.writer.wait(), final=False)  # the previous background save
+    write = partial(
+        write_snapshot, run.config.checkpoint_dir, snapshot, checkpoint.keep, dims, run.save_group
+    )
+    if background:
+        run.writer.start(write)
+    else:
+        try:
+            outcome = (write(), None)
+        except (OSError, CheckpointError, torch.distributed.DistError) as error:
+            outcome = (None, error)
+        _report_save(run, outcome, final)
+    run.clock.add_checkpoint(time.perf_counter() - began)  # the time training was held up
+
+
+def _report_save(
+    run: _Run, outcome: tuple[Path | None, Exception | None] | None, final: bool
+) -> None:
+    """Say where a checkpoint went, or why it did not (raising when that must end the run)."""
+    if outcome is None:
+        return
+    path, error = outcome
+    if error is None:
+        run.say(f"checkpoint written: {path}")
+        run.result.checkpoint = path
+        return
+    tolerated = (OSError, CheckpointError, torch.distributed.DistError)
+    if final or run.config.checkpoint.fail_on_error or not isinstance(error, tolerated):
+        raise error
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    run.say(
+        f"warning: a checkpoint was not written ({reason}); `latest` still names "
+        f"{run.result.checkpoint or 'no checkpoint'}; training goes on "
+        "(checkpoint.fail_on_error=true ends the run instead)"
+    )
 
 
 def _divergence(bad_steps: int, overflow_at_floor: bool, config: Config) -> str | None:
