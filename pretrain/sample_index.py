@@ -2,13 +2,13 @@
 
 A split's index is three arrays: the split's sentences in order (global ids), which of them
 starts a document, and the (start, end) sentence range of every sample (greedy packing of whole
-sentences into `seq_len`, pretrain.data). It is built with numpy only, no Python loop over
-sentences or samples:
+sentences into `seq_len`, pretrain.data). It is built with numpy, with no Python loop over
+sentences:
 
 - `next_start[s]`, the start of the sample after one starting at sentence s, is one
   `searchsorted` over the prefix sums of the sentence costs for all s at once;
-- the samples are the chain 0 → next_start[0] → ..., followed by pointer doubling: after k
-  rounds the chain's first 2^k links are known, so log2(samples) rounds of gathers.
+- the samples are the chain 0 → next_start[0] → ..., followed with one list look-up per
+  sample (a sample holds several sentences, and the old loop did far more per sentence).
 
 `load_or_build` caches the arrays as `.npy` files in a directory (the run's
 `OUT_DIR/sample_index/`) with `index.json`, the key they were built from: the dataset's
@@ -29,6 +29,7 @@ import os
 import shutil
 import socket
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from data_prep.shard_format import IndexedDataset
 
 INDEX_VERSION = 1
 ARRAYS = ("sentences", "doc_start", "samples")
+_WALK_BLOCK = 1 << 20  # sentences of next_start held as a Python list at a time
 
 
 @dataclass
@@ -99,14 +101,20 @@ def pack_samples(
         next_doc = np.append(doc_first, n)[after]
         next_start = np.minimum(next_start, next_doc)
     next_start = np.minimum(next_start, n)
-    # The samples start at 0, next_start[0], next_start[next_start[0]], ...: pointer doubling.
-    jump = np.append(next_start, n)  # jump[n] = n: the end stays the end
-    chain = np.zeros(1, dtype=np.int64)
-    while chain[-1] < n:
-        chain = np.concatenate([chain, jump[chain]])
-        jump = jump[jump]
-    chain = chain[: int(np.searchsorted(chain, n)) + 1]  # up to and including the first n
-    return np.stack([chain[:-1], chain[1:]], axis=1)
+    # The samples start at 0, next_start[0], next_start[next_start[0]], ...: one Python step
+    # per sample (not per sentence), over blocks of next_start turned into lists.
+    starts = array("q")
+    s = 0
+    for low in range(0, n, _WALK_BLOCK):
+        high = min(n, low + _WALK_BLOCK)
+        if s >= high:
+            continue
+        following = next_start[low:high].tolist()
+        while s < high:
+            starts.append(s)
+            s = following[s - low]
+    bounds = np.append(np.frombuffer(starts, dtype=np.int64), n)
+    return np.stack([bounds[:-1], bounds[1:]], axis=1)
 
 
 def build_split(dataset: IndexedDataset, docs: np.ndarray, seq_len: int, pairs: bool) -> Split:
