@@ -170,7 +170,7 @@ def time_steps(names: list[str], common: list[str], rounds: int, steps: int) -> 
     for name in names:
         config = load_config(CONFIG, [*common, *VARIANTS[name]])
         data = open_training_data(
-            config.data.path, None, config.data.seq_len, 0.0, config.mlm, config.train.seed
+            config.data.sources, None, config.data.seq_len, 0.0, config.mlm, config.train.seed
         )
         micro = config.train.micro_batch
         batches = [

@@ -72,7 +72,7 @@ def reference(data_dir: Path, steps: int, eval_every: int) -> dict[int, tuple]:
 
     config = load_config(CONFIG, [f"data.path={data_dir}", *MLM])
     data = open_training_data(
-        str(data_dir), None, config.data.seq_len, VALID_FRACTION, config.mlm, SEED
+        config.data.sources, None, config.data.seq_len, VALID_FRACTION, config.mlm, SEED
     )
     shape = resolve_model_shape(config, data.dataset.vocab_size)
     torch.manual_seed(SEED)

@@ -68,7 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --estimate-memory: the GPU's memory in GiB as CUDA reports it (16 GB V100: "
         "15.78); exit 1 when the estimate does not fit",
     )
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        metavar="N",
+        help="this process's rank on its node, as deepspeed's launcher passes it; the same as "
+        "the LOCAL_RANK variable, which it sets when the launcher did not",
+    )
     return parser
+
+
+def _take_local_rank(local_rank: int | None) -> None:
+    """`--local_rank=N` (deepspeed's launcher, torch.distributed.launch) is LOCAL_RANK."""
+    if local_rank is None:
+        return
+    exported = os.environ.get("LOCAL_RANK")
+    if exported is not None and exported != str(local_rank):
+        raise ConfigError(
+            f"--local_rank={local_rank} but LOCAL_RANK={exported}: the launcher and the "
+            "environment disagree; pass one of them"
+        )
+    os.environ["LOCAL_RANK"] = str(local_rank)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
+        _take_local_rank(args.local_rank)
         config = load_config(args.config, args.overrides)
         if args.print_config:
             import yaml

@@ -22,6 +22,7 @@ Pure numpy; nothing here knows about shards or tokenizers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,12 +32,22 @@ MAX_POSITION = _ONE - 2
 """Positions up to here (4.29e9 samples) keep p * (g + 1) + 2^31 inside uint64."""
 
 
-def parse_blend_spec(value: str | Sequence) -> tuple[list[str], list[float]]:
-    """`data.path` → (paths, weights). A string is one dataset (weight 1); a list alternates
-    weight and path, Megatron's convention: [0.7, runs/en/data, 0.3, runs/ja/data]. Raises
-    ValueError naming the problem (the config layer adds the key)."""
+@dataclass(frozen=True)
+class DataSource:
+    """One dataset of `data.path` and its share of the training stream."""
+
+    path: str
+    weight: float
+
+
+def parse_data_path(value: str | Sequence) -> tuple[DataSource, ...]:
+    """`data.path` → its datasets, the one parse of that key (config, data and trainer use it).
+
+    A string is one dataset (weight 1; an empty string: none); a list alternates weight and path,
+    Megatron's convention: [0.7, runs/en/data, 0.3, runs/ja/data]. Raises ValueError naming the
+    problem (the config layer adds the key)."""
     if isinstance(value, str):
-        return [value], [1.0]
+        return (DataSource(value, 1.0),) if value else ()
     items = list(value)
     if not items or len(items) % 2:
         raise ValueError(
@@ -48,7 +59,7 @@ def parse_blend_spec(value: str | Sequence) -> tuple[list[str], list[float]]:
         if isinstance(w, bool) or not isinstance(w, int | float) or not isinstance(p, str):
             raise ValueError(f"expected a number then a path, got {w!r}, {p!r}")
     _check_weights(weights)
-    return [str(p) for p in paths], [float(w) for w in weights]
+    return tuple(DataSource(str(p), float(w)) for w, p in zip(weights, paths, strict=True))
 
 
 def _check_weights(weights: Sequence[float]) -> np.ndarray:

@@ -1,12 +1,16 @@
 """Checkpoints: `checkpoint.dir/step_000123/`, written atomically, with a `latest` pointer.
 
 A checkpoint holds, per tensor-parallel rank, the model shard and the optimizer state keyed by
-parameter name (`model_tpNN.safetensors`, `optimizer_tpNN.safetensors`, written by all tp ranks
-at once), the RNG state and `train_state.json` (step, consumed samples, loss scaler, config,
-layout, model shape, and how each split parameter was split). Loading assembles each whole
-tensor from the shards and cuts the current layout's piece, so a checkpoint loads at any tp/dp.
-It is written under a temporary name, fsynced, given a COMPLETE marker and only then renamed, so
-a job killed mid-write never leaves something that looks like a good checkpoint.
+parameter name (`model_tpNN.safetensors`, `optimizer_tpNN_dpMM.safetensors`, written and
+fsynced by several ranks at once: `take_snapshot` says which), the RNG state and
+`train_state.json` (step, consumed samples, loss scaler, config, layout, model shape, and how
+each split parameter was split). Loading reads, for each tensor, only the slices of the saved
+shards that make up this rank's piece in the current layout, so a checkpoint loads at any tp/dp
+and a rank reads 1/tp of the split tensors. It is written under a temporary name, fsynced, given
+a COMPLETE marker and only then renamed, and `latest` moves last, so a job killed mid-write
+never leaves something that looks like a good checkpoint. The ranks agree on a save's success
+over their own group (`checkpoint.timeout_s`), and `write_snapshot` can run in a background
+thread while training goes on (`checkpoint.async_save`, pretrain.trainer).
 
 Integrity: every file's SHA-256 is recorded in `checksums.json` (each writing rank hashes the
 files it wrote). `verify_checkpoint` splits the files over the ranks, so each byte is read once
@@ -23,8 +27,11 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,7 @@ from safetensors.torch import save_file
 
 from data_prep.shard_format import file_sha256 as sha256_file  # None if the file is missing
 from pretrain.config import ConfigError, ModelShape
-from pretrain.distributed import ParallelDims, any_rank, barrier
+from pretrain.distributed import ParallelDims, barrier
 from pretrain.parallel.zero import ZeroRedundancy
 
 FORMAT_VERSION = 2  # 2: checksums.json
@@ -53,15 +60,14 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync(paths: Iterable[Path]) -> None:
+    """Flush files (and directories) to stable storage."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_checksums(directory: Path, names: list[str], tag: str) -> None:
@@ -144,6 +150,62 @@ def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     return out
 
 
+@dataclass
+class Snapshot:
+    """What one rank contributes to a checkpoint, taken at a step: the tensors of the files it
+    writes and, on the main rank, the RNG state and train state. With `copy` the tensors are
+    private copies, so training may go on while a background thread writes them."""
+
+    step: int
+    files: dict[str, dict[str, torch.Tensor]]  # file name -> tensors
+    rng: bytes | None  # main rank only
+    info: dict[str, Any] | None  # train_state.json, main rank only
+
+
+def take_snapshot(
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+    dims: ParallelDims | None = None,
+    sharding: dict[str, dict[str, int]] | None = None,
+    copy: bool = False,
+) -> Snapshot:
+    """This rank's part of checkpoint `step`, on the host.
+
+    The model shard of tp rank t is written by (t, dp 0). The optimizer state is written by
+    every dp rank under ZeRO-1 (each holds a different part), else by dp rank 1 when there is
+    one, so two ranks of each tp group share the writing and its fsync."""
+    tp_rank, dp_rank, dp_size = (
+        (0, 0, 1) if dims is None else (dims.tp_rank, dims.dp_rank, dims.dp_size)
+    )
+    zero = isinstance(optimizer, ZeroRedundancy) and optimizer.dims.dp_size > 1
+
+    def host(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().contiguous().cpu()
+        return tensor.clone() if copy else tensor
+
+    files = {}
+    if dp_rank == 0:
+        files[_model_file(tp_rank)] = {k: host(v) for k, v in model.state_dict().items()}
+    if zero or dp_rank == 1 % dp_size:
+        state = _optimizer_tensors(model, optimizer)
+        files[_optimizer_file(tp_rank, dp_rank if zero else 0)] = {
+            k: host(v) for k, v in state.items()
+        }
+    rng = info = None
+    if dims is None or dims.is_main:
+        states = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state()
+        buffer = io.BytesIO()
+        torch.save(states, buffer)
+        rng = buffer.getvalue()
+        info = dict(train_state, format_version=FORMAT_VERSION, step=step, sharding=sharding or {})
+        info["optimizer_parts"] = dp_size if zero else 1
+    return Snapshot(step, files, rng, info)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -153,18 +215,27 @@ def save_checkpoint(
     keep: int,
     dims: ParallelDims | None = None,
     sharding: dict[str, dict[str, int]] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> Path:
-    """Write step `step` under `root` from every rank at once; point `latest` at it; prune.
+    """Write step `step` under `root` from every rank at once; point `latest` at it; prune."""
+    snapshot = take_snapshot(step, model, optimizer, train_state, dims, sharding)
+    return write_snapshot(root, snapshot, keep, dims, group)
 
-    Each tp rank of the first dp replica writes its own shard files; the main rank then writes
-    the train state and RNG, the COMPLETE marker, and renames the directory into place.
-    """
+
+def write_snapshot(
+    root: Path,
+    snapshot: Snapshot,
+    keep: int,
+    dims: ParallelDims | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
+    """Every rank writes and fsyncs its files of `snapshot` into a temporary directory; the main
+    rank then writes the train state and RNG, the COMPLETE marker, renames the directory into
+    place and only then moves `latest`. The ranks agree after each stage over `group` (the
+    checkpoint group, with checkpoint.timeout_s; None: the default group), and all of them
+    raise if any failed: nothing half-written stays, `latest` never names a partial step."""
     is_main = dims is None or dims.is_main
-    tp_rank = 0 if dims is None else dims.tp_rank
-    dp_rank = 0 if dims is None else dims.dp_rank
-    writes = dp_rank == 0
-    # With ZeRO-1 every dp rank holds a different part of the optimizer state and writes it.
-    zero = isinstance(optimizer, ZeroRedundancy) and optimizer.dims.dp_size > 1
+    step = snapshot.step
     final = root / step_dir_name(step)
     temp = root / f".{final.name}.tmp"
     error: OSError | None = None
@@ -176,38 +247,26 @@ def save_checkpoint(
             temp.mkdir()
     except OSError as caught:
         error = caught
-    _agree(error, dims, temp, step)
+    _agree(error, dims, group, temp, step)
     try:
-        written = []
-        if writes:
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            _save_tensors(state, temp / _model_file(tp_rank))
-            written.append(_model_file(tp_rank))
-        if writes or zero:
-            optimizer_state = _optimizer_tensors(model, optimizer)
-            _save_tensors(optimizer_state, temp / _optimizer_file(tp_rank, dp_rank))
-            written.append(_optimizer_file(tp_rank, dp_rank))
-        if written:
-            _write_checksums(temp, written, f"tp{tp_rank:02d}_dp{dp_rank:02d}")
+        for name, tensors in snapshot.files.items():
+            _save_tensors(tensors, temp / name)
+        if snapshot.files:
+            _fsync(temp / name for name in snapshot.files)
+            tag = "_".join(name.split(".")[0] for name in sorted(snapshot.files))
+            _write_checksums(temp, sorted(snapshot.files), tag)
     except OSError as caught:  # e.g. the disk is full: no rank may go on as if it were written
         error = caught
-    _agree(error, dims, temp, step)
+    _agree(error, dims, group, temp, step)
     try:
         if is_main:
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            buffer = io.BytesIO()  # torch.save reports a failed write as a RuntimeError
-            torch.save(rng, buffer)
-            (temp / "rng.pt").write_bytes(buffer.getvalue())
-            info = dict(
-                train_state, format_version=FORMAT_VERSION, step=step, sharding=sharding or {}
-            )
-            info["optimizer_parts"] = dims.dp_size if zero else 1
-            (temp / "train_state.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+            (temp / "rng.pt").write_bytes(snapshot.rng)
+            state_text = json.dumps(snapshot.info, indent=2)
+            (temp / "train_state.json").write_text(state_text, encoding="utf-8")
             _merge_checksums(temp, ["rng.pt", "train_state.json"])
-            _fsync_tree(temp)
+            _fsync([temp / "rng.pt", temp / "train_state.json", temp / CHECKSUMS, temp])
             (temp / COMPLETE).write_text("ok\n", encoding="utf-8")
+            _fsync([temp / COMPLETE, temp])
             # The same step written again (e.g. a resumed run's final save): the old copy is
             # renamed aside, the new one renamed in, and only then is the old one deleted.
             old = _move_to_trash(final) if final.exists() else None
@@ -216,17 +275,30 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
             pointer = root / "latest.tmp"
             pointer.write_text(final.name + "\n", encoding="utf-8")
+            _fsync([pointer, root])
             os.replace(pointer, root / "latest")
             _prune(root, keep)
     except OSError as caught:
         error = caught
-    _agree(error, dims, temp, step)
+    _agree(error, dims, group, temp, step)
     return final
 
 
-def _agree(error: OSError | None, dims: ParallelDims | None, temp: Path, step: int) -> None:
+def _agree(
+    error: OSError | None,
+    dims: ParallelDims | None,
+    group: dist.ProcessGroup | None,
+    temp: Path,
+    step: int,
+) -> None:
     """All ranks stop together when any failed to write; nothing half-written stays behind."""
-    failed = error is not None if dims is None else any_rank(error is not None, dims)
+    failed = error is not None
+    if dims is not None and dims.world_size > 1:
+        flag = torch.tensor([1.0 if failed else 0.0])  # on the host: the group may be gloo
+        if group is None:
+            flag = flag.to(dims.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        failed = bool(flag.item())
     if not failed:
         return
     if dims is None or dims.is_main:
@@ -234,6 +306,45 @@ def _agree(error: OSError | None, dims: ParallelDims | None, temp: Path, step: i
     if error is not None:
         raise error
     raise CheckpointError(f"checkpoint of step {step} not written: another rank failed to write")
+
+
+def checkpoint_group(dims: ParallelDims, timeout_s: float) -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for the agreements around a save, with its own timeout
+    (checkpoint.timeout_s), so a slow file system does not trip the training collectives'
+    parallel.timeout_s. Every rank must call this, in the same order. None for one process."""
+    if dims.world_size == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+class BackgroundWriter:
+    """Runs one checkpoint write at a time in a background thread (checkpoint.async_save)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._outcome: tuple[Path | None, Exception | None] = (None, None)
+
+    def start(self, write: Callable[[], Path]) -> None:
+        if self._thread is not None:
+            raise RuntimeError("a checkpoint write is still in flight: wait() for it first")
+
+        def run() -> None:
+            try:
+                self._outcome = (write(), None)
+            except Exception as error:  # handed to the training thread by wait()
+                self._outcome = (None, error)
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> tuple[Path | None, Exception | None] | None:
+        """Block until the write in flight ends: (its path, None) or (None, its error); None
+        when there was none."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        return self._outcome
 
 
 def _barrier(dims: ParallelDims | None) -> None:
@@ -392,7 +503,11 @@ def check_shape(path: Path, stored: dict[str, Any], shape: ModelShape) -> None:
 
 
 class _ShardedReader:
-    """Whole tensors from a checkpoint of any tp layout (one parameter in memory at a time)."""
+    """Tensors from a checkpoint of any tp layout, one parameter in memory at a time.
+
+    `local` reads only the bytes of this rank's piece (safetensors slices a tensor in its
+    file without reading the rest); `whole` assembles the entire tensor. `bytes_read` counts
+    what was read through it (memory-mapped reads do not show in /proc/self/io)."""
 
     def __init__(self, path: Path, names: Callable[[int], list[str]]) -> None:
         state = read_train_state(path)
@@ -403,17 +518,51 @@ class _ShardedReader:
         for r in range(tp):
             files = [safe_open(str(path / name), framework="pt") for name in names(r)]
             self.index.append({key: f for f in files for key in f.keys()})
+        self.bytes_read = 0
 
     def keys(self) -> list[str]:
         return list(self.index[0])
 
+    def _read(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
     def whole(self, key: str, param_name: str) -> torch.Tensor:
         info = self.sharding.get(param_name)
-        first = self.index[0][key].get_tensor(key)
+        first = self._read(self.index[0][key].get_tensor(key))
         if info is None or first.ndim == 0:
             return first
-        parts = [first] + [files[key].get_tensor(key) for files in self.index[1:]]
+        parts = [first] + [self._read(files[key].get_tensor(key)) for files in self.index[1:]]
         return torch.cat(parts, dim=info["dim"]).narrow(info["dim"], 0, info["size"])
+
+    def local(
+        self, key: str, param_name: str, like: torch.Tensor, split: dict[str, int] | None, rank: int
+    ) -> torch.Tensor:
+        """This tp rank's piece of `key` for the current layout (`split`: its dim and tp), read
+        from the saved parts it overlaps only; vocabulary padding rows are zeros."""
+        saved = self.sharding.get(param_name)
+        stored = self.index[0][key].get_slice(key)
+        shape = stored.get_shape()
+        if split is None or len(shape) == 0 or len(shape) != like.ndim:
+            return _local_part(self.whole(key, param_name), like, split, rank)
+        dim, local = split["dim"], like.shape[split["dim"]]
+        size = shape[dim] if saved is None else saved["size"]  # the unpadded whole length
+        parts = [stored] if saved is None else [f[key].get_slice(key) for f in self.index]
+        step = shape[dim]  # every saved part has the same (padded) length along dim
+        begin, end = rank * local, min((rank + 1) * local, size)
+        pieces = []
+        for r, part in enumerate(parts):
+            lo, hi = max(begin, r * step), min(end, (r + 1) * step)
+            if lo < hi:
+                index = [slice(None)] * len(shape)
+                index[dim] = slice(lo - r * step, hi - r * step)
+                pieces.append(self._read(part[tuple(index)]))
+        missing = local - max(0, end - begin)
+        if missing > 0 or not pieces:
+            pad_shape = list(like.shape)
+            pad_shape[dim] = missing
+            pieces.append(torch.zeros(pad_shape, dtype=like.dtype))
+        return torch.cat(pieces, dim=dim)
 
 
 def _local_part(
@@ -449,8 +598,9 @@ def load_model_weights(
     model: torch.nn.Module,
     dims: ParallelDims | None = None,
     sharding: dict[str, dict[str, int]] | None = None,
-) -> None:
-    """Load weights saved at any tp into `model` laid out by `sharding` (None: unsharded)."""
+) -> int:
+    """Load weights saved at any tp into `model` laid out by `sharding` (None: unsharded),
+    reading only this rank's piece of each tensor; returns the bytes read."""
     reader = _ShardedReader(path, lambda r: [_model_file(r)])
     split = _current_split(sharding, dims)
     tp_rank = 0 if dims is None else dims.tp_rank
@@ -465,8 +615,8 @@ def load_model_weights(
         )
     with torch.no_grad():
         for name, target in expected.items():
-            part = _local_part(reader.whole(name, name), target, split(name), tp_rank)
-            target.copy_(part)
+            target.copy_(reader.local(name, name, target, split(name), tp_rank))
+    return reader.bytes_read
 
 
 def full_model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -481,10 +631,11 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     dims: ParallelDims | None = None,
     sharding: dict[str, dict[str, int]] | None = None,
-) -> dict[str, Any]:
-    """Restore model, optimizer and RNG (resharding to the current layout); return the state."""
+) -> tuple[dict[str, Any], int]:
+    """Restore model, optimizer and RNG (resharding to the current layout); return the train
+    state and the bytes of tensors this rank read (its own pieces only)."""
     state = read_train_state(path)
-    load_model_weights(path, model, dims, sharding)
+    bytes_read = load_model_weights(path, model, dims, sharding)
     parts = state.get("optimizer_parts", 1)
     reader = _ShardedReader(path, lambda r: [_optimizer_file(r, d) for d in range(parts)])
     split = _current_split(sharding, dims)
@@ -500,8 +651,8 @@ def load_checkpoint(
             entries = {}
             for key in reader.keys():
                 if key.startswith(name + "::"):
-                    whole = reader.whole(key, name)
-                    entries[key.split("::", 1)[1]] = _local_part(whole, param, split(name), tp_rank)
+                    piece = reader.local(key, name, param, split(name), tp_rank)
+                    entries[key.split("::", 1)[1]] = piece
             if entries:
                 by_index[index] = entries
             index += 1
@@ -510,4 +661,4 @@ def load_checkpoint(
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return state
+    return state, bytes_read + reader.bytes_read

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pretrain.blend import parse_blend_spec
+from pretrain.blend import DataSource, parse_data_path
 
 
 class ConfigError(ValueError):
@@ -124,6 +124,14 @@ class DataConfig:
     """Fraction of documents held out for evaluation; 0 = no evaluation."""
     workers: int = ranged(1, 0)
     """DataLoader worker processes that assemble and mask batches."""
+
+    @property
+    def sources(self) -> tuple[DataSource, ...]:
+        """`path` as typed (path, weight) entries: the one place `data.path` is parsed."""
+        try:
+            return parse_data_path(self.path)
+        except ValueError as error:
+            raise ConfigError(f"data.path: {error}") from None
 
 
 @dataclass
@@ -239,6 +247,17 @@ class CheckpointConfig:
     """Write a checkpoint every this many steps (and at the end and on a stop request)."""
     keep: int = ranged(3, 1)
     """Complete checkpoints kept; older ones are deleted after each new one."""
+    timeout_s: float = ranged(1800.0, 0.0, low_open=True)
+    """How long the ranks wait for each other during a save (its own process group; a slow
+    file system then fails the save, not the job); parallel.timeout_s is for training."""
+    async_save: bool = False
+    """Write periodic checkpoints in a background thread from a host copy of the state while
+    training goes on (costs one copy of the rank's weights and optimizer state in host memory);
+    the last save of a run is always waited for."""
+    fail_on_error: bool = False
+    """A periodic checkpoint that cannot be written ends the run; false: it is reported in one
+    line, `latest` keeps naming the previous one, and training goes on. The last save of a run
+    ends it with an error either way."""
 
 
 @dataclass
@@ -453,11 +472,9 @@ def validate(config: Config) -> None:
     m, d, t = config.model, config.data, config.train
     if m.size is not None and m.size not in MODEL_SIZES:
         raise ConfigError(f"model.size={m.size!r} is not one of {'|'.join(MODEL_SIZES)}")
-    if d.path:
-        try:
-            parse_blend_spec(d.path)
-        except ValueError as error:
-            raise ConfigError(f"data.path: {error}") from None
+    for source in d.sources:  # parsing checks the blend's form
+        if not source.path:
+            raise ConfigError("data.path: a blend entry has an empty path")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "

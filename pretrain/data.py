@@ -6,16 +6,19 @@
 - Pairs (nsp|sop): a document is cut into chunks of whole sentences; each chunk becomes segments
   A and B split at a random sentence boundary; NSP swaps B for a chunk of another document half
   of the time, SOP swaps A and B half of the time.
+- A split's sample index is built once and cached in the run directory (pretrain.sample_index).
 - Order: the training stream is an endless sequence of epochs, each a permutation of the
-  samples seeded by (seed, epoch). Stream position g is masked with a generator seeded by
-  (seed, g), so a run resumed at `consumed_samples` sees exactly what it would have seen.
+  samples keyed by (seed, epoch) (a Feistel permutation: no per-epoch table). Stream position
+  g is masked with a generator seeded by (seed, g), so a run resumed at `consumed_samples`
+  sees exactly what it would have seen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,21 +27,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data_prep.shard_format import CLS_ID, PAD_ID, SEP_ID, IndexedDataset
 from data_prep.tokenizer import continuation_mask
 from launch.signals import leave_stop_signals_to_the_trainer
-from pretrain.blend import blend_index, parse_blend_spec
+from pretrain.blend import DataSource, blend_index
 from pretrain.config import ConfigError, MLMConfig
 from pretrain.masking import IGNORE, mask_tokens
+from pretrain.sample_index import Shuffle, Split, build_split, index_key, load_or_build
 
 # Validation always uses the same corruption so that runs with any training masking compare.
 EVAL_MLM = MLMConfig(mode="sparse", mask_rate=0.15, whole_word=False)
-
-
-@dataclass
-class Split:
-    """The sentences of one split, in order, and where its samples start and end."""
-
-    sentences: np.ndarray  # [n_sentences] global sentence ids
-    doc_start: np.ndarray  # [n_sentences] bool, first sentence of a document
-    samples: np.ndarray  # [n_samples, 2] (start, end) into `sentences`
 
 
 def split_documents(num_documents: int, valid_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -51,44 +46,6 @@ def split_documents(num_documents: int, valid_fraction: float) -> tuple[np.ndarr
     if not is_valid.any():
         is_valid[-1] = True
     return docs[~is_valid], docs[is_valid]
-
-
-def _split_sentences(
-    dataset: IndexedDataset, docs: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    offsets = dataset.document_sentence_offsets()
-    counts = offsets[docs + 1] - offsets[docs]
-    if len(docs) == 0:  # no held-out split (data.valid_fraction=0, or a one-document corpus)
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), counts
-    sentences = np.concatenate([np.arange(offsets[d], offsets[d + 1]) for d in docs] or [[]])
-    sentences = sentences.astype(np.int64)
-    doc_start = np.zeros(len(sentences), dtype=bool)
-    doc_start[np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)] = True
-    return sentences, doc_start, counts
-
-
-def build_split(dataset: IndexedDataset, docs: np.ndarray, seq_len: int, pairs: bool) -> Split:
-    """Greedy packing of whole sentences into samples of at most `seq_len` tokens."""
-    sentences, doc_start, _ = _split_sentences(dataset, docs)
-    if len(sentences) == 0:
-        return Split(sentences, doc_start, np.zeros((0, 2), dtype=np.int64))
-    lengths = dataset.sentence_lengths()[sentences]
-    budget = seq_len - (3 if pairs else 2)
-    starts = []
-    start, used = 0, 0
-    for i in range(len(sentences)):
-        length = min(int(lengths[i]), budget)
-        boundary = bool(doc_start[i]) and i > start
-        # Pairs never cross documents; packed samples do, paying one [SEP] for it.
-        if i > start and (used + length + boundary > budget or (pairs and boundary)):
-            starts.append(start)
-            start, used = i, length
-        else:
-            used += length + boundary
-    starts.append(start)
-    bounds = np.array(starts + [len(sentences)], dtype=np.int64)
-    samples = np.stack([bounds[:-1], bounds[1:]], axis=1)
-    return Split(sentences, doc_start, samples)
 
 
 class PretrainingData(Dataset):
@@ -115,8 +72,7 @@ class PretrainingData(Dataset):
         self.shuffle = shuffle
         self.continuation = continuation
         self.vocab_size = dataset.vocab_size
-        self._epoch = -1
-        self._order = np.arange(len(split.samples))
+        self._shuffle: Shuffle | None = None
 
     def __len__(self) -> int:
         return len(self.split.samples)
@@ -125,11 +81,9 @@ class PretrainingData(Dataset):
         epoch, offset = divmod(position, len(self.split.samples))
         if not self.shuffle:
             return offset
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
-            self._order = rng.permutation(len(self.split.samples))
-            self._epoch = epoch
-        return int(self._order[offset])
+        if self._shuffle is None or self._shuffle.epoch != epoch:
+            self._shuffle = Shuffle(len(self.split.samples), self.seed, epoch)
+        return int(self._shuffle(np.array([offset]))[0])
 
     def _sentences(self, start: int, end: int, budget: int) -> list[np.ndarray]:
         """Tokens of split sentences [start, end), with [SEP] at document boundaries."""
@@ -305,6 +259,7 @@ class BlendedData(Dataset):
 @dataclass
 class TrainingData:
     dataset: IndexedDataset  # the first (all share one tokenizer)
+    sources: tuple[DataSource, ...]  # data.path, parsed
     train: PretrainingData | BlendedData
     valid: PretrainingData | BlendedData | None
     tokenizer_dir: Path
@@ -318,23 +273,44 @@ def _open_dataset(path: str) -> IndexedDataset:
     return IndexedDataset(Path(path))  # a cut or invalid manifest raises PrepError (one line)
 
 
+def _split(
+    dataset: IndexedDataset,
+    docs: np.ndarray,
+    rule: dict[str, Any],
+    seq_len: int,
+    pairs: bool,
+    cache: Path | None,
+    say: Callable[[str], None],
+) -> Split:
+    """A split's sample index: from the `cache` directory when it is current, else built (and
+    saved there). `rule` says how `docs` were chosen (part of the cache's key)."""
+    if cache is None:
+        return build_split(dataset, docs, seq_len, pairs)
+    key = index_key(dataset, rule, seq_len, pairs)
+    return load_or_build(cache, key, lambda: build_split(dataset, docs, seq_len, pairs), say)
+
+
 def open_training_data(
-    path: str | list,
+    sources: Sequence[DataSource],
     tokenizer: str | None,
     seq_len: int,
     valid_fraction: float,
     mlm: MLMConfig,
     seed: int,
+    cache_dir: Path | None = None,
+    say: Callable[[str], None] = print,
 ) -> TrainingData:
-    """Open prepared dataset(s) and build the train/valid samples; user errors → ConfigError."""
-    if not path:
+    """Open prepared dataset(s) and their train/valid samples; user errors → ConfigError.
+
+    With `cache_dir`, each split's sample index is loaded from there when it was built from the
+    same data and settings, else built and saved there (one line via `say`); without, it is
+    built in memory."""
+    if not sources:
         raise ConfigError(
             "data.path is not set: point it at a directory made by `bert-prep encode`"
         )
-    try:
-        paths, weights = parse_blend_spec(path)
-    except ValueError as error:
-        raise ConfigError(f"data.path: {error}") from None
+    sources = tuple(sources)
+    paths, weights = [s.path for s in sources], [s.weight for s in sources]
     datasets = [_open_dataset(p) for p in paths]
     for p, ds in zip(paths[1:], datasets[1:], strict=True):
         if ds.tokenizer_hash != datasets[0].tokenizer_hash:
@@ -349,13 +325,29 @@ def open_training_data(
     for i, dataset in enumerate(datasets):
         part_seed = seed + 1009 * i
         train_docs, valid_docs = split_documents(dataset.num_documents, valid_fraction)
-        train_split = build_split(dataset, train_docs, seq_len, pairs)
+        train_split = _split(
+            dataset,
+            train_docs,
+            {"split": "train", "valid_fraction": valid_fraction},
+            seq_len,
+            pairs,
+            None if cache_dir is None else cache_dir / f"part{i}-train",
+            say,
+        )
         train_parts.append(
             PretrainingData(
                 dataset, train_split, seq_len, mlm, part_seed, continuation=continuation
             )
         )
-        valid_split = build_split(dataset, valid_docs, seq_len, pairs=False)
+        valid_split = _split(
+            dataset,
+            valid_docs,
+            {"split": "valid", "valid_fraction": valid_fraction},
+            seq_len,
+            False,
+            None if cache_dir is None else cache_dir / f"part{i}-valid",
+            say,
+        )
         if len(valid_split.samples):
             valid_parts.append(
                 PretrainingData(
@@ -363,11 +355,11 @@ def open_training_data(
                 )
             )
     if len(datasets) == 1:
-        return TrainingData(
-            datasets[0], train_parts[0], valid_parts[0] if valid_parts else None, tokenizer_dir
-        )
+        valid_part = valid_parts[0] if valid_parts else None
+        return TrainingData(datasets[0], sources, train_parts[0], valid_part, tokenizer_dir)
     valid = BlendedData(valid_parts, weights) if len(valid_parts) == len(datasets) else None
-    return TrainingData(datasets[0], BlendedData(train_parts, weights), valid, tokenizer_dir)
+    train = BlendedData(train_parts, weights)
+    return TrainingData(datasets[0], sources, train, valid, tokenizer_dir)
 
 
 def most_frequent_token(dataset: IndexedDataset, max_sentences: int = 20000) -> int:

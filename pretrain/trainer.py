@@ -20,16 +20,19 @@ from torch import nn
 
 import kernels
 from launch.signals import EXIT_RESUBMIT, StopRequest
-from pretrain.blend import parse_blend_spec
 from pretrain.checkpoint import (
+    BackgroundWriter,
+    CheckpointError,
     check_intact,
     check_shape,
+    checkpoint_group,
     load_checkpoint,
     load_model_weights,
     newest_intact_checkpoint,
     read_train_state,
     resolve_checkpoint,
-    save_checkpoint,
+    take_snapshot,
+    write_snapshot,
 )
 from pretrain.config import (
     Config,
@@ -250,6 +253,8 @@ class _Run:
     held_out: list[dict[str, torch.Tensor]] = field(default_factory=list)
     comm: CommCounter | None = None
     result: TrainResult | None = None
+    save_group: Any = None  # the checkpoint group (checkpoint.timeout_s); None for one process
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter)
 
 
 def _train(
@@ -280,10 +285,7 @@ def _build(
     """Data, model (parallelized), optimizer and loss scaler, resumed from a checkpoint if any."""
     accumulation = check_batch_layout(config, dims.dp_size)
     torch.manual_seed(config.train.seed)
-    d = config.data
-    data = open_training_data(
-        d.path, d.tokenizer, d.seq_len, d.valid_fraction, config.mlm, config.train.seed
-    )
+    data = _open_data(config, dims, say)
     shape = resolve_model_shape(config, data.dataset.vocab_size)
     if shape.vocab_size < data.dataset.vocab_size:
         raise ConfigError(
@@ -300,7 +302,7 @@ def _build(
     # the same weights.
     model = build_model(shape, "cpu")
     resume_path = _find_resume(config, dims, say)
-    data_paths = [str(Path(p).resolve()) for p in parse_blend_spec(d.path)[0]]
+    data_paths = [str(Path(source.path).resolve()) for source in data.sources]
     if resume_path is None and config.train.init_from:
         _init_weights_from(config.train.init_from, model, dims)  # whole weights, before splitting
         say(f"initialised weights from {config.train.init_from}")
@@ -343,10 +345,39 @@ def _build(
         consumed=0,
         say=say,
     )
+    run.save_group = checkpoint_group(dims, config.checkpoint.timeout_s)
     if resume_path is not None:
         _resume(run, resume_path, precision_reason)
     run.result = TrainResult(exit_code=0, step=run.step, is_main=dims.is_main)
     return run
+
+
+def _open_data(config: Config, dims: ParallelDims, say: Callable[[str], None]) -> TrainingData:
+    """The training data, its sample index cached in OUT_DIR/sample_index: the main rank builds
+    (or checks) the cache first, then the other ranks memory-map what it wrote."""
+    d, cache = config.data, Path(config.train.out_dir) / "sample_index"
+    open_data = partial(
+        open_training_data,
+        d.sources,
+        d.tokenizer,
+        d.seq_len,
+        d.valid_fraction,
+        config.mlm,
+        config.train.seed,
+        cache_dir=cache,
+        say=say,
+    )
+    data, error = None, None
+    if dims.is_main:
+        try:
+            data = open_data()
+        except Exception as caught:  # re-raised below, once the other ranks know
+            error = caught
+    if any_rank(error is not None, dims):
+        if error is not None:
+            raise error
+        raise ConfigError("data.path: the main rank could not open the data (see its error)")
+    return data if data is not None else open_data()
 
 
 def _resume(run: _Run, path: Path, precision_reason: str) -> None:
@@ -355,7 +386,7 @@ def _resume(run: _Run, path: Path, precision_reason: str) -> None:
     stored = read_train_state(path)
     check_shape(path, stored.get("model_shape", {}), run.shape)
     check_resume(stored, path, config, run.data.dataset.tokenizer_hash, run.data_paths, run.say)
-    state = load_checkpoint(path, run.model, run.optimizer, run.dims, run.sharding)
+    state, bytes_read = load_checkpoint(path, run.model, run.optimizer, run.dims, run.sharding)
     run.step, run.consumed = state["step"], state["consumed_samples"]
     saved_precision = state.get("config", {}).get("train", {}).get("precision")
     if saved_precision in (None, t.precision):
@@ -368,7 +399,8 @@ def _resume(run: _Run, path: Path, precision_reason: str) -> None:
     saved = state.get("layout", {})
     run.say(
         f"resumed from {path} at step {run.step} ({run.consumed} samples consumed; saved at "
-        f"tp {saved.get('tp', 1)} x dp {saved.get('dp', 1)})"
+        f"tp {saved.get('tp', 1)} x dp {saved.get('dp', 1)}; rank 0 read "
+        f"{bytes_read / 1e6:.1f} MB of tensors)"
     )
 
 
@@ -480,7 +512,7 @@ def _loop(run: _Run, stop: StopRequest) -> TrainResult:
             result.exit_code = exit_code
             break
         if run.step % config.checkpoint.every == 0 or last:
-            _save(run)
+            _save(run, final=last)
             interval.start = time.perf_counter()  # nor is checkpoint time
     run.metrics.close()
     result.step = run.step
@@ -574,8 +606,12 @@ def _write(run: _Run, record: dict[str, Any], kept: list[dict[str, Any]]) -> Non
     run.say(format_line(record))
 
 
-def _save(run: _Run) -> None:
-    """Checkpoint the current state (the tp ranks of the first dp replica write in parallel)."""
+def _save(run: _Run, final: bool = True) -> None:
+    """Checkpoint the current state. Several ranks write at once (pretrain.checkpoint); with
+    checkpoint.async_save a periodic save is written by a background thread from a host copy
+    while training goes on. A periodic save that fails is reported and training goes on
+    (unless checkpoint.fail_on_error); the final one (end, stop request, divergence) is waited
+    for and its failure ends the run."""
     began, dims = time.perf_counter(), run.dims
     state = {
         "consumed_samples": run.consumed,
@@ -589,19 +625,45 @@ def _save(run: _Run) -> None:
         "finite": _params_finite(run.model, run.dims),  # rotation keeps the newest finite one
     }
     checkpoint = run.config.checkpoint
-    path = save_checkpoint(
-        run.config.checkpoint_dir,
-        run.step,
-        run.model,
-        run.optimizer,
-        state,
-        checkpoint.keep,
-        run.dims,
-        run.sharding,
+    background = checkpoint.async_save and not final
+    snapshot = take_snapshot(
+        run.step, run.model, run.optimizer, state, dims, run.sharding, copy=background
     )
-    run.clock.add_checkpoint(time.perf_counter() - began)
-    run.say(f"checkpoint written: {path}")
-    run.result.checkpoint = path
+    _report_save(run, run.writer.wait(), final=False)  # the previous background save
+    write = partial(
+        write_snapshot, run.config.checkpoint_dir, snapshot, checkpoint.keep, dims, run.save_group
+    )
+    if background:
+        run.writer.start(write)
+    else:
+        try:
+            outcome = (write(), None)
+        except (OSError, CheckpointError, torch.distributed.DistError) as error:
+            outcome = (None, error)
+        _report_save(run, outcome, final)
+    run.clock.add_checkpoint(time.perf_counter() - began)  # the time training was held up
+
+
+def _report_save(
+    run: _Run, outcome: tuple[Path | None, Exception | None] | None, final: bool
+) -> None:
+    """Say where a checkpoint went, or why it did not (raising when that must end the run)."""
+    if outcome is None:
+        return
+    path, error = outcome
+    if error is None:
+        run.say(f"checkpoint written: {path}")
+        run.result.checkpoint = path
+        return
+    tolerated = (OSError, CheckpointError, torch.distributed.DistError)
+    if final or run.config.checkpoint.fail_on_error or not isinstance(error, tolerated):
+        raise error
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    run.say(
+        f"warning: a checkpoint was not written ({reason}); `latest` still names "
+        f"{run.result.checkpoint or 'no checkpoint'}; training goes on "
+        "(checkpoint.fail_on_error=true ends the run instead)"
+    )
 
 
 def _divergence(bad_steps: int, overflow_at_floor: bool, config: Config) -> str | None:

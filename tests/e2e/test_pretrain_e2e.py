@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -202,6 +203,39 @@ def test_user_errors_are_one_line(small_dataset, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_deepspeed_launcher_local_rank_argument(small_dataset, tmp_path):
+    """deepspeed's launcher exports RANK, WORLD_SIZE and the master, and passes the local rank
+    as `--local_rank=N` in argv (the oracle: its launcher's documented contract). bert-train
+    takes it as LOCAL_RANK; a disagreeing LOCAL_RANK is a one-line usage error."""
+    base = ["--config", str(REPO / "configs" / "tiny.yaml"), *TINY, f"data.path={small_dataset}",
+            f"train.out_dir={tmp_path / 'run'}", "train.steps=1"]  # fmt: skip
+    with socket.socket() as probe:  # a free port for the one-process rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    launcher = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    environ = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "--local_rank=0", *base],
+        cwd=REPO,
+        env={**environ, **launcher, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "launcher torchrun: rank 0/1, local rank 0" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "--local_rank=1", *base],
+        cwd=REPO,
+        env={**environ, **launcher, "LOCAL_RANK": "0", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "--local_rank=1 but LOCAL_RANK=0" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_kernels_name_does_not_fool_transformers():
     """Our `kernels` package must not pass for Hugging Face's `kernels` library (docs/design.md)."""
     from transformers.utils.import_utils import is_kernels_available
@@ -218,7 +252,7 @@ def test_blended_datasets_train_and_resume_exactly(small_dataset, tmp_path):
     shutil.copytree(small_dataset, copy)
     blend = f"data.path=[0.7, {small_dataset}, 0.3, {copy}]"
     config = _config(small_dataset, tmp_path / "a", "train.steps=4", blend)
-    data = open_training_data(config.data.path, None, 64, 0.05, config.mlm, 1)
+    data = open_training_data(config.data.sources, None, 64, 0.05, config.mlm, 1)
     assert len(data.train) == 2 * len(data.train.parts[0])
 
     straight = train(config)

@@ -9,10 +9,11 @@ import pytest
 
 from pretrain.blend import (
     MAX_POSITION,
+    DataSource,
     blend_counts,
     blend_index,
     build_blend,
-    parse_blend_spec,
+    parse_data_path,
 )
 
 
@@ -93,10 +94,11 @@ def test_build_blend_epochs_are_seeded_permutations() -> None:
         build_blend([10], [1, 1], 5, seed=0)
 
 
-def test_parse_blend_spec() -> None:
+def test_parse_data_path() -> None:
     """Oracle: DESIGN's data.path: a directory, or weight/path pairs (Megatron's order)."""
-    assert parse_blend_spec("runs/data") == (["runs/data"], [1.0])
-    assert parse_blend_spec([0.7, "en", 3, "ja"]) == (["en", "ja"], [0.7, 3.0])
+    assert parse_data_path("runs/data") == (DataSource("runs/data", 1.0),)
+    assert parse_data_path("") == ()
+    assert parse_data_path([0.7, "en", 3, "ja"]) == (DataSource("en", 0.7), DataSource("ja", 3.0))
     for bad in ([], [0.5], ["en", 0.5], [0.5, "en", -1, "ja"], [True, "en"]):
         with pytest.raises(ValueError):
-            parse_blend_spec(bad)
+            parse_data_path(bad)

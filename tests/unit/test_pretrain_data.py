@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from data_prep.shard_format import IndexedDataset
+from pretrain.blend import parse_data_path
 from pretrain.config import MLMConfig
 from pretrain.data import (
     CLS_ID,
@@ -21,6 +22,10 @@ from pretrain.data import (
     open_training_data,
     split_documents,
 )
+
+
+def _open(path, seq_len, valid_fraction, mlm, seed):
+    return open_training_data(parse_data_path(str(path)), None, seq_len, valid_fraction, mlm, seed)
 
 
 def test_split_documents_is_disjoint_and_covers():
@@ -58,7 +63,7 @@ def test_packing_covers_every_sentence_once_within_budget(small_dataset):
 def test_pairs_have_two_segments_and_balanced_labels(small_dataset):
     for task in ("nsp", "sop"):
         mlm = MLMConfig(mode="dense", pair_task=task)
-        data = open_training_data(str(small_dataset), None, 64, 0.05, mlm, seed=3).train
+        data = _open(small_dataset, 64, 0.05, mlm, seed=3).train
         labels = []
         for position in range(200):
             item = data[position]
@@ -73,7 +78,7 @@ def test_pairs_have_two_segments_and_balanced_labels(small_dataset):
 
 def test_stream_is_identical_with_worker_processes(small_dataset):
     """Masks are drawn per (seed, position): worker processes must not change a batch."""
-    data = open_training_data(str(small_dataset), None, 64, 0.05, MLMConfig(), seed=5).train
+    data = _open(small_dataset, 64, 0.05, MLMConfig(), seed=5).train
     streams = []
     for workers in (0, 2):
         loader = build_loader(data, StreamBatches(40, 16, 4, dp_rank=1, dp_size=2), workers)
@@ -85,7 +90,7 @@ def test_stream_is_identical_with_worker_processes(small_dataset):
 
 
 def test_epochs_are_reshuffled_and_resume_positions_match(small_dataset):
-    data = open_training_data(str(small_dataset), None, 64, 0.05, MLMConfig(), seed=5).train
+    data = _open(small_dataset, 64, 0.05, MLMConfig(), seed=5).train
     n = len(data)
     first_epoch = [data.sample_id(i) for i in range(n)]
     second_epoch = [data.sample_id(n + i) for i in range(n)]
@@ -102,14 +107,14 @@ def test_no_held_out_split_trains_without_evaluation(small_dataset, tmp_path):
     corpus is in the training split."""
     from data_prep.encode import encode_corpus
 
-    whole = open_training_data(str(small_dataset), None, 64, 0.0, MLMConfig(), 1)
+    whole = _open(small_dataset, 64, 0.0, MLMConfig(), 1)
     assert whole.valid is None
     assert len(whole.train.split.sentences) == IndexedDataset(small_dataset).num_sentences
 
     text = tmp_path / "one.txt"
     text.write_text("The only document has one sentence. And then a second one.\n")
     encode_corpus([text], small_dataset / "tokenizer", tmp_path / "one", lang="en")
-    one = open_training_data(str(tmp_path / "one"), None, 64, 0.01, MLMConfig(), 1)
+    one = _open(tmp_path / "one", 64, 0.01, MLMConfig(), 1)
     assert one.valid is None and len(one.train) == 1
     assert one.train[0]["input_ids"][0] == CLS_ID
 
@@ -121,7 +126,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused(small_dataset):
     from pretrain.config import ConfigError
     from pretrain.data import check_token_ids, collate
 
-    data = open_training_data(str(small_dataset), None, 64, 0.0, MLMConfig(), 1)
+    data = _open(small_dataset, 64, 0.0, MLMConfig(), 1)
     batch = collate([data.train[i] for i in range(4)], 64)
     check_token_ids(batch, data.dataset.vocab_size, str(small_dataset))
     largest = max(int(batch["input_ids"].max()), int(batch["labels"].max()))
@@ -143,5 +148,5 @@ def test_a_truncated_manifest_is_a_one_line_error(small_dataset, tmp_path):
     text = (cut / "manifest.json").read_text()
     (cut / "manifest.json").write_text(text[: len(text) // 2])
     with pytest.raises(PrepError, match="manifest.json") as error:
-        open_training_data(str(cut), None, 64, 0.0, MLMConfig(), 1)
+        _open(cut, 64, 0.0, MLMConfig(), 1)
     assert "\n" not in str(error.value)
