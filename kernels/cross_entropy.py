@@ -3,9 +3,20 @@ PyTorch reference of the per-chunk maths.
 
 The MLM head's logits are [N, V] (N scored positions, V ~ 30k): for dense MLM at N = 64k that is
 8 GB in fp32, far more than the activations of the rest of the model. The loop computes the
-logits of `chunk_rows` rows at a time in fp32, turns each chunk into its loss AND its gradients
-right away (softmax - onehot is all backward needs), and keeps only grad_hidden [N, H],
-grad_weight [V, H] and grad_bias [V]. Peak extra memory is one [chunk_rows, V] fp32 buffer.
+logits of `chunk_rows` rows at a time, turns each chunk into its loss AND its gradients right
+away (softmax - onehot is all backward needs), and keeps only grad_hidden [N, H], grad_weight
+[V, H] and grad_bias [V]. Peak extra memory is one [chunk_rows, V] fp32 buffer.
+
+Precision. The three GEMMs per chunk (logits = h W^T, grad_h = G W, grad_W += G^T h) run in the
+autocast dtype when autocast is on for the device (bf16 or fp16: tensor cores on a GPU; the
+GEMMs accumulate in fp32), in fp32 otherwise. The logits come out of their GEMM rounded to that
+dtype, as in Megatron, and are upcast to the fp32 chunk buffer: softmax, log-sum-exp, the loss,
+the statistics, grad_bias and the grad_weight accumulator are fp32. The gradients are computed
+in the forward pass, before backward's loss scale exists, and d loss / d logits = w_i / sum(w) *
+(softmax - onehot) is ~1e-8 at dense micro-batches: below fp16's smallest subnormal. So the
+chunk maths scales row i by w_i / max(w) instead (entries in [-1, 1], fine in fp16 and bf16),
+and the remaining factor max(w) / sum(w) is applied in fp32 in backward, together with the
+incoming gradient (the loss scale), before the grads are cast to their inputs' dtypes.
 
 Tensor parallelism splits V across ranks: each rank holds weight[V_tp, H]. The row max, the row
 sums (sum-exp, target logit, logit sum), the argmax and grad_hidden are then partial per rank and
@@ -80,6 +91,14 @@ def linear_cross_entropy(
     return run_chunked(chunk_math, hidden, weight, target, bias, position_weight, tp, options)
 
 
+def gemm_dtype(device_type: str) -> torch.dtype:
+    """The dtype of the head's GEMMs: autocast's (bf16/fp16) where autocast is on for
+    `device_type` ("cuda", "cpu"), fp32 otherwise."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.float32
+
+
 def _pick_chunk_math(hidden: Tensor) -> ChunkMath:
     """The Triton kernels on CUDA devices of compute capability >= 8.0 (see kernels.dispatch);
     the PyTorch reference everywhere else, including V100."""
@@ -124,32 +143,48 @@ def run_chunked(
 
     hidden_2d = hidden.reshape(-1, h_dim)  # [N, H]
     target_1d = target.reshape(-1)  # [N]
-    row_scale = _row_scale(target_1d, position_weight, options.ignore_index)  # [N] w_i / sum(w)
-    plan = _ChunkPlan(options.ignore_index, options.label_smoothing, chunk_rows, shard, chunk_math)
+    # [N] w_i / max(w) and the 0-dim max(w) / sum(w): their product is each row's share.
+    row_scale, norm = _row_scale(target_1d, position_weight, options.ignore_index)
+    plan = _ChunkPlan(
+        options.ignore_index,
+        options.label_smoothing,
+        chunk_rows,
+        shard,
+        chunk_math,
+        gemm_dtype(hidden.device.type),
+    )
     inputs = (hidden_2d, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         loss, row_loss, argmax = _LinearCrossEntropy.apply(
-            hidden_2d, weight, bias, target_1d, row_scale, plan
+            hidden_2d, weight, bias, target_1d, row_scale, norm, plan
         )
     else:  # evaluation: same pass, no gradient work
-        loss, row_loss, argmax, _ = _chunked_pass(
-            hidden_2d, weight, bias, target_1d, row_scale, plan, (False, False, False)
-        )
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            loss, row_loss, argmax, _ = _chunked_pass(
+                hidden_2d, weight, bias, target_1d, row_scale, plan, (False, False, False)
+            )
+        loss = loss * norm
     if options.return_stats:
         return loss, row_loss, argmax
     return loss
 
 
-def _row_scale(target: Tensor, position_weight: Tensor | None, ignore_index: int) -> Tensor:
-    """Per-row factor w_i / sum(w) (0 on ignored rows); all zeros when nothing is scored."""
+def _row_scale(
+    target: Tensor, position_weight: Tensor | None, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """([N] w_i / max|w| (0 on ignored rows), 0-dim max|w| / sum(w)): the loss is
+    sum(row_scale_i CE_i) * norm. Both are zero when nothing is scored (loss 0, zero grads)."""
     scored = target != ignore_index
     if position_weight is None:
         w = scored.to(torch.float32)
     else:
         w = torch.where(scored, position_weight.detach().reshape(-1).to(torch.float32), 0.0)
+    # No host sync: zero denominators are replaced by 1 on the device.
+    largest = w.abs().amax() if w.numel() else torch.zeros((), device=w.device)
+    largest = torch.where(largest != 0, largest, torch.ones_like(largest))
     total = w.sum()
-    # No host sync: an all-zero w divided by 1 stays zero, which gives loss 0 and zero grads.
-    return w / torch.where(total != 0, total, torch.ones_like(total))
+    norm = torch.where(total != 0, largest / torch.where(total != 0, total, 1.0), 0.0)
+    return w / largest, norm
 
 
 # Per-chunk reductions over the vocabulary. With the vocabulary split over tp ranks each returns
@@ -216,6 +251,7 @@ class _ChunkPlan:
     chunk_rows: int
     shard: VocabShard
     chunk_math: ChunkMath
+    gemm_dtype: torch.dtype  # fp32, or autocast's bf16/fp16 (see the module docstring)
 
 
 def _chunked_pass(
@@ -227,30 +263,33 @@ def _chunked_pass(
     plan: _ChunkPlan,
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
-    """Loss, per-row CE, argmax and (if asked) grads of hidden, weight and bias, chunk by chunk.
+    """sum(row_scale_i loss_i), per-row CE, argmax and (if asked) the grads of that sum with
+    respect to hidden, weight and bias, chunk by chunk.
 
-    hidden [N, H], weight [V, H], bias [V], target [N], row_scale [N] fp32 = w_i / sum(w).
-    All maths in fp32; the grads come back in their inputs' dtypes.
+    hidden [N, H], weight [V, H], bias [V], target [N], row_scale [N] fp32 = w_i / max|w|.
+    GEMMs in `plan.gemm_dtype`, everything else in fp32. grad_hidden comes back in hidden's
+    dtype, grad_weight and grad_bias in fp32; the caller multiplies all by max|w| / sum(w).
     """
     need_h, need_w, need_b = needs_grad
     want_grad = need_h or need_w or need_b
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    # Inputs upcast once (a no-op for fp32 master weights); each chunk's GEMM then runs in fp32.
-    weight_f = weight.float()
+    dtype = plan.gemm_dtype
+    weight_g = weight.to(dtype)  # cast once (a no-op for fp32 weights in an fp32 pass)
     bias_f = bias.float() if bias is not None else None
 
     loss = torch.zeros((), dtype=torch.float32, device=device)
     row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
     argmax = torch.zeros(n_rows, dtype=torch.int64, device=device)
     grad_hidden = torch.empty_like(hidden) if need_h else None
-    grad_weight = torch.zeros_like(weight_f) if need_w else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
 
     for start in range(0, n_rows, plan.chunk_rows):
         end = min(start + plan.chunk_rows, n_rows)
-        h = hidden[start:end].float()  # [c, H]
-        logits = h @ weight_f.T  # [c, V] fp32: the only chunk-sized buffer
+        h = hidden[start:end].to(dtype)  # [c, H]
+        # [c, V]: the half GEMM's output rounded to its dtype, then the fp32 chunk buffer.
+        logits = (h @ weight_g.T).float()
         if bias_f is not None:
             logits += bias_f
         ce, chunk_loss, chunk_argmax, grad_logits = plan.chunk_math(
@@ -268,21 +307,20 @@ def _chunked_pass(
         loss += chunk_loss
         if grad_logits is None:
             continue
-        if grad_hidden is not None:
-            # tp: partial over this rank's vocabulary; the caller's tp region sums it.
-            grad_hidden[start:end] = grad_logits @ weight_f
-        if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.T, h)
         if grad_bias is not None:
             grad_bias += grad_logits.sum(dim=0)
+        grad_logits = grad_logits.to(dtype)  # entries in [-1, 1]: no fp16 underflow to speak of
+        if grad_hidden is not None:
+            # tp: partial over this rank's vocabulary; the caller's tp region sums it.
+            grad_hidden[start:end] = grad_logits @ weight_g
+        if grad_weight is not None:
+            if dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, h)
+            else:  # the chunk's [V, H] product in the GEMM dtype, summed over chunks in fp32
+                grad_weight += grad_logits.T @ h
         del grad_logits  # before the next chunk allocates its own
 
-    grads = (
-        grad_hidden,
-        grad_weight.to(weight.dtype) if grad_weight is not None else None,
-        grad_bias.to(bias.dtype) if grad_bias is not None and bias is not None else None,
-    )
-    return loss, row_loss, argmax, grads
+    return loss, row_loss, argmax, (grad_hidden, grad_weight, grad_bias)
 
 
 def chunk_math_reference(
@@ -336,25 +374,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         bias: Tensor | None,
         target: Tensor,
         row_scale: Tensor,
+        norm: Tensor,
         plan: _ChunkPlan,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        # Called under autocast, the GEMMs inside would drop to bf16/fp16; the pass is fp32.
+        # The pass picks its GEMM dtype itself (plan.gemm_dtype); autocast must not recast.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             loss, row_loss, argmax, grads = _chunked_pass(
                 hidden, weight, bias, target, row_scale, plan, ctx.needs_input_grad[:3]
             )
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.save_for_backward(norm, *(g if g is not None else torch.empty(0) for g in grads))
         ctx.has_grad = tuple(g is not None for g in grads)
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (hidden, weight, bias))
         ctx.mark_non_differentiable(row_loss, argmax)
-        return loss, row_loss, argmax
+        return loss * norm, row_loss, argmax
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(
         ctx: Any, grad_loss: Tensor, _grad_row_loss: Tensor, _grad_argmax: Tensor
     ) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors
+        norm, *saved = ctx.saved_tensors
+        # fp32: the loss scale (in grad_loss) meets max|w| / sum(w) before any cast to half.
+        coefficient = grad_loss.float() * norm
         grads = tuple(
-            g * grad_loss if has else None for g, has in zip(saved, ctx.has_grad, strict=True)
+            (g.float() * coefficient).to(dtype) if has else None
+            for g, has, dtype in zip(saved, ctx.has_grad, ctx.dtypes, strict=True)
         )
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)

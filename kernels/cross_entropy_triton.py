@@ -1,9 +1,9 @@
 """Triton path of `kernels.linear_cross_entropy` (imported only when it is taken).
 
-The chunk loop and its three GEMMs per chunk (logits = h W^T, grad_h = G W, grad_W += G^T h, in
-fp32 on cuBLAS) are the same as the reference's (`cross_entropy.run_chunked`, which calls
-`chunk_math_triton` here); what changes is the maths on each [c, V] fp32 logits chunk, which the
-reference does in about ten full passes. Here:
+The chunk loop and its three GEMMs per chunk (logits = h W^T, grad_h = G W, grad_W += G^T h, on
+cuBLAS in the autocast dtype or fp32) are the same as the reference's (`cross_entropy.
+run_chunked`, which calls `chunk_math_triton` here); what changes is the maths on each [c, V]
+fp32 logits chunk, which the reference does in about ten full passes. Here:
 
     _ce_row_stats   one pass, one program per row, online over BLOCK_V columns at a time:
                     row max, sum exp(x - max), the target's logit, the logit sum (label

@@ -199,6 +199,9 @@ class TrainConfig:
     """The run directory (config.yaml, metrics.jsonl, checkpoints/); it holds one run."""
     compile: bool = False
     """torch.compile the model (the first steps pay the compile time)."""
+    allow_tf32: bool = True
+    """fp32 matrix products and convolutions through TF32 tensor cores on GPUs of compute
+    capability >= 8.0 (10-bit mantissa inputs, fp32 accumulation); no effect elsewhere."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: selective = attention core only, full = whole layers."""
     walltime_s: float | None = ranged(None, 0.0)

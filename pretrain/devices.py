@@ -73,6 +73,23 @@ def matmul_dtype(precision: str, device: torch.device) -> str:
     return precision
 
 
+def tf32_applies(allowed: bool, capability: tuple[int, int] | None) -> bool:
+    """Whether fp32 matrix products may use TF32: asked for (train.allow_tf32) and on a CUDA
+    device (capability not None) of compute capability >= 8.0, the first with TF32 units."""
+    return allowed and capability is not None and capability >= (8, 0)
+
+
+def configure_tf32(device: torch.device, allowed: bool) -> bool:
+    """Set torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32 for this CUDA device as
+    `tf32_applies` says; returns that decision. The CPU has no TF32 and is left alone."""
+    if device.type != "cuda":
+        return False
+    on = tf32_applies(allowed, torch.cuda.get_device_capability(device))
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return on
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
     """Peak FLOP/s of one device for this precision, or None for a GPU not in the table."""
     dtype = matmul_dtype(precision, device)

@@ -31,12 +31,33 @@ LAYER_NORM_EPS = 1e-12
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same `weight`/`bias`, same state dict) computed by `kernels.layer_norm`:
-    a fused Triton kernel on GPUs of compute capability >= 8.0, F.layer_norm elsewhere."""
+    a fused Triton kernel where kernels.dispatch selects one, F.layer_norm elsewhere.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.normalized_shape) != 1:
-            return super().forward(x)
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+    With `residual`, normalises x + residual with the add fused into the same kernel;
+    `with_sum` also returns that sum (pre-LN carries it on as the residual stream).
+    """
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+    def with_sum(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LayerNorm(x + residual), x + residual)."""
+        return kernels.layer_norm(
+            x, self.weight, self.bias, self.eps, residual=residual, return_sum=True
+        )
+
+
+class BiasSkippingLinear(nn.Linear):
+    """nn.Linear (same `weight`/`bias`, same state dict) whose forward returns (x A, bias) with
+    the bias unapplied (Megatron's skip_bias_add), so the next op can fuse the bias add.
+    Tensor parallelism replaces it by a ColumnParallelLinear that keeps this flag."""
+
+    skip_bias_add = True
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return F.linear(x, self.weight), self.bias
 
 
 class Embeddings(nn.Module):
@@ -103,16 +124,14 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
-        self.fc_in = nn.Linear(shape.hidden, shape.ffn_hidden)
+        self.fc_in = BiasSkippingLinear(shape.hidden, shape.ffn_hidden)
         self.fc_out = nn.Linear(shape.ffn_hidden, shape.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(self.fc_in) is nn.Linear:
-            # fc_in's bias is added inside the fused bias + GELU (Megatron's skip_bias_add).
-            hidden = kernels.bias_gelu(F.linear(x, self.fc_in.weight), self.fc_in.bias)
-        else:  # replaced from outside (e.g. tensor parallel): a module with its own forward
-            hidden = F.gelu(self.fc_in(x))
-        return self.fc_out(hidden)
+        # fc_in (whole or its tensor-parallel column shard) leaves its bias to the fused
+        # bias + GELU: [B, S, F_tp] and [F_tp].
+        hidden, bias = self.fc_in(x)
+        return self.fc_out(kernels.bias_gelu(hidden, bias))
 
 
 class TransformerLayer(nn.Module):
@@ -126,11 +145,13 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(shape.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        # Every residual add that feeds a LayerNorm is fused into it (kernels.layer_norm).
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.attention_norm(x), attn_mask))
-            return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
-        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+            attended = self.dropout(self.attention(self.attention_norm(x), attn_mask))
+            normed, x = self.mlp_norm.with_sum(attended, residual=x)
+            return x + self.dropout(self.mlp(normed))
+        x = self.attention_norm(self.dropout(self.attention(x, attn_mask)), residual=x)
+        return self.mlp_norm(self.dropout(self.mlp(x)), residual=x)
 
 
 class MLMHead(nn.Module):

@@ -92,8 +92,9 @@ def dtype_summary(precision: Precision, device_type: str, grad_reduction: str) -
     scaling = "dynamic loss scaling" if precision == "fp16" else "no loss scaling"
     return (
         f"precision {precision}: matmuls in {compute[precision]} on {device_type}; master "
-        "weights fp32; optimizer state fp32; MLM head (decoder + cross-entropy) fp32 in "
-        f"kernels.linear_cross_entropy; gradients fp32, {grad_reduction}; {scaling}"
+        f"weights fp32; optimizer state fp32; MLM head (decoder + cross-entropy) GEMMs in "
+        f"{precision}, softmax and loss fp32 in kernels.linear_cross_entropy; gradients fp32, "
+        f"{grad_reduction}; {scaling}"
     )
 
 

@@ -52,7 +52,7 @@ from pretrain.data import (
     most_frequent_token,
     open_training_data,
 )
-from pretrain.devices import describe_peak, peak_flops
+from pretrain.devices import configure_tf32, describe_peak, peak_flops
 from pretrain.distributed import (
     ParallelDims,
     all_reduce_sum,
@@ -184,6 +184,7 @@ def train(config: Config) -> TrainResult:
     EXIT_DIVERGED, when stopped because the run diverged)."""
     kernels.set_enabled(config.kernels.enabled)  # false: PyTorch references everywhere (debug)
     env, dims, device = setup_parallel(config)
+    configure_tf32(device, config.train.allow_tf32)  # before any matrix product
     memory = MemoryPlan()
     try:
         try:

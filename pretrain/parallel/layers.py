@@ -38,7 +38,9 @@ def _shard_rows(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 class ColumnParallelLinear(nn.Module):
     """Y = XA with A = [A_1 … A_p] split by columns; rank i computes Y_i = X A_i (no gather).
 
-    The input enters the tp region through copy_to_tp_region (backward all-reduces dX).
+    The input enters the tp region through copy_to_tp_region (backward all-reduces dX). When
+    the replaced layer has `skip_bias_add` set (model.BiasSkippingLinear), forward returns
+    (X A_i, b_i) with the bias unapplied, as Megatron's skip_bias_add, for a fused bias + GELU.
     """
 
     def __init__(self, linear: nn.Linear, group: Group, rank: int, size: int) -> None:
@@ -46,6 +48,7 @@ class ColumnParallelLinear(nn.Module):
         if linear.out_features % size:
             raise ValueError(f"{linear.out_features} output features do not split {size} ways")
         self.group = group
+        self.skip_bias_add = bool(getattr(linear, "skip_bias_add", False))
         out = linear.out_features
         self.weight = mark_split(nn.Parameter(_shard_rows(linear.weight, rank, size)), 0, out)
         self.bias = (  # [out/p, in] and [out/p]
@@ -54,8 +57,11 @@ class ColumnParallelLinear(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        x = copy_to_tp_region(x, self.group)
+        if self.skip_bias_add:
+            return F.linear(x, self.weight), self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):

@@ -129,6 +129,61 @@ def test_column_row_linear_and_vocab_embedding():
         torch.testing.assert_close(out["row_bias_grad"], fc_out.bias.grad, rtol=1e-5, atol=1e-6)
 
 
+MLP_SHAPE = dict(
+    layers=1, hidden=12, heads=2, ffn_hidden=20, vocab_size=131, max_seq_len=8, norm="post",
+    dropout=0.0, pair_head=False,
+)  # fmt: skip
+
+
+def _mlp_at_tp2() -> dict:
+    """The model's MLP with fc_in/fc_out replaced by their tp shards as apply_tensor_parallel
+    does; every call of kernels.bias_gelu is recorded (and passed through unchanged)."""
+    import kernels
+    from pretrain import model as model_module
+    from pretrain.config import ModelShape
+    from pretrain.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    dims = _dims(2)
+    torch.manual_seed(0)
+    mlp = model_module.MLP(ModelShape(**MLP_SHAPE))
+    g, r, p = dims.tp_group, dims.tp_rank, 2
+    mlp.fc_in = ColumnParallelLinear(mlp.fc_in, g, r, p)
+    mlp.fc_out = RowParallelLinear(mlp.fc_out, g, r, p)
+    calls = []
+    real = kernels.bias_gelu
+
+    def recording_bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        calls.append((list(x.shape), list(bias.shape)))
+        return real(x, bias)
+
+    model_module.kernels.bias_gelu = recording_bias_gelu
+    x = torch.randn(3, 5, 12).requires_grad_()
+    y = mlp(x)
+    y.square().sum().backward()
+    return {"y": y.detach(), "dx": x.grad, "calls": calls, "bias_grad": mlp.fc_in.bias.grad}
+
+
+def test_bias_gelu_stays_fused_at_tp2():
+    """At tp 2 the MLP still adds fc_in's bias inside kernels.bias_gelu (on this rank's [.., 10]
+    column shard), and output, input grad and fc_in's bias grad equal the one-process MLP's
+    (fp32, 1e-5 relative)."""
+    from pretrain.config import ModelShape
+    from pretrain.model import MLP
+
+    ranks = run_distributed(_mlp_at_tp2, 2)
+    torch.manual_seed(0)
+    mlp = MLP(ModelShape(**MLP_SHAPE))
+    x = torch.randn(3, 5, 12).requires_grad_()
+    y = mlp(x)
+    y.square().sum().backward()
+    for rank, out in enumerate(ranks):
+        assert out["calls"] == [([3, 5, 10], [10])]
+        torch.testing.assert_close(torch.from_numpy(out["y"]), y.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(out["dx"]), x.grad, rtol=1e-5, atol=1e-6)
+        shard = mlp.fc_in.bias.grad[rank * 10 : (rank + 1) * 10]
+        torch.testing.assert_close(torch.from_numpy(out["bias_grad"]), shard, rtol=1e-5, atol=1e-6)
+
+
 def _train(data: str, out: str, mode: str, tp: int, zero: int = 0, reduce: str = "fp32") -> list:
     from pretrain.config import load_config
     from pretrain.trainer import train

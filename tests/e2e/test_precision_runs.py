@@ -47,7 +47,8 @@ def test_auto_is_resolved_once_and_recorded(small_dataset, tmp_path, capsys):
     state = json.loads((result.checkpoint / "train_state.json").read_text())
     assert state["config"]["train"]["precision"] == expected and state["finite"] is True
     assert f"precision {expected}: " in logged and "(auto: CPU " in logged
-    assert "MLM head (decoder + cross-entropy) fp32" in logged
+    head = f"MLM head (decoder + cross-entropy) GEMMs in {expected}, softmax and loss fp32"
+    assert head in logged
 
     # Resume the same run in fp16: one line names both precisions; the scale starts at init.
     result = train(

@@ -16,10 +16,12 @@ import torch
 from pretrain.devices import (
     PEAK_TFLOPS,
     cache_path,
+    configure_tf32,
     cpu_peak_flops,
     gpu_kind,
     measure_cpu_matmul,
     peak_flops,
+    tf32_applies,
 )
 
 
@@ -92,3 +94,20 @@ def test_cpu_half_precision_measurement_stays_under_two_seconds(dtype: torch.dty
     rate = measure_cpu_matmul(dtype)
     assert time.perf_counter() - begin < 2.0
     assert rate > 1e8
+
+
+@pytest.mark.parametrize(
+    ("allowed", "capability", "expected"),
+    [(True, (7, 0), False), (True, (8, 0), True), (True, (9, 0), True), (False, (9, 0), False),
+     (True, None, False)],
+)  # fmt: skip
+def test_tf32_only_from_compute_capability_8(allowed, capability, expected) -> None:
+    """TF32 units exist from Ampere (8.0): V100 (7.0) and the CPU (no capability) never get it,
+    and train.allow_tf32=false turns it off everywhere."""
+    assert tf32_applies(allowed, capability) is expected
+
+
+def test_configure_tf32_leaves_the_cpu_alone() -> None:
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert configure_tf32(torch.device("cpu"), True) is False
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

@@ -9,9 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from kernels import cross_entropy as ce_module
+
+aten = torch.ops.aten
 
 torch.set_num_threads(1)
 
@@ -135,19 +138,84 @@ def test_bf16_inputs_against_fp32_reference() -> None:
         torch.testing.assert_close(g.float(), t.grad, atol=1e-6, rtol=2**-7)
 
 
-def test_inside_autocast_still_computes_in_fp32() -> None:
-    """Under bf16 autocast the pass must not drop to bf16 GEMMs: fp32 inputs give the fp32
-    reference to 1e-5."""
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the input dtypes of every matrix product dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.dtype, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in (aten.mm.default, aten.addmm.default, aten.addmm_.default):
+            a, b = args[-2], args[-1]
+            self.seen.append((func.__name__, a.dtype, b.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemms_run_in_the_autocast_dtype(dtype: torch.dtype) -> None:
+    """Under autocast all three GEMMs of every chunk (logits, grad_hidden, grad_weight) take
+    inputs of the autocast dtype; without autocast they stay fp32. The loss stays fp32."""
     hidden, weight, bias, target = _inputs((30,), seed=6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    recorder = _MatmulDtypes()
+    with recorder, torch.autocast("cpu", dtype=dtype):
         loss = kernels.linear_cross_entropy(hidden, weight, target, bias=bias, chunk_rows=7)
-    loss.backward()
-    got = _grads(hidden, weight, bias)
-    ref = _reference(hidden, weight, bias, target)
-    ref.backward()
-    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
-    for g, w in zip(got, _grads(hidden, weight, bias), strict=True):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        loss.backward()
+    assert loss.dtype == torch.float32
+    assert len(recorder.seen) == 3 * 5  # 30 rows in chunks of 7: five chunks
+    assert {a for _, a, _ in recorder.seen} == {dtype}
+    assert {b for _, _, b in recorder.seen} == {dtype}
+    recorder = _MatmulDtypes()
+    with recorder:
+        kernels.linear_cross_entropy(hidden, weight, target, bias=bias, chunk_rows=7).backward()
+    assert {(a, b) for _, a, b in recorder.seen} == {(torch.float32, torch.float32)}
+
+
+# A dense micro-batch: 128 sequences x 512 positions, all scored, so sum(w) = 65,536 and
+# w_i / sum(w) * softmax is ~1e-7 (fp16 subnormals, 6e-8 apart) for most of d loss / d logits.
+DENSE_ROWS, SMALL_HIDDEN, SMALL_VOCAB = 65536, 16, 131
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_grads_against_fp32(dtype: torch.dtype) -> None:
+    """Oracle: full fp32 logits + F.cross_entropy on the same fp32 inputs, backward through a
+    loss scaled by 2**16 as the trainer's fp16 loss scaler does, grads divided back.
+
+    The head's GEMMs run in `dtype` and the logits GEMM rounds its output to `dtype` before
+    the fp32 softmax (as Megatron does; on the CPU there is no half GEMM with fp32 output), so
+    logits carry a relative error of about one unit roundoff u (2**-8 bf16, 2**-11 fp16),
+    which dominates: measured relative (Frobenius) errors are <= 2u for the loss-free grads of
+    hidden, weight and bias at this logit spread (std 2). Tolerance 6u. Without the rescaling
+    of d loss / d logits by max(w) / sum(w) (values ~1e-7 cast to fp16 as they are) fp16 gives
+    23u for grad_hidden and 29u for grad_weight, so this test fails.
+    """
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(DENSE_ROWS, SMALL_HIDDEN, generator=g).requires_grad_()
+    weight = (torch.randn(SMALL_VOCAB, SMALL_HIDDEN, generator=g) * 0.5).requires_grad_()
+    bias = (torch.randn(SMALL_VOCAB, generator=g) * 0.5).requires_grad_()
+    with torch.no_grad():  # a trained model: the target is mostly the top prediction
+        best = (hidden @ weight.T + bias).argmax(dim=1)
+    target = torch.randint(0, SMALL_VOCAB, (DENSE_ROWS,), generator=g)
+    target = torch.where(torch.rand(DENSE_ROWS, generator=g) < 0.7, best, target)
+    loss_scale = 2.0**16
+    with torch.autocast("cpu", dtype=dtype):
+        loss = kernels.linear_cross_entropy(hidden, weight, target, bias=bias)
+    (loss * loss_scale).backward()
+    got = [t / loss_scale for t in _grads(hidden, weight, bias)]
+    ref = F.cross_entropy(hidden @ weight.T + bias, target)
+    (ref * loss_scale).backward()
+    want = [t / loss_scale for t in _grads(hidden, weight, bias)]
+    tolerance = 6 * UNIT_ROUNDOFF[dtype]
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) <= tolerance * ref.item()
+    for got_g, want_g, name in zip(got, want, ("hidden", "weight", "bias"), strict=True):
+        error = _relative_error(got_g, want_g)
+        assert error <= tolerance, f"grad_{name}: relative error {error:.2e} > {tolerance:.2e}"
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -30,27 +30,36 @@ torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize(
-    ("is_cuda", "capability", "importable", "enabled", "compiling", "expected"),
+    ("is_cuda", "capability", "importable", "enabled", "compiling", "version", "expected"),
     [
-        (True, (8, 0), True, True, False, True),  # A100
-        (True, (8, 6), True, True, False, True),  # A10 / RTX 30xx
-        (True, (9, 0), True, True, False, True),  # H100
-        (True, (7, 0), True, True, False, False),  # V100: Triton's unsupported floor
-        (True, (7, 5), True, True, False, False),  # T4
-        (True, (8, 0), False, True, False, False),  # triton not installed
-        (True, (8, 0), True, False, False, False),  # kernels.enabled=false
-        (True, (8, 0), True, True, True, False),  # inside torch.compile: Inductor fuses
-        (False, None, True, True, False, False),  # CPU
+        (True, (8, 0), True, True, False, (3, 9), True),  # A100
+        (True, (8, 6), True, True, False, (3, 9), True),  # A10 / RTX 30xx
+        (True, (9, 0), True, True, False, (3, 9), True),  # H100
+        (True, (9, 0), True, True, False, None, True),  # H100, version unreadable
+        (True, (7, 0), True, True, False, (3, 8), True),  # V100, Triton checked at sm_70
+        (True, (7, 0), True, True, False, (3, 9), True),  # V100, Triton checked at sm_70
+        (True, (7, 0), True, True, False, (3, 7), False),  # V100, Triton never checked
+        (True, (7, 0), True, True, False, (4, 0), False),  # V100, newer Triton: not checked
+        (True, (7, 0), True, True, False, None, False),  # V100, version unknown
+        (True, (7, 5), True, True, False, (3, 9), False),  # T4: never checked
+        (True, (8, 0), False, True, False, (3, 9), False),  # triton not installed
+        (True, (8, 0), True, False, False, (3, 9), False),  # kernels.enabled=false
+        (True, (8, 0), True, True, True, (3, 9), False),  # inside torch.compile: Inductor fuses
+        (False, None, True, True, False, (3, 9), False),  # CPU
     ],
 )
-def test_dispatch_rule(is_cuda, capability, importable, enabled, compiling, expected) -> None:
-    """Oracle: docs/design.md's rule (Triton on CUDA with capability >= 8.0 when importable)."""
+def test_dispatch_rule(
+    is_cuda, capability, importable, enabled, compiling, version, expected
+) -> None:
+    """Oracle: kernels/dispatch.py's documented rule (Triton on CUDA with capability >= 8.0,
+    or sm_70 with a Triton that kernels.build_check built for sm_70, when importable)."""
     got = dispatch.choose_triton(
         is_cuda=is_cuda,
         capability=capability,
         triton_importable=importable,
         enabled=enabled,
         compiling=compiling,
+        version=version,
     )
     assert got is expected
 
@@ -74,7 +83,12 @@ def test_use_triton_reads_device_and_switch(monkeypatch: pytest.MonkeyPatch) -> 
         assert dispatch.use_triton(fake) is False
     finally:
         kernels.set_enabled(True)
+    capability["value"] = (7, 5)
+    assert dispatch.use_triton(fake) is False
     capability["value"] = (7, 0)
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 9))
+    assert dispatch.use_triton(fake) is True
+    monkeypatch.setattr(dispatch, "triton_version", lambda: (3, 7))
     assert dispatch.use_triton(fake) is False
 
 
@@ -155,7 +169,9 @@ def test_model_calls_the_kernels(norm: str, monkeypatch: pytest.MonkeyPatch) -> 
     unfused = _tiny_model(norm).eval()
     unfused.load_state_dict(model.state_dict())
     for layer in unfused.layers:  # the pre-kernels MLP forward
-        layer.mlp.forward = lambda x, mlp=layer.mlp: mlp.fc_out(F.gelu(mlp.fc_in(x)))
+        layer.mlp.forward = lambda x, mlp=layer.mlp: mlp.fc_out(
+            F.gelu(F.linear(x, mlp.fc_in.weight, mlp.fc_in.bias))
+        )
     torch.testing.assert_close(hidden, unfused(ids, types_), atol=1e-5, rtol=1e-5)
 
 

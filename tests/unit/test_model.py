@@ -151,3 +151,44 @@ def test_split_parameters_carry_their_layout_through_a_move():
         want[f"{prefix}mlp.fc_out.weight"] = {"dim": 1, "size": ffn}
     assert shard_layout(model) == want
     assert shard_layout(build_model(shape)) == {}  # tp = 1: nothing is split
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_layer_fuses_residual_adds_into_layer_norm(norm, monkeypatch):
+    """Each residual add in front of a LayerNorm reaches kernels.layer_norm as its `residual`
+    (post-LN: both per layer; pre-LN: the one before the MLP norm, whose sum carries on), and the
+    layer's output equals the unfused formula computed with F.layer_norm (1e-6)."""
+    import torch.nn.functional as F
+
+    import kernels
+    from pretrain import model as model_module
+
+    torch.manual_seed(0)
+    config = load_config(
+        None, ["model.hidden=48", "model.heads=3", "model.layers=1", f"model.norm={norm}",
+               "model.dropout=0.0"],
+    )  # fmt: skip
+    layer = build_model(resolve_model_shape(config, vocab_size=131)).layers[0]
+    fused = []
+    real = kernels.layer_norm
+
+    def recording_layer_norm(x, weight, bias, eps=1e-5, **kwargs):
+        fused.append((kwargs.get("residual") is not None, kwargs.get("return_sum", False)))
+        return real(x, weight, bias, eps, **kwargs)
+
+    monkeypatch.setattr(model_module.kernels, "layer_norm", recording_layer_norm)
+    x = torch.randn(2, 7, 48)
+    got = layer(x, None)
+
+    def ln(t, norm_module):
+        return F.layer_norm(t, (48,), norm_module.weight, norm_module.bias, norm_module.eps)
+
+    if norm == "post":
+        assert fused == [(True, False), (True, False)]
+        h = ln(x + layer.attention(x, None), layer.attention_norm)
+        want = ln(h + layer.mlp(h), layer.mlp_norm)
+    else:
+        assert fused == [(False, False), (True, True)]
+        h = x + layer.attention(ln(x, layer.attention_norm), None)
+        want = h + layer.mlp(ln(h, layer.mlp_norm))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
