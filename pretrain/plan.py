@@ -113,13 +113,13 @@ def plan_precision(setting: str, kind: str) -> str:
     return setting
 
 
-def cluster_rates(cluster: Cluster, precision: str) -> tuple[Rates, str]:
+def cluster_rates(cluster: Cluster, precision: str, shape: ModelShape) -> tuple[Rates, str]:
     """The time model's rates on this cluster, and where its efficiency comes from."""
     hw = cluster.hardware
     if cluster.kind == "cpu":
         from pretrain.plan_measure import load_calibration
 
-        calibration = load_calibration(cluster.name, precision)
+        calibration = load_calibration(cluster.name, precision, hw.gpus_per_node, shape)
         if calibration is None:
             raise ConfigError(
                 f"no calibration of this CPU for cluster {cluster.name} in {precision}: run "
@@ -511,9 +511,9 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, Any, int | None]:
     if args.nodes is not None and args.nodes < 1:
         raise ConfigError(f"--nodes {args.nodes} must be at least 1")
     precision = plan_precision(config.train.precision, cluster.kind)
-    rates, source = cluster_rates(cluster, precision)
     vocab = config.model.vocab_size or DEFAULT_VOCAB
     shape = resolve_model_shape(config, vocab)
+    rates, source = cluster_rates(cluster, precision, shape)
     base = Layout(
         seq_len=config.data.seq_len,
         micro_batch=1,
