@@ -291,6 +291,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
+def _shown(path: Path) -> str:
+    """A cluster file's path relative to the working directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _header(plan: Plan) -> list[str]:
     shape, base, hw = plan.shape, plan.base, plan.cluster.hardware
     params = parameter_counts(shape, 1)[0]
@@ -299,7 +307,7 @@ def _header(plan: Plan) -> list[str]:
         f"model: {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, "
         f"{params / 1e9:.2f} B parameters, vocab {shape.vocab_size}; seq {base.seq_len}, "
         f"{base.mlm_mode} MLM, {base.precision}, global batch {plan.global_batch}",
-        f"cluster {plan.cluster.name} ({plan.cluster.path}): {plan.nodes} node(s) x "
+        f"cluster {plan.cluster.name} ({_shown(plan.cluster.path)}): {plan.nodes} node(s) x "
         f"{hw.gpus_per_node} {device} = {plan.world} ranks, {plan.budget_bytes / GiB:.1f} GiB "
         f"usable per rank (10% headroom), NVLink {hw.nvlink_gb_per_s:g} GB/s, network "
         f"{hw.internode_gb_per_s:g} GB/s per node",
@@ -391,7 +399,7 @@ def plan_json(plan: Plan, walltime_s: int | None) -> dict[str, Any]:
         )
     hw = plan.cluster.hardware
     return {
-        "cluster": {"name": plan.cluster.name, "path": str(plan.cluster.path)}
+        "cluster": {"name": plan.cluster.name, "path": _shown(plan.cluster.path)}
         | {key: getattr(hw, key) for key in hw.__dataclass_fields__},
         "nodes": plan.nodes,
         "world_size": plan.world,
