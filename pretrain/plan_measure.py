@@ -230,11 +230,14 @@ def calibrate(
         peak32 = cpu_peak_flops("fp32")
         gemm_rate = measure_gemms(shape, layout)
         bandwidth = measure_memory_bandwidth()
+        # A busy machine can measure the square-GEMM peak below what the model's shapes then
+        # reach: the peak is then at least the rate just measured.
+        peak = max(peak, gemm_rate)
         calibration = Calibration(
             threads=threads,
             peak_flops=peak,
-            peak_flops_fp32=peak32,
-            efficiency=min(1.0, gemm_rate / peak),
+            peak_flops_fp32=max(peak32, gemm_rate if dtype == "fp32" else 0.0),
+            efficiency=gemm_rate / peak,
             memory_bytes_per_s=bandwidth,
             link_bytes_per_s=link[0],
             link_latency_s=link[1],
