@@ -90,14 +90,15 @@ def measure(config: str, processes: int, args: list[str], out: Path) -> float:
             str(REPO / "configs" / config),
         ]
     env = dict(os.environ, OMP_NUM_THREADS="1" if processes > 1 else "2")
-    subprocess.run(
+    done = subprocess.run(
         [*command, *args, f"train.out_dir={out}", "train.resume=none"],
         cwd=REPO,
         env=env,
-        check=True,
         capture_output=True,
         text=True,
     )
+    if done.returncode:
+        raise SystemExit(f"bert-train failed ({done.returncode}):\n{done.stderr[-3000:]}")
     records = [
         json.loads(line)
         for line in (out / "metrics.jsonl").read_text().splitlines()

@@ -465,6 +465,38 @@ def check_walltime(plan: Plan, walltime_s: int, checkpoint_every: int) -> None:
         )
 
 
+def _cluster_of_gpu(device_name: str) -> str | None:
+    """The first built-in cluster whose GPU is this device's kind."""
+    from launch.fit import CLUSTER_DIR
+
+    kind = gpu_kind(device_name)
+    for path in sorted(CLUSTER_DIR.glob("*.yaml")):
+        hardware = read_cluster_file(path).get("hardware") or {}
+        if kind is not None and gpu_kind(str(hardware.get("gpu", ""))) == kind:
+            return path.stem
+    return None
+
+
+def startup_prediction(config: Any, shape: ModelShape, layout: Layout, device_name: str) -> str:
+    """bert-train's start-up line: the plan's memory and step time for the run's own layout,
+    to read next to the measured mem_peak_gb and ms_per_step of the first log lines."""
+    name = config.train.cluster or _cluster_of_gpu(device_name)
+    if name is None:
+        return "plan: no prediction (set train.cluster to a cluster bert-plan knows)"
+    try:
+        cluster = load_cluster(name)
+        rates, source = cluster_rates(cluster, layout.precision, shape)
+    except (ConfigError, LaunchError) as error:
+        return f"plan: no prediction ({error})"
+    gpus = min(cluster.hardware.gpus_per_node, layout.tp * layout.dp)
+    memory = estimate_memory(shape, layout).total
+    seconds = step_time(shape, layout, rates, gpus).total
+    return (
+        f"plan: predicted {memory / GiB:.2f} GiB per rank and {_ms(seconds)} per step on "
+        f"cluster {cluster.name} ({source}); the log's mem_peak_gb and ms_per_step are measured"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bert-plan",
@@ -573,14 +605,29 @@ def emit_script(args: argparse.Namespace, plan: Plan, launch_options: list[str])
 
     assert plan.best is not None
     keys = layout_keys(plan.best.layout)
-    user = [o for o in args.overrides if o.split("=", 1)[0] not in keys | {"train.steps"}]
+    ours = keys | {"train.steps": 0, "train.cluster": 0}
+    user = [o for o in args.overrides if o.split("=", 1)[0] not in ours]
     command = ["bert-train", "--config", args.config, *user]
     command += [f"{key}={value}" for key, value in keys.items()]
-    command.append(f"train.steps={plan.steps}")
+    command += [f"train.steps={plan.steps}", f"train.cluster={args.cluster}"]
     options = [args.emit, "--cluster", args.cluster, "--nodes", str(plan.nodes), "--dry-run"]
     if args.walltime:
         options += ["--walltime", args.walltime]
     return launch_cli.main([*options, *launch_options, "--", *command])
+
+
+def measure(args: argparse.Namespace) -> int:
+    """--measure: calibrate the time model on this CPU node for the config."""
+    from pretrain.plan_measure import measure_and_report
+
+    config = load_config(args.config, args.overrides)
+    cluster = load_cluster(args.cluster)
+    if cluster.kind != "cpu":
+        raise ConfigError(
+            "--measure calibrates a CPU cluster (such as cpu); on GPU clusters the efficiency "
+            "is fitted on published figures (pretrain/plan_published.py)"
+        )
+    return measure_and_report(config, cluster.name, plan_precision(config.train.precision, "cpu"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -593,9 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.measure:
-            from pretrain.plan_measure import measure_and_report
-
-            return measure_and_report(args)
+            return measure(args)
         plan, _, walltime_s = make_plan(args)
         if args.json:
             print(json.dumps(plan_json(plan, walltime_s), indent=1))

@@ -21,7 +21,6 @@ name, CPU model, threads, dtype and torch version; later plans for that cluster 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import ModelShape, load_config, resolve_model_shape
+from pretrain.config import Config, ModelShape, resolve_model_shape
 from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
 from pretrain.memory import DEFAULT_VOCAB, Layout
 from pretrain.plan_model import Rates, step_time
@@ -257,20 +256,9 @@ def calibrate(
     return calibration, report
 
 
-def measure_and_report(args: argparse.Namespace) -> int:
-    """bert-plan --measure: calibrate, print measured against predicted, store, then check the
-    stored calibration's prediction of the step against the measurement."""
-    from pretrain.plan import load_cluster, plan_precision
-
-    config = load_config(args.config, args.overrides)
-    cluster = load_cluster(args.cluster)
-    if cluster.kind != "cpu":
-        print(
-            "bert-plan: --measure runs on a CPU node here; on GPU nodes the efficiency is "
-            "fitted on published figures (pretrain/plan_published.py)"
-        )
-        return 2
-    precision = plan_precision(config.train.precision, "cpu")
+def measure_and_report(config: Config, cluster: str, precision: str) -> int:
+    """bert-plan --measure: calibrate at one thread and at all cores, print measured against
+    the model, store the calibration under `cluster`."""
     shape = resolve_model_shape(config, config.model.vocab_size or DEFAULT_VOCAB)
     layout = Layout(
         seq_len=config.data.seq_len,
@@ -284,8 +272,8 @@ def measure_and_report(args: argparse.Namespace) -> int:
     link = measure_allreduce()
     print(f"gloo all-reduce, 2 processes: {link[0] / 1e9:.2f} GB/s bus, {link[1] * 1e6:.0f} us")
     for threads in sorted({1, os.cpu_count() or 1}):
-        calibration, report = calibrate(cluster.name, shape, layout, config.mlm, threads, link)
-        _store(_key(cluster.name, precision, threads), calibration)
+        calibration, report = calibrate(cluster, shape, layout, config.mlm, threads, link)
+        _store(_key(cluster, precision, threads), calibration)
         print(f"threads {threads} ({precision}):")
         for name, (measured, predicted) in report.items():
             print(f"  {name:<48} measured {measured:10.4g}  model/peak {predicted:10.4g}")

@@ -154,6 +154,7 @@ def test_emit_writes_bert_launch_script_with_the_chosen_layout(capsys):
     for key, value in plan_cli.layout_keys(plan.best.layout).items():
         assert f"{key}={value}" in script
     assert f"train.steps={plan.steps}" in script and "BEST" in captured.err
+    assert "train.cluster=abci3" in script
 
 
 def _one_line_error(capsys, argv: list[str], expected: str) -> None:
@@ -242,3 +243,44 @@ def test_fewest_nodes_that_finish_within_the_walltime(capsys):
     assert plan.train_seconds(plan.best) <= usable
     fewer, _, _ = plan_cli.make_plan(_args(*argv, "--nodes", str(plan.nodes // 2)))
     assert plan.nodes > 1 and fewer.train_seconds(fewer.best) > usable
+
+
+def test_startup_prediction_for_the_runs_own_layout():
+    """bert-train's start-up line: memory.py's estimate and the model's step time for the run's
+    layout, on train.cluster or on the built-in cluster of the detected GPU."""
+    config = load_config(XLARGE, ["parallel.tp=4", "train.micro_batch=16"])
+    shape = resolve_model_shape(config, 32768)
+    layout = Layout(128, 16, tp=4, dp=2, precision="fp16", accumulation=256)
+    line = plan_cli.startup_prediction(config, shape, layout, "Tesla V100-SXM2-16GB")
+    assert "cluster abci2" in line
+    assert f"{estimate_memory(shape, layout).total / GiB:.2f} GiB" in line
+    config.train.cluster = "abci9"
+    line = plan_cli.startup_prediction(config, shape, layout, "cpu")
+    assert line.startswith("plan: no prediction (unknown cluster 'abci9'")
+    config.train.cluster = None
+    assert "no prediction" in plan_cli.startup_prediction(config, shape, layout, "cpu")
+
+
+def test_measure_is_for_cpu_clusters(capsys):
+    _one_line_error(capsys, ["--config", XLARGE, "--cluster", "abci2", "--measure"], "CPU cluster")
+
+
+@pytest.mark.slow
+def test_measure_then_plan_on_the_cpu(capsys):
+    """--measure stores a calibration (in the test's own cache directory); a plan for the cpu
+    cluster then uses it, and its predicted step for the calibrated layout is the measured one
+    (what the calibration fits) to within the model's rounding."""
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    small = [
+        "data.seq_len=32",
+        "train.micro_batch=4",
+        "train.global_batch=8",
+        "model.vocab_size=203",
+    ]
+    assert plan_cli.main(["--config", tiny, "--cluster", "cpu", "--measure", *small]) == 0
+    out = capsys.readouterr().out
+    assert "calibration stored" in out and "gloo all-reduce" in out
+    assert plan_cli.main(["--config", tiny, "--cluster", "cpu", "--json", *small]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["world_size"] == 2 and any(item["best"] for item in data["layouts"])
+    assert "measured on this CPU" in data["time_model"]
