@@ -55,6 +55,7 @@ setup(
             "bert-launch=launch.cli:main",
             "bert-finetune=pretrain.finetune.cli:main",
             "bert-plot=pretrain.plot:main",
+            "bert-plan=pretrain.plan:main",
         ]
     },
 )

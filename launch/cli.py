@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.errors import LaunchError
-from launch.fit import fit_command, pop_fit_sections
+from launch.fit import fit_command, pop_fit_sections, read_cluster_file, resolve_cluster
 from launch.scripts import (
     CONTAINER_RUNTIMES,
     SCHEDULERS,
@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("scheduler", choices=SCHEDULERS)
     parser.add_argument(
         "--cluster",
-        metavar="FILE",
-        help="YAML file of option defaults for a site, e.g. configs/cluster/abci3.yaml "
-        "(keys are option names; the command line overrides them)",
+        metavar="NAME|FILE",
+        help="a site's option defaults: a built-in name (a file under configs/cluster/, e.g. "
+        "abci3) or a YAML file of your own (keys are option names; the command line wins)",
     )
     job = parser.add_argument_group("resources")
     job.add_argument(
@@ -170,16 +170,11 @@ def apply_cluster_defaults(
 ) -> dict[str, Any]:
     """Make the options in a cluster file the parser's defaults (command-line values win;
     repeatable options such as --env add to the file's); returns its fitted layouts."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise LaunchError(f"cannot read cluster file {path}: {error}") from None
-    if not isinstance(data, dict):
-        raise LaunchError(f"cluster file {path} must be a mapping of option names to values")
+    data = read_cluster_file(resolve_cluster(path))
     hardware, layouts = pop_fit_sections(data, path)
-    if hardware is not None:
+    if hardware is not None and hardware.gpu == "cpu":  # a CPU node: ranks, no GPUs
+        data.setdefault("ranks_per_node", hardware.gpus_per_node)
+    elif hardware is not None:
         data.setdefault("gpus_per_node", hardware.gpus_per_node)
     wanted = data.pop("scheduler", scheduler)
     if wanted != scheduler:

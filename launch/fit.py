@@ -1,7 +1,11 @@
-"""Fitted layouts from a cluster file: the `hardware:` and `layouts:` sections.
+"""Cluster files: where they are, their `hardware:` section and their fitted `layouts:`.
 
-A cluster file (configs/cluster/*.yaml) holds bert-launch's option defaults for a site, what its
-nodes are (`hardware:` GPU kind, memory per GPU in GiB, GPUs per node) and, for each shipped
+`--cluster` of bert-launch and bert-plan takes a built-in name (a file stem under
+configs/cluster/, e.g. `abci2`) or a path to the user's own file; `resolve_cluster` is the one
+place that turns it into a file. A cluster file (configs/cluster/*.yaml) holds bert-launch's
+option defaults for a site, what its nodes are (`hardware:` GPU kind, memory per GPU in GiB, GPUs
+per node, NVLink bandwidth per GPU and inter-node bandwidth per node, in GB/s one way) and, for
+each shipped
 large config at sequence length 128 and 512, the layout that fits its GPUs and the smallest node
 count at which it does (`layouts:`, written by `python -m bench.memory_estimate layouts FILE`
 from pretrain's memory estimator). bert-launch only reads them (it does not import pretrain):
@@ -18,34 +22,87 @@ from typing import Any
 from launch.errors import LaunchError
 
 LAYOUT_KEYS = ("parallel.tp", "parallel.zero", "train.recompute", "train.micro_batch")
+CLUSTER_DIR = Path(__file__).resolve().parents[1] / "configs" / "cluster"
 
 
 @dataclass(frozen=True)
 class Hardware:
     gpu: str
+    """The device: an NVIDIA name such as V100-SXM2-16GB, or `cpu` (one rank per process)."""
     gpu_memory_gib: float
     gpus_per_node: int
+    nvlink_gb_per_s: float
+    """NVLink (or, on a CPU node, shared-memory) bandwidth per GPU, GB/s in one direction."""
+    internode_gb_per_s: float
+    """Network bandwidth per node (all its adapters), GB/s in one direction."""
+
+
+_POSITIVE = ("gpu_memory_gib", "gpus_per_node", "nvlink_gb_per_s", "internode_gb_per_s")
+
+
+def builtin_clusters() -> list[str]:
+    """The names `--cluster` accepts besides a path: the files under configs/cluster/."""
+    return sorted(path.stem for path in CLUSTER_DIR.glob("*.yaml"))
+
+
+def resolve_cluster(name: str) -> Path:
+    """The cluster file for `--cluster NAME`: an existing path, else a built-in name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    builtin = CLUSTER_DIR / f"{name}.yaml"
+    if "/" not in name and not name.endswith((".yaml", ".yml")) and builtin.is_file():
+        return builtin
+    raise LaunchError(
+        f"unknown cluster {name!r}: give a path to a cluster file or one of "
+        f"{', '.join(builtin_clusters())}"
+    )
+
+
+def read_cluster_file(path: Path) -> dict[str, Any]:
+    """The mapping in a cluster file (LaunchError, one line, when it cannot be read)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise LaunchError(f"cannot read cluster file {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise LaunchError(f"cluster file {path} must be a mapping of option names to values")
+    return data
+
+
+def read_hardware(raw: Any, path: str) -> Hardware:
+    """Check a `hardware:` section: every field present, the numbers positive."""
+    if not isinstance(raw, dict):
+        raise LaunchError(f"cluster file {path}: hardware must be a mapping")
+    fields = ("gpu", *_POSITIVE)
+    missing = [name for name in fields if name not in raw]
+    unknown = sorted(set(raw) - set(fields))
+    if missing or unknown:
+        problem = f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}"
+        raise LaunchError(f"cluster file {path}: hardware needs {', '.join(fields)} ({problem})")
+    for name in _POSITIVE:
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise LaunchError(
+                f"cluster file {path}: hardware.{name} must be a positive number, got {value!r}"
+            )
+    if not isinstance(raw["gpus_per_node"], int):
+        raise LaunchError(f"cluster file {path}: hardware.gpus_per_node must be an integer")
+    return Hardware(
+        str(raw["gpu"]),
+        float(raw["gpu_memory_gib"]),
+        raw["gpus_per_node"],
+        float(raw["nvlink_gb_per_s"]),
+        float(raw["internode_gb_per_s"]),
+    )
 
 
 def pop_fit_sections(data: dict[str, Any], path: str) -> tuple[Hardware | None, dict[str, Any]]:
     """Remove `hardware:` and `layouts:` from a cluster file's mapping and check them."""
-    hardware = None
     raw = data.pop("hardware", None)
-    if raw is not None:
-        if not isinstance(raw, dict) or set(raw) != {"gpu", "gpu_memory_gib", "gpus_per_node"}:
-            raise LaunchError(
-                f"cluster file {path}: hardware needs exactly gpu, gpu_memory_gib, gpus_per_node"
-            )
-        if not (
-            isinstance(raw["gpus_per_node"], int)
-            and raw["gpus_per_node"] > 0
-            and isinstance(raw["gpu_memory_gib"], (int, float))
-            and raw["gpu_memory_gib"] > 0
-        ):
-            raise LaunchError(
-                f"cluster file {path}: hardware.gpus_per_node and gpu_memory_gib must be positive"
-            )
-        hardware = Hardware(str(raw["gpu"]), float(raw["gpu_memory_gib"]), raw["gpus_per_node"])
+    hardware = None if raw is None else read_hardware(raw, path)
     layouts = data.pop("layouts", None) or {}
     if not isinstance(layouts, dict):
         raise LaunchError(f"cluster file {path}: layouts must map config names to entries")

@@ -216,6 +216,10 @@ class TrainConfig:
     WANDB_* variables apply, e.g. WANDB_MODE=offline)."""
     skip_memory_check: bool = False
     """Start even when the memory estimate (bert-train --estimate-memory) exceeds the device's."""
+    cluster: str | None = None
+    """bert-plan's cluster (a built-in name such as abci2, or a cluster file) for the start-up
+    line with the predicted memory and step time; unset = the built-in cluster of the detected
+    GPU, if any."""
 
 
 @dataclass

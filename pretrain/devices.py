@@ -47,6 +47,17 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
 }
 
+# Memory (HBM) bandwidth, GB/s, from the same datasheets: what a memory-bound pass (elementwise
+# work, the optimizer step) runs at. V100 SXM2 900; A100 40 GB 1,555 and 80 GB 2,039;
+# H100 SXM 3,350; H200 4,800.
+MEMORY_GB_PER_S: dict[str, float] = {
+    "V100-SXM2": 900.0,
+    "A100-40GB": 1555.0,
+    "A100-80GB": 2039.0,
+    "H100-SXM": 3350.0,
+    "H200": 4800.0,
+}
+
 _CPU_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
                "fp16": torch.float16}  # fmt: skip
 _CPU_BUDGET_S = 0.3  # timed repetitions stop after this long (or 20 of them); sizing adds less

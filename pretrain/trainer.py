@@ -88,6 +88,7 @@ from pretrain.parallel.parallelize import (
     tp_sharded_names,
 )
 from pretrain.parallel.zero import ZeroRedundancy
+from pretrain.plan import startup_prediction
 from pretrain.precision import (
     DynamicLossScaler,
     autocast_context,
@@ -450,6 +451,9 @@ def _start_logging(run: _Run, precision_reason: str, started: float) -> None:
         check_token_ids(batch, run.data.dataset.vocab_size, config.data.path)
     peak = peak_flops(device, t.precision)
     say(describe_peak(device, t.precision, peak))
+    layout = layout_for(config, dims.dp_size, device.type, run.accumulation)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    say(startup_prediction(config, shape, layout, name))
     run.clock = RunClock(
         total_steps=t.steps,
         eval_every=t.eval_every if run.held_out else None,

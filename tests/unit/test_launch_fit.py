@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from launch import cli
@@ -61,9 +62,39 @@ def test_config_without_entry_is_left_alone(capsys):
     assert "parallel.tp=" not in capsys.readouterr().out
 
 
-def test_bad_hardware_section(tmp_path: Path, capsys):
-    """A non-positive memory in hardware: one line, exit 2."""
+HARDWARE = (
+    "{gpu: X, gpu_memory_gib: 16, gpus_per_node: 4, nvlink_gb_per_s: 150, internode_gb_per_s: 25}"
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("gpu_memory_gib: 16", "gpu_memory_gib: 0"), "hardware.gpu_memory_gib must be a positive"),
+        (("nvlink_gb_per_s: 150", "nvlink_gb_per_s: -1"), "hardware.nvlink_gb_per_s must be"),
+        ((", internode_gb_per_s: 25", ""), "(missing internode_gb_per_s)"),
+        (("gpus_per_node: 4", "gpus_per_node: 2.5"), "gpus_per_node must be an integer"),
+    ],
+)
+def test_bad_hardware_section(tmp_path: Path, capsys, change, message):
+    """A missing or non-positive hardware field: one line naming it, exit 2."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("scheduler: sge\nhardware: {gpu: X, gpu_memory_gib: 0, gpus_per_node: 4}\n")
+    bad.write_text(f"scheduler: sge\nhardware: {HARDWARE.replace(*change)}\n")
     assert cli.main(["sge", "--cluster", str(bad), "--dry-run", "--", "bert-train"]) == 2
-    assert "gpu_memory_gib must be positive" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_builtin_cluster_by_name(capsys):
+    """`--cluster abci2` is configs/cluster/abci2.yaml: its resource type and 4 GPUs per node."""
+    assert cli.main(["sge", "--cluster", "abci2", "--dry-run", "--", "bert-train"]) == 0
+    assert "#$ -l rt_F=1" in capsys.readouterr().out
+
+
+def test_unknown_cluster_lists_the_known_ones(capsys):
+    """An unknown name: one line listing every built-in cluster, exit 2."""
+    assert cli.main(["sge", "--cluster", "abci9", "--dry-run", "--", "bert-train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown cluster 'abci9'" in err[0]
+    for name in ("abci2", "abci2-a", "abci3", "cpu", "gridengine", "h100"):
+        assert name in err[0]

@@ -33,17 +33,17 @@ from pretrain.parallel.zero import assign_owners
 
 REPO = Path(__file__).resolve().parents[2]
 LARGE_CONFIGS = ("large", "xlarge", "3.9b")
-# Cluster files that name their hardware (a generic site-style file such as gridengine.yaml
-# cannot know its GPUs, so it carries no layouts).
+# Cluster files with fitted layouts (a generic site-style file such as gridengine.yaml cannot
+# know its GPUs, and the CPU machine's cpu.yaml is for bert-plan, so they carry none).
 CLUSTERS = [
     path
     for path in sorted((REPO / "configs" / "cluster").glob("*.yaml"))
-    if "hardware" in yaml.safe_load(path.read_text(encoding="utf-8"))
+    if "layouts" in yaml.safe_load(path.read_text(encoding="utf-8"))
 ]
 
 
 def test_the_hardware_cluster_files_are_the_shipped_gpu_kinds():
-    assert {p.stem for p in CLUSTERS} == {"abci2", "abci2-a", "abci3"}
+    assert {p.stem for p in CLUSTERS} == {"abci2", "abci2-a", "abci3", "h100"}
 
 
 def _shape(norm: str = "post", vocab: int = 131, pair: bool = False) -> ModelShape:

@@ -1,0 +1,284 @@
+"""`bert-plan --measure`: calibrate the step-time model on the machine at hand (a CPU node).
+
+Short micro-benchmarks, each stored in the calibration:
+
+- matrix products at the config's own shapes (QKV, attention-out, MLP in and out at the
+  config's micro-batch), in the run's dtype: their FLOP rate over the CPU's measured peak
+  (pretrain/devices.py) is the efficiency;
+- a memory-bound pass (a 128 MB copy): the memory bandwidth of elementwise work and the
+  optimizer;
+- a gloo all-reduce between two processes of this machine (16 MB and 4 bytes): the link
+  bandwidth and the latency per ring step;
+- a few real training steps of the config (the trainer's model, loss, clipping and LAMB on
+  random tokens, one process): what the micro-benchmarks do not see (Python and operator
+  dispatch) is the remainder, stored as a fixed cost per layer and micro-batch.
+
+Measured at one thread per rank and at all cores (what one process uses); the plan takes the
+calibration for the number of threads each of its ranks gets (torchrun gives each of several
+ranks one thread). Stored in `$XDG_CACHE_HOME/bert-pretrain/plan_calibration.json` by cluster
+name, CPU model, threads, dtype and torch version; later plans for that cluster use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pretrain.config import Config, ModelShape, resolve_model_shape
+from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
+from pretrain.memory import DEFAULT_VOCAB, Layout
+from pretrain.plan_model import Rates, step_time
+
+ALLREDUCE_BYTES = 16 * 1024**2
+STEPS = 4  # real steps timed after one warm-up step
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What --measure found, per thread count and dtype."""
+
+    threads: int
+    peak_flops: float
+    peak_flops_fp32: float
+    efficiency: float
+    memory_bytes_per_s: float
+    link_bytes_per_s: float
+    link_latency_s: float
+    layer_overhead_s: float
+    """Fixed seconds per layer (embeddings and head count as two) and micro-batch."""
+
+
+def calibration_path() -> Path:
+    return cache_path().with_name("plan_calibration.json")
+
+
+def _key(cluster: str, precision: str, threads: int) -> str:
+    cpu = _cpu_model_name() or "cpu"
+    return f"{cluster}|{cpu}|threads={threads}|{precision}|torch={torch.__version__}"
+
+
+def threads_per_rank(ranks_per_node: int) -> int:
+    """Threads one rank computes with: all cores alone, one each under torchrun."""
+    return (os.cpu_count() or 1) if ranks_per_node == 1 else 1
+
+
+def load_calibration(
+    cluster: str, precision: str, ranks_per_node: int, shape: ModelShape
+) -> Rates | None:
+    """The time model's rates from a stored calibration, or None when there is none."""
+    try:
+        stored = json.loads(calibration_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    entry = stored.get(_key(cluster, precision, threads_per_rank(ranks_per_node)))
+    if not isinstance(entry, dict):
+        return None
+    return rates_from(Calibration(**entry), shape)
+
+
+def rates_from(calibration: Calibration, shape: ModelShape) -> Rates:
+    return Rates(
+        peak_flops=calibration.peak_flops,
+        peak_flops_fp32=calibration.peak_flops_fp32,
+        efficiency=calibration.efficiency,
+        memory_bytes_per_s=calibration.memory_bytes_per_s,
+        link_bytes_per_s=calibration.link_bytes_per_s,
+        network_bytes_per_s=calibration.link_bytes_per_s,
+        link_latency_s=calibration.link_latency_s,
+        network_latency_s=calibration.link_latency_s,
+        step_overhead_s=calibration.layer_overhead_s * (shape.layers + 2),
+    )
+
+
+def _store(key: str, calibration: Calibration) -> None:
+    path = calibration_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    data[key] = asdict(calibration)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    temp.replace(path)
+
+
+def _best_seconds(run, repeats: int = 5) -> float:  # noqa: ANN001 - a no-argument callable
+    run()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    return min(times)
+
+
+def measure_gemms(shape: ModelShape, layout: Layout) -> float:
+    """FLOP/s of the config's four linear products at its micro-batch, in the run's dtype."""
+    dtype = torch.float32 if layout.precision == "fp32" else torch.bfloat16
+    h, f, tokens = shape.hidden, shape.ffn_hidden, layout.micro_batch * layout.seq_len
+    generator = torch.Generator().manual_seed(0)
+    flops = seconds = 0.0
+    for m, k, n in ((tokens, h, 3 * h), (tokens, h, h), (tokens, h, f), (tokens, f, h)):
+        a = torch.randn(m, k, generator=generator).to(dtype)
+        b = torch.randn(k, n, generator=generator).to(dtype)
+        seconds += _best_seconds(lambda a=a, b=b: torch.mm(a, b))
+        flops += 2.0 * m * k * n
+    return flops / seconds
+
+
+def measure_memory_bandwidth() -> float:
+    """Bytes/s of a 128 MB copy (read + write)."""
+    source = torch.ones(32 * 1024**2)
+    target = torch.empty_like(source)
+    return 2 * source.nbytes / _best_seconds(lambda: target.copy_(source))
+
+
+def _allreduce_worker(rank: int, port: int, queue) -> None:  # noqa: ANN001 - an mp queue
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        large = torch.ones(ALLREDUCE_BYTES // 4)
+        small = torch.ones(1)
+        results = []
+        for tensor in (large, small):
+            times = []
+            for _ in range(8):
+                dist.barrier()
+                begin = time.perf_counter()
+                dist.all_reduce(tensor)
+                times.append(time.perf_counter() - begin)
+            results.append(statistics.median(times[2:]))
+        if rank == 0:
+            queue.put(results)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_allreduce() -> tuple[float, float]:
+    """(bus bytes/s, latency per ring step) of a gloo all-reduce between two processes."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_allreduce_worker, args=(port, queue), nprocs=2, start_method="spawn")
+    large, small = queue.get()
+    members = 2
+    latency = small / (2 * (members - 1))
+    bus = 2 * (members - 1) / members * ALLREDUCE_BYTES / max(large - small, 1e-9)
+    return bus, latency
+
+
+def measure_steps(shape: ModelShape, layout: Layout, mlm) -> float:  # noqa: ANN001 - MLMConfig
+    """Median seconds of a real training step (one process, random tokens, no data loader)."""
+    from pretrain.model import apply_recompute, build_model
+    from pretrain.objectives import pretraining_loss
+    from pretrain.optim import build_param_groups, clip_grad_norm_, optimizer_for_groups
+    from pretrain.precision import autocast_context
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, shape.vocab_size, (layout.micro_batch, layout.seq_len))
+    batch = {
+        "input_ids": ids,
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+        "picked": torch.rand(ids.shape) < layout.mask_rate,
+    }
+    model = build_model(shape)
+    apply_recompute(model, layout.recompute)
+    model.train()
+    optimizer = optimizer_for_groups(
+        build_param_groups(model, 0.01), "lamb", 1e-3, (0.9, 0.999), 1e-6, None
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    times = []
+    for _ in range(STEPS + 1):
+        begin = time.perf_counter()
+        with autocast_context(layout.precision, "cpu"):
+            loss = pretraining_loss(model, batch, mlm).loss
+        loss.backward()
+        clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times[1:])
+
+
+def calibrate(
+    cluster: str, shape: ModelShape, layout: Layout, mlm, threads: int, link: tuple[float, float]
+) -> tuple[Calibration, dict[str, tuple[float, float]]]:  # noqa: ANN001
+    """Measure at `threads` threads; (the calibration, measured vs predicted per term)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dtype = "fp32" if layout.precision == "fp32" else "bf16"
+        peak = cpu_peak_flops(dtype)
+        peak32 = cpu_peak_flops("fp32")
+        gemm_rate = measure_gemms(shape, layout)
+        bandwidth = measure_memory_bandwidth()
+        # A busy machine can measure the square-GEMM peak below what the model's shapes then
+        # reach: the peak is then at least the rate just measured.
+        peak = max(peak, gemm_rate)
+        calibration = Calibration(
+            threads=threads,
+            peak_flops=peak,
+            peak_flops_fp32=max(peak32, gemm_rate if dtype == "fp32" else 0.0),
+            efficiency=gemm_rate / peak,
+            memory_bytes_per_s=bandwidth,
+            link_bytes_per_s=link[0],
+            link_latency_s=link[1],
+            layer_overhead_s=0.0,
+        )
+        measured = measure_steps(shape, layout, mlm)
+    finally:
+        torch.set_num_threads(previous)
+    without = step_time(shape, layout, rates_from(calibration, shape), 1).total
+    per_layer = max(0.0, measured - without) / (shape.layers + 2)
+    calibration = replace(calibration, layer_overhead_s=per_layer)
+    report = {
+        "matrix products (FLOP/s)": (gemm_rate, peak),
+        "memory copy (bytes/s)": (bandwidth, bandwidth),
+        "one training step (s), model without overhead": (measured, without),
+    }
+    return calibration, report
+
+
+def measure_and_report(config: Config, cluster: str, precision: str) -> int:
+    """bert-plan --measure: calibrate at one thread and at all cores, print measured against
+    the model, store the calibration under `cluster`."""
+    shape = resolve_model_shape(config, config.model.vocab_size or DEFAULT_VOCAB)
+    layout = Layout(
+        seq_len=config.data.seq_len,
+        micro_batch=config.train.micro_batch,
+        recompute=config.train.recompute,
+        precision=precision,
+        mlm_mode=config.mlm.mode,
+        mask_rate=config.mlm.mask_rate,
+        device="cpu",
+    )
+    link = measure_allreduce()
+    print(f"gloo all-reduce, 2 processes: {link[0] / 1e9:.2f} GB/s bus, {link[1] * 1e6:.0f} us")
+    for threads in sorted({1, os.cpu_count() or 1}):
+        calibration, report = calibrate(cluster, shape, layout, config.mlm, threads, link)
+        _store(_key(cluster, precision, threads), calibration)
+        print(f"threads {threads} ({precision}):")
+        for name, (measured, predicted) in report.items():
+            print(f"  {name:<48} measured {measured:10.4g}  model/peak {predicted:10.4g}")
+        rates = rates_from(calibration, shape)
+        predicted = step_time(shape, layout, rates, 1).total
+        print(f"  calibrated step: predicted {predicted:.4g} s (fitted to the measured step)")
+    print(f"bert-plan: calibration stored in {calibration_path()}")
+    return 0
