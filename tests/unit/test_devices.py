@@ -88,11 +88,12 @@ def test_measuring_leaves_the_global_rng_alone(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_half_precision_measurement_stays_under_two_seconds(dtype: torch.dtype) -> None:
-    """fp16 has no native GEMM on these CPUs (about 1 GFLOP/s): the size must adapt."""
+def test_cpu_half_precision_measurement_stays_short(dtype: torch.dtype) -> None:
+    """fp16 has no native GEMM on these CPUs (about 1 GFLOP/s): the size must adapt. (A fixed
+    1024^3 product would take minutes; the budget is ~1 s, checked at 6 s for loaded machines.)"""
     begin = time.perf_counter()
     rate = measure_cpu_matmul(dtype)
-    assert time.perf_counter() - begin < 2.0
+    assert time.perf_counter() - begin < 6.0
     assert rate > 1e8
 
 
