@@ -112,6 +112,17 @@ def compare_dp(work: Path, data: Path, steps: int) -> None:
             f"{wire / base_wire:.3f} | {ms / base_ms:.2f} |",
             flush=True,
         )
+        if not zero and reduce == "fp32":
+            # ZeRO-1 before issue 20 ran DDP's all-reduce and then broadcast every parameter
+            # (measured equal to that in the issue-4 table); it is no longer in the code.
+            before = {"dp.all_reduce": dp["dp.all_reduce"], "dp.broadcast": dp["dp.all_reduce"]}
+            old_wire = sum(wire_bytes(before, {"dp": 2}).values())
+            print(
+                f"| ZeRO-1 before issue 20 (all-reduce + broadcast; from the row above) | fp32 "
+                f"| {sum(before.values()):,} | {old_wire:,.0f} | {old_wire / base_wire:.3f} "
+                "| not run |",
+                flush=True,
+            )
 
 
 def main() -> None:
