@@ -19,7 +19,7 @@ for every rank the bytes of tensors our reader reads for the rank's piece of eve
 optimizer tensor (`_ShardedReader.local`, what resume does now) against `whole` for every tensor
 (what every rank read before), and the size of the files the rank itself wrote.
 
-save-block: the model and LAMB state of a 60 M-parameter BERT (hidden 512, 8 layers, vocabulary
+save-block: the model and LAMB state of a 41.5 M-parameter BERT (hidden 512, 8 layers, vocabulary
 30,522); the time training is held up by a checkpoint written synchronously (snapshot, write,
 fsync, checksums, rename) against the asynchronous way (a host copy, then a background thread),
 and the time of a training step while the background write runs against one without.
@@ -277,7 +277,7 @@ def save_block(repeats: int = 3) -> None:
             rows["step during write"].append(step())
             path, error = writer.wait()
             assert error is None, error
-    size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+        size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
     median = {k: statistics.median(v) for k, v in rows.items()}
     print(f"model {params / 1e6:.1f} M parameters, checkpoint {size:.0f} MB; medians of {repeats}:")
     print(

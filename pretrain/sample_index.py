@@ -92,12 +92,11 @@ def pack_samples(
     prefix = np.concatenate([[0], np.cumsum(cost)])
     # A sample starting at s holds sentence i > s while prefix[i+1] - prefix[s] - boundary[s]
     # <= budget (s's own boundary is not paid); it ends before the first i that does not fit.
-    starts = np.arange(n)
     limit = prefix[:-1] + boundary + budget
     next_start = np.searchsorted(prefix, limit, side="right") - 1
     if pairs:
         doc_first = np.flatnonzero(doc_start)
-        after = np.searchsorted(doc_first, starts, side="right")
+        after = np.searchsorted(doc_first, np.arange(n), side="right")
         next_doc = np.append(doc_first, n)[after]
         next_start = np.minimum(next_start, next_doc)
     next_start = np.minimum(next_start, n)

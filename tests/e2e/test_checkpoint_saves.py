@@ -108,8 +108,9 @@ def test_a_failed_periodic_save_is_reported_and_training_goes_on(
 
 
 def _slow_save_run(data: str, out: str) -> int:
-    """Rank 0's fsync takes 8 s, longer than parallel.timeout_s=3, as on a slow parallel file
-    system; the other rank waits for it in the save's agreement."""
+    """Rank 0's fsync takes 45 s, three times parallel.timeout_s=15 (which the training
+    collectives need on this shared machine), as on a slow parallel file system; the other
+    rank waits for it in the save's agreement."""
     import torch.distributed as dist
 
     import pretrain.checkpoint as checkpoint
@@ -119,7 +120,7 @@ def _slow_save_run(data: str, out: str) -> int:
     def slow(paths):
         paths = list(paths)
         if dist.get_rank() == 0 and any(p.name == "train_state.json" for p in paths):
-            time.sleep(8)
+            time.sleep(45)
         real_fsync(paths)
 
     checkpoint._fsync = slow
@@ -127,8 +128,8 @@ def _slow_save_run(data: str, out: str) -> int:
         Path(data),
         Path(out),
         "train.steps=2",
-        "parallel.timeout_s=3",
-        "checkpoint.timeout_s=60",
+        "parallel.timeout_s=15",
+        "checkpoint.timeout_s=300",
         "train.eval_every=100",
     )
     return train(config).exit_code
