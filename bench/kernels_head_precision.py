@@ -12,8 +12,8 @@ H x H, GELU, LayerNorm) on the scored rows, then `kernels.linear_cross_entropy` 
 dense MLM (every position of 16 x 128 tokens scored, weights 1 / 0.1 as mlm.visible_weight) and
 sparse MLM (the 15% picked positions), in fp32 and under bf16 autocast. Each variant runs in a
 fresh subprocess: the rise of the peak RSS (getrusage ru_maxrss) over one forward + backward,
-then the median wall time of `--repeats` more. Variants alternate so that other jobs' load hits
-all alike.
+then the median process CPU time (all threads; less sensitive than wall time to the load of other
+jobs on this shared machine) and wall time of `--repeats` more.
 
 Predicted (not measured; no GPU here): the step time of each part is its FLOPs (pretrain/model.py
 `flops_per_step`'s counting) over the peak rate of the dtype it runs in (pretrain/devices.py
@@ -67,8 +67,8 @@ def _child(width: str, mode: str, precision: str, repeats: int) -> dict:
     if mode == "dense":
         weight = torch.where(torch.rand(rows) < MASK_RATE, 1.0, VISIBLE_WEIGHT)
 
-    def step() -> float:
-        start = time.perf_counter()
+    def step() -> tuple[float, float]:
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = kernels.linear_cross_entropy(
                 head.transform(states), decoder, target, bias=head.logit_bias(),
@@ -77,14 +77,14 @@ def _child(width: str, mode: str, precision: str, repeats: int) -> dict:
         loss.backward()
         for t in (states, decoder, *head.parameters()):
             t.grad = None
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    first = step()
+    step()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     times = [step() for _ in range(repeats)]
-    return {"peak_mib": peak_kib / 1024, "first_s": first, "median_s": statistics.median(times),
-            "rows": rows}  # fmt: skip
+    return {"peak_mib": peak_kib / 1024, "wall_s": statistics.median(t[0] for t in times),
+            "cpu_s": statistics.median(t[1] for t in times), "rows": rows}  # fmt: skip
 
 
 def measure(repeats: int) -> None:
@@ -104,16 +104,16 @@ def measure(repeats: int) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.1f}"
     )
-    print("| width | MLM | scored rows | fp32 time (s) | bf16 time (s) | fp32 / bf16 | "
-          "fp32 peak (MiB) | bf16 peak (MiB) |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| width | MLM | scored rows | CPU time fp32 / bf16 (s) | fp32 / bf16 | "
+          "wall fp32 / bf16 (s) | peak extra fp32 / bf16 (MiB) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|")
     for width in WIDTHS:
         for mode in ("dense", "sparse"):
             f, b = results[(width, mode, "fp32")], results[(width, mode, "bf16")]
             print(
-                f"| {width} | {mode} | {f['rows']} | {f['median_s']:.3f} | {b['median_s']:.3f} | "
-                f"{f['median_s'] / b['median_s']:.2f}x | {f['peak_mib']:.0f} | "
-                f"{b['peak_mib']:.0f} |"
+                f"| {width} | {mode} | {f['rows']} | {f['cpu_s']:.2f} / {b['cpu_s']:.2f} | "
+                f"{f['cpu_s'] / b['cpu_s']:.2f}x | {f['wall_s']:.2f} / {b['wall_s']:.2f} | "
+                f"{f['peak_mib']:.0f} / {b['peak_mib']:.0f} |"
             )
 
 
