@@ -6,11 +6,11 @@
     lamb_step             the LAMB update over a list of tensors (lamb.py)
 
 Each has a plain PyTorch reference (memory-lean where it matters; the path on the CPU, where
-Triton is absent, and on GPUs below compute capability 8.0 such as V100) and a Triton kernel
+Triton is absent, and on GPUs the dispatch rule does not cover) and a Triton kernel
 (`*_triton.py`, imported only when used). The public function dispatches by the device of its
 inputs (kernels/dispatch.py), so callers never choose; `set_enabled(False)` or
 `with reference_only():` forces the references (config key `kernels.enabled`).
-Triton kernels are tested on the CPU under TRITON_INTERPRET=1 and compiled for sm_80/sm_90
+Triton kernels are tested on the CPU under TRITON_INTERPRET=1 and compiled for sm_70/80/90
 without a GPU by `python -m kernels.build_check`.
 """
 

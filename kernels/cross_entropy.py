@@ -5,7 +5,9 @@ The MLM head's logits are [N, V] (N scored positions, V ~ 30k): for dense MLM at
 8 GB in fp32, far more than the activations of the rest of the model. The loop computes the
 logits of `chunk_rows` rows at a time, turns each chunk into its loss AND its gradients right
 away (softmax - onehot is all backward needs), and keeps only grad_hidden [N, H], grad_weight
-[V, H] and grad_bias [V]. Peak extra memory is one [chunk_rows, V] fp32 buffer.
+[V, H] and grad_bias [V]. Peak extra memory is one [chunk_rows, V] fp32 buffer (in half
+precision also a half copy of the weight and, at a time, one half [chunk_rows, V] or [V, H]
+GEMM output on its way into fp32).
 
 Precision. The three GEMMs per chunk (logits = h W^T, grad_h = G W, grad_W += G^T h) run in the
 autocast dtype when autocast is on for the device (bf16 or fp16: tensor cores on a GPU; the
@@ -84,7 +86,8 @@ def linear_cross_entropy(
     (per-row CE [N] fp32 without label smoothing and 0 on ignored rows, argmax [N] int64) for the
     N = prod(leading dims) rows, from the same pass. `label_smoothing` is as in F.cross_entropy.
     With `tp` (a group of size > 1), `weight` (and `bias`) are this rank's equal vocabulary
-    shard, in rank order; label smoothing is then not supported.
+    shard, in rank order; label smoothing is then not supported. Under autocast the three GEMMs
+    run in autocast's dtype, everything else in fp32 (see the module docstring).
     """
     options = CrossEntropyOptions(ignore_index, label_smoothing, chunk_rows, return_stats)
     chunk_math = _pick_chunk_math(hidden)
@@ -100,8 +103,8 @@ def gemm_dtype(device_type: str) -> torch.dtype:
 
 
 def _pick_chunk_math(hidden: Tensor) -> ChunkMath:
-    """The Triton kernels on CUDA devices of compute capability >= 8.0 (see kernels.dispatch);
-    the PyTorch reference everywhere else, including V100."""
+    """The Triton kernels where kernels.dispatch selects them (compute capability >= 8.0, and
+    V100 under a checked Triton version); the PyTorch reference everywhere else."""
     if use_triton(hidden):
         from kernels.cross_entropy_triton import chunk_math_triton
 

@@ -86,6 +86,73 @@ def test_vocab_parallel_cross_entropy_matches_full_logits(position_weight):
         torch.testing.assert_close(out["grad_b"], bias.grad, rtol=1e-5, atol=1e-6)
 
 
+HALF_ROWS, HALF_HIDDEN, HALF_VOCAB = 8192, 16, 262  # 131 vocabulary rows per rank
+
+
+def _half_inputs() -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(HALF_ROWS, HALF_HIDDEN, generator=gen)
+    weight = torch.randn(HALF_VOCAB, HALF_HIDDEN, generator=gen) * 0.5
+    bias = torch.randn(HALF_VOCAB, generator=gen) * 0.5
+    target = torch.randint(0, HALF_VOCAB, (HALF_ROWS,), generator=gen)
+    target[::9] = -100
+    position_weight = torch.where(torch.rand(HALF_ROWS, generator=gen) < 0.15, 1.0, 0.1)
+    return hidden, weight, bias, target, position_weight
+
+
+def _vocab_parallel_ce_half(dtype_name: str) -> dict:
+    """Rank's view of the vocab-parallel head under autocast: loss and full (gathered) grads."""
+    import kernels
+    from pretrain.parallel.collectives import tp_collectives
+    from pretrain.parallel.mappings import copy_to_tp_region, gather_from_tp_region
+
+    dims = _dims(2)
+    hidden, weight, bias, target, pw = _half_inputs()
+    half = HALF_VOCAB // 2
+    rows = slice(dims.tp_rank * half, (dims.tp_rank + 1) * half)
+    h = hidden.clone().requires_grad_()
+    w = weight[rows].clone().requires_grad_()
+    b = bias[rows].clone().requires_grad_()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    with torch.autocast("cpu", dtype=dtype):
+        loss = kernels.linear_cross_entropy(
+            copy_to_tp_region(h, dims.tp_group), w, target, bias=b, position_weight=pw,
+            tp=tp_collectives(dims.tp_group),
+        )  # fmt: skip
+    (loss * 2.0**16).backward()  # as the fp16 loss scaler does; divided back below
+    grad_w = gather_from_tp_region(w.grad.T.contiguous(), dims.tp_group).T
+    grad_b = gather_from_tp_region(b.grad, dims.tp_group)
+    return {"loss": loss, "grad_h": h.grad / 2.0**16, "grad_w": grad_w / 2.0**16,
+            "grad_b": grad_b / 2.0**16}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
+def test_vocab_parallel_cross_entropy_in_half_precision(dtype_name):
+    """tp 2 under bf16/fp16 autocast (GEMMs in the half dtype, 8,192 scored rows with dense-MLM
+    weights 1 / 0.1) against full fp32 logits + F.cross_entropy on one process. The logits are
+    rounded to the half dtype before the fp32 softmax, which dominates the error: tolerance 6
+    unit roundoffs u (2**-8 bf16, 2**-11 fp16) of relative (Frobenius) error, as in the
+    single-process test in tests/unit/test_kernels_cross_entropy.py."""
+    import torch.nn.functional as F
+
+    ranks = run_distributed(_vocab_parallel_ce_half, 2, dtype_name)
+    hidden, weight, bias, target, pw = _half_inputs()
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    per_row = F.cross_entropy(
+        leaves[0] @ leaves[1].T + leaves[2], target, reduction="none", ignore_index=-100
+    )
+    w = (target != -100).float() * pw
+    loss = (per_row * w).sum() / w.sum()
+    loss.backward()
+    tolerance = 6 * {"bf16": 2.0**-8, "fp16": 2.0**-11}[dtype_name]
+    for out in ranks:
+        out = {k: torch.from_numpy(v) for k, v in out.items()}
+        assert abs(float(out["loss"]) - float(loss)) <= tolerance * float(loss)
+        for name, leaf in zip(("grad_h", "grad_w", "grad_b"), leaves, strict=True):
+            error = float((out[name] - leaf.grad).norm() / leaf.grad.norm())
+            assert error <= tolerance, f"{name}: relative error {error:.2e} > {tolerance:.2e}"
+
+
 def _layers() -> dict:
     """Column → row MLP and the vocab-parallel embedding: outputs and input grads."""
     from torch import nn

@@ -43,7 +43,7 @@ def test_a_failing_check_fails_the_run(monkeypatch, capsys):
     summary names it. The two-process checks are replaced to keep this test fast."""
     from pretrain import selftest
 
-    def broken_kernels(device):
+    def broken_kernels(device, precision):
         return [selftest.Check("kernel layer_norm", False, "max abs diff 1.0e+00")]
 
     monkeypatch.setattr(selftest, "check_kernels", broken_kernels)
