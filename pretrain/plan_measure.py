@@ -38,6 +38,7 @@ from pretrain.plan_model import Rates, step_time
 
 ALLREDUCE_BYTES = 16 * 1024**2
 STEPS = 4  # real steps timed after one warm-up step
+STEP = "one training step (s), model without overhead"
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,10 @@ def _key(cluster: str, precision: str, threads: int) -> str:
 
 
 def threads_per_rank(ranks_per_node: int) -> int:
-    """Threads one rank computes with: all cores alone, one each under torchrun."""
+    """Threads one rank computes with: OMP_NUM_THREADS when set, else all cores for a single
+    rank and one each for several (torchrun's default)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
     return (os.cpu_count() or 1) if ranks_per_node == 1 else 1
 
 
@@ -251,7 +255,7 @@ def calibrate(
     report = {
         "matrix products (FLOP/s)": (gemm_rate, peak),
         "memory copy (bytes/s)": (bandwidth, bandwidth),
-        "one training step (s), model without overhead": (measured, without),
+        STEP: (measured, without),
     }
     return calibration, report
 
@@ -277,8 +281,7 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
         print(f"threads {threads} ({precision}):")
         for name, (measured, predicted) in report.items():
             print(f"  {name:<48} measured {measured:10.4g}  model/peak {predicted:10.4g}")
-        rates = rates_from(calibration, shape)
-        predicted = step_time(shape, layout, rates, 1).total
-        print(f"  calibrated step: predicted {predicted:.4g} s (fitted to the measured step)")
+        predicted = step_time(shape, layout, rates_from(calibration, shape), 1).total
+        print(f"  calibrated step: predicted {predicted:.4g} s, measured {report[STEP][0]:.4g} s")
     print(f"bert-plan: calibration stored in {calibration_path()}")
     return 0
