@@ -10,8 +10,9 @@ Short micro-benchmarks, each stored in the calibration:
 - a gloo all-reduce between two processes of this machine (16 MB and 4 bytes): the link
   bandwidth and the latency per ring step;
 - a few real training steps of the config (the trainer's model, loss, clipping and LAMB on
-  random tokens, one process): what the micro-benchmarks do not see (Python and operator
-  dispatch) is the remainder, stored as a fixed cost per layer and micro-batch.
+  random tokens, one process): what the micro-benchmarks do not explain (elementwise kernels
+  that compute rather than stream, Python and operator dispatch) is put on the elementwise
+  work, whose rate is fitted so that the model reproduces the measured step.
 
 Measured at one thread per rank and at all cores (what one process uses); the plan takes the
 calibration for the number of threads each of its ranks gets (torchrun gives each of several
@@ -34,11 +35,11 @@ import torch
 from pretrain.config import Config, ModelShape, resolve_model_shape
 from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
 from pretrain.memory import DEFAULT_VOCAB, Layout
-from pretrain.plan_model import Rates, step_time
+from pretrain.plan_model import Rates, elementwise_bytes, step_time
 
 ALLREDUCE_BYTES = 16 * 1024**2
 STEPS = 4  # real steps timed after one warm-up step
-STEP = "one training step (s), model without overhead"
+STEP = "one training step (s), model before the fit"
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class Calibration:
     memory_bytes_per_s: float
     link_bytes_per_s: float
     link_latency_s: float
-    layer_overhead_s: float
-    """Fixed seconds per layer (embeddings and head count as two) and micro-batch."""
+    elementwise_bytes_per_s: float
+    """Fitted on the real steps: the rate at which the model's elementwise bytes go by."""
 
 
 def calibration_path() -> Path:
@@ -97,7 +98,7 @@ def rates_from(calibration: Calibration, shape: ModelShape) -> Rates:
         network_bytes_per_s=calibration.link_bytes_per_s,
         link_latency_s=calibration.link_latency_s,
         network_latency_s=calibration.link_latency_s,
-        step_overhead_s=calibration.layer_overhead_s * (shape.layers + 2),
+        elementwise_bytes_per_s=calibration.elementwise_bytes_per_s,
     )
 
 
@@ -244,14 +245,19 @@ def calibrate(
             memory_bytes_per_s=bandwidth,
             link_bytes_per_s=link[0],
             link_latency_s=link[1],
-            layer_overhead_s=0.0,
+            elementwise_bytes_per_s=bandwidth,
         )
         measured = measure_steps(shape, layout, mlm)
     finally:
         torch.set_num_threads(previous)
-    without = step_time(shape, layout, rates_from(calibration, shape), 1).total
-    per_layer = max(0.0, measured - without) / (shape.layers + 2)
-    calibration = replace(calibration, layer_overhead_s=per_layer)
+    # What the micro-benchmarks do not explain is put on the elementwise work: its rate is the
+    # one at which the model's elementwise bytes fill the rest of the measured step.
+    rates = rates_from(calibration, shape)
+    without = step_time(shape, layout, rates, 1).total
+    moved = elementwise_bytes(shape, layout)
+    rest = measured - (without - moved / bandwidth)
+    if rest > 0:
+        calibration = replace(calibration, elementwise_bytes_per_s=moved / rest)
     report = {
         "matrix products (FLOP/s)": (gemm_rate, peak),
         "memory copy (bytes/s)": (bandwidth, bandwidth),
