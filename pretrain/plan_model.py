@@ -31,7 +31,7 @@ throughput (pretrain/plan_published.py), or measured on a CPU by `bert-plan --me
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from pretrain.config import ModelShape
 from pretrain.memory import Layout, padded_vocab, parameter_counts, saved_activation_bytes
@@ -130,7 +130,9 @@ def _forward_gemms(
 def elementwise_bytes(shape: ModelShape, layout: Layout) -> int:
     """Bytes the elementwise work of one micro-batch moves (see the module doc)."""
     elem = 2 if layout.precision != "fp32" else 4
-    saved = saved_activation_bytes(shape, layout)
+    # The traffic of forward and backward is that of the whole activations, whatever
+    # recomputation keeps of them; recomputation adds its rerun forward on top.
+    saved = saved_activation_bytes(shape, replace(layout, recompute="none"))
     moved = 3 * saved
     if layout.recompute == "full":
         moved += saved  # the layers' forward runs again
