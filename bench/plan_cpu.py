@@ -6,7 +6,8 @@
 1. Prepares a small English dataset from the built-in corpus (WordPiece, 2,000 tokens).
 2. Calibrates once with `bert-plan --measure` on the tiny config (one process; what it fits
    is the fixed cost per layer of one step at 1 and at 2 threads).
-3. For tiny and base at 1 process, dp 2 and tp 2 (torchrun, gloo, one thread per rank), and
+3. For tiny and base at 1 process, dp 2 and tp 2 (torchrun, gloo; one thread per process
+   everywhere, as the calibration the cells use), and
    for 4 processes (dp 2 x tp 2, oversubscribing 2 cores: reported, not gated), runs bert-train
    for a few steps `--repeats` times and takes the median of its logged ms_per_step after the
    first two steps; the prediction is the plan model's step time of that exact layout with the
@@ -89,7 +90,7 @@ def measure(config: str, processes: int, args: list[str], out: Path) -> float:
             "--config",
             str(REPO / "configs" / config),
         ]
-    env = dict(os.environ, OMP_NUM_THREADS="1" if processes > 1 else "2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
         [*command, *args, f"train.out_dir={out}", "train.resume=none"],
         cwd=REPO,
@@ -145,6 +146,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="plan-cpu-") as tmp:
         work = Path(tmp)
         os.environ.setdefault("XDG_CACHE_HOME", str(work / "cache"))
+        # One thread per process in every cell (2 cores; the machine is shared): the plan reads
+        # OMP_NUM_THREADS, and the calibration at one thread is the one every cell uses.
+        os.environ["OMP_NUM_THREADS"] = "1"
         data, vocab = prepare(work)
         calibrate = ["--config", str(REPO / "configs" / "tiny.yaml"), "--cluster", "cpu"]
         tiny = overrides(data, 32, 32, 1, args.steps) + [f"model.vocab_size={vocab}"]
@@ -157,7 +161,9 @@ def main() -> None:
         for config, processes, tp, micro, global_batch in CELLS:
             cell_args = overrides(data, micro, global_batch, tp, args.steps)
             runs = [
-                measure(f"{config}.yaml", processes, cell_args, work / f"run-{config}-{i}")
+                measure(
+                    f"{config}.yaml", processes, cell_args, work / f"{config}-{processes}-{tp}-{i}"
+                )
                 for i in range(args.repeats)
             ]
             measured = statistics.median(runs)
@@ -167,6 +173,8 @@ def main() -> None:
             if processes <= 2:
                 gated.append(abs(error))
             layout = f"tp {tp} x dp {processes // tp}, mb {micro}"
+            if (config, processes) == ("tiny", 1):
+                layout += " (calibrated on)"
             print(
                 f"| {config} | {processes} | {layout} | {predicted:.3f} | {measured:.3f} | "
                 f"{spread:.0%} | {error:+.0%} |",

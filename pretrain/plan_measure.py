@@ -10,8 +10,9 @@ Short micro-benchmarks, each stored in the calibration:
 - a gloo all-reduce between two processes of this machine (16 MB and 4 bytes): the link
   bandwidth and the latency per ring step;
 - a few real training steps of the config (the trainer's model, loss, clipping and LAMB on
-  random tokens, one process): what the micro-benchmarks do not see (Python and operator
-  dispatch) is the remainder, stored as a fixed cost per layer and micro-batch.
+  random tokens, one process): what the micro-benchmarks do not explain (elementwise kernels
+  that compute rather than stream, Python and operator dispatch) is put on the elementwise
+  work, whose rate is fitted so that the model reproduces the measured step.
 
 Measured at one thread per rank and at all cores (what one process uses); the plan takes the
 calibration for the number of threads each of its ranks gets (torchrun gives each of several
@@ -34,10 +35,11 @@ import torch
 from pretrain.config import Config, ModelShape, resolve_model_shape
 from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
 from pretrain.memory import DEFAULT_VOCAB, Layout
-from pretrain.plan_model import Rates, step_time
+from pretrain.plan_model import Rates, elementwise_bytes, step_time
 
 ALLREDUCE_BYTES = 16 * 1024**2
 STEPS = 4  # real steps timed after one warm-up step
+STEP = "one training step (s), model before the fit"
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class Calibration:
     memory_bytes_per_s: float
     link_bytes_per_s: float
     link_latency_s: float
-    layer_overhead_s: float
-    """Fixed seconds per layer (embeddings and head count as two) and micro-batch."""
+    elementwise_bytes_per_s: float
+    """Fitted on the real steps: the rate at which the model's elementwise bytes go by."""
 
 
 def calibration_path() -> Path:
@@ -65,7 +67,10 @@ def _key(cluster: str, precision: str, threads: int) -> str:
 
 
 def threads_per_rank(ranks_per_node: int) -> int:
-    """Threads one rank computes with: all cores alone, one each under torchrun."""
+    """Threads one rank computes with: OMP_NUM_THREADS when set, else all cores for a single
+    rank and one each for several (torchrun's default)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
     return (os.cpu_count() or 1) if ranks_per_node == 1 else 1
 
 
@@ -93,7 +98,7 @@ def rates_from(calibration: Calibration, shape: ModelShape) -> Rates:
         network_bytes_per_s=calibration.link_bytes_per_s,
         link_latency_s=calibration.link_latency_s,
         network_latency_s=calibration.link_latency_s,
-        step_overhead_s=calibration.layer_overhead_s * (shape.layers + 2),
+        elementwise_bytes_per_s=calibration.elementwise_bytes_per_s,
     )
 
 
@@ -240,18 +245,23 @@ def calibrate(
             memory_bytes_per_s=bandwidth,
             link_bytes_per_s=link[0],
             link_latency_s=link[1],
-            layer_overhead_s=0.0,
+            elementwise_bytes_per_s=bandwidth,
         )
         measured = measure_steps(shape, layout, mlm)
     finally:
         torch.set_num_threads(previous)
-    without = step_time(shape, layout, rates_from(calibration, shape), 1).total
-    per_layer = max(0.0, measured - without) / (shape.layers + 2)
-    calibration = replace(calibration, layer_overhead_s=per_layer)
+    # What the micro-benchmarks do not explain is put on the elementwise work: its rate is the
+    # one at which the model's elementwise bytes fill the rest of the measured step.
+    rates = rates_from(calibration, shape)
+    without = step_time(shape, layout, rates, 1).total
+    moved = elementwise_bytes(shape, layout)
+    rest = measured - (without - moved / bandwidth)
+    if rest > 0:
+        calibration = replace(calibration, elementwise_bytes_per_s=moved / rest)
     report = {
         "matrix products (FLOP/s)": (gemm_rate, peak),
         "memory copy (bytes/s)": (bandwidth, bandwidth),
-        "one training step (s), model without overhead": (measured, without),
+        STEP: (measured, without),
     }
     return calibration, report
 
@@ -277,8 +287,7 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
         print(f"threads {threads} ({precision}):")
         for name, (measured, predicted) in report.items():
             print(f"  {name:<48} measured {measured:10.4g}  model/peak {predicted:10.4g}")
-        rates = rates_from(calibration, shape)
-        predicted = step_time(shape, layout, rates, 1).total
-        print(f"  calibrated step: predicted {predicted:.4g} s (fitted to the measured step)")
+        predicted = step_time(shape, layout, rates_from(calibration, shape), 1).total
+        print(f"  calibrated step: predicted {predicted:.4g} s, measured {report[STEP][0]:.4g} s")
     print(f"bert-plan: calibration stored in {calibration_path()}")
     return 0

@@ -8,7 +8,7 @@ per rank and per optimizer step (`accumulation` micro-batches of `micro_batch` s
                 + elementwise work as a memory-bound pass (3 x the activation bytes autograd
                 saves: written in forward, read and their gradients written in backward), the
                 MLM head's fp32 logits (written, read, their gradient written) and autocast's
-                half weight copies (made once per forward)
+                half weight copies (made once per forward); on a CPU at a rate --measure fits
     tp comm   = ring all-reduce of the tensor-parallel messages (`comm_stats.analytic_bytes`,
                 which train.comm_stats proves equal to the real traffic) over NVLink:
                 2 (p-1)/p x bytes / bandwidth + 2 (p-1) x latency per call
@@ -31,7 +31,7 @@ throughput (pretrain/plan_published.py), or measured on a CPU by `bert-plan --me
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from pretrain.config import ModelShape
 from pretrain.memory import Layout, padded_vocab, parameter_counts, saved_activation_bytes
@@ -61,8 +61,10 @@ class Rates:
     """Per ring step inside a node: an assumed NCCL-typical 5 us (gloo: measured)."""
     network_latency_s: float = 10e-6
     """Per ring step across nodes: an assumed 10 us for InfiniBand."""
-    step_overhead_s: float = 0.0
-    """Fixed cost per micro-batch (a CPU's Python and operator dispatch; measured there)."""
+    elementwise_bytes_per_s: float | None = None
+    """Rate of the elementwise work; None = the memory bandwidth (GPUs). A CPU computes its
+    elementwise kernels (GELU, softmax, LayerNorm, dropout, casts) far below its copy
+    bandwidth, plus Python and operator dispatch: --measure fits this rate on real steps."""
 
 
 @dataclass(frozen=True)
@@ -125,32 +127,48 @@ def _forward_gemms(
     return shape.layers * linear, shape.layers * attention, head
 
 
+def elementwise_bytes(shape: ModelShape, layout: Layout) -> int:
+    """Bytes the elementwise work of one micro-batch moves (see the module doc)."""
+    elem = 2 if layout.precision != "fp32" else 4
+    # The traffic of forward and backward is that of the whole activations, whatever
+    # recomputation keeps of them; recomputation adds its rerun forward on top.
+    saved = saved_activation_bytes(shape, replace(layout, recompute="none"))
+    moved = 3 * saved
+    if layout.recompute == "full":
+        moved += saved  # the layers' forward runs again
+    elif layout.recompute == "selective":  # the attention core's softmax and dropout again
+        heads = layout.micro_batch * shape.heads // layout.tp
+        moved += 3 * heads * layout.seq_len**2 * elem
+    rows = scored_rows_per_micro_batch(layout)
+    vocab = padded_vocab(shape.vocab_size, layout.tp) // layout.tp
+    moved += 3 * 4 * rows * vocab  # the head's fp32 logits and their gradient
+    if layout.precision != "fp32":  # autocast reads fp32 weights, writes half copies
+        moved += 6 * parameter_counts(shape, layout.tp)[3]
+    return moved
+
+
+def gemm_seconds(shape: ModelShape, layout: Layout, rates: Rates, head_half: bool = False) -> float:
+    """The matrix products of one micro-batch: forward, backward and recomputation."""
+    linear, attention, head = _forward_gemms(
+        shape, layout, rates, layout.precision != "fp32", head_half
+    )
+    seconds = 3 * (linear + attention + head)  # forward + backward (data and weight gradients)
+    if layout.recompute == "full":
+        seconds += linear + attention
+    elif layout.recompute == "selective":
+        seconds += attention
+    return seconds
+
+
 def compute_seconds(
     shape: ModelShape, layout: Layout, rates: Rates, head_half: bool = False
 ) -> float:
     """Matrix products and memory-bound elementwise work of one step (all micro-batches)."""
-    half = layout.precision != "fp32"
-    elem = 2 if half else 4
-    linear, attention, head = _forward_gemms(shape, layout, rates, half, head_half)
-    gemms = 3 * (linear + attention + head)  # forward + backward (data and weight gradients)
-    if layout.recompute == "full":
-        gemms += linear + attention
-    elif layout.recompute == "selective":
-        gemms += attention
-    saved = saved_activation_bytes(shape, layout)
-    elementwise = 3 * saved
-    if layout.recompute == "full":
-        elementwise += saved  # the layers' forward runs again
-    elif layout.recompute == "selective":  # the attention core's softmax and dropout again
-        heads = layout.micro_batch * shape.heads // layout.tp
-        elementwise += 3 * heads * layout.seq_len**2 * elem
-    rows = scored_rows_per_micro_batch(layout)
-    vocab = padded_vocab(shape.vocab_size, layout.tp) // layout.tp
-    elementwise += 3 * 4 * rows * vocab  # the head's fp32 logits and their gradient
-    linear_weights = parameter_counts(shape, layout.tp)[3]
-    if half:
-        elementwise += 6 * linear_weights  # autocast reads fp32 weights, writes half copies
-    per_micro_batch = gemms + elementwise / rates.memory_bytes_per_s + rates.step_overhead_s
+    elementwise_rate = rates.elementwise_bytes_per_s or rates.memory_bytes_per_s
+    per_micro_batch = (
+        gemm_seconds(shape, layout, rates, head_half)
+        + elementwise_bytes(shape, layout) / elementwise_rate
+    )
     return layout.accumulation * per_micro_batch
 
 

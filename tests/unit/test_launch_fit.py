@@ -98,3 +98,10 @@ def test_unknown_cluster_lists_the_known_ones(capsys):
     assert len(err) == 1 and "unknown cluster 'abci9'" in err[0]
     for name in ("abci2", "abci2-a", "abci3", "cpu", "gridengine", "h100"):
         assert name in err[0]
+
+
+def test_cpu_cluster_sets_ranks_not_gpus(capsys):
+    """The cpu cluster's hardware is one rank per core: 2 ranks per node, no GPU request."""
+    assert cli.main(["mpirun", "--cluster", "cpu", "--dry-run", "--", "bert-train"]) == 0
+    script = capsys.readouterr().out
+    assert "RANKS_PER_NODE=2" in script and "--nv" not in script

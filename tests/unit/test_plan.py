@@ -119,6 +119,17 @@ def test_recompute_costs_compute_and_sparse_head_is_cheaper():
     none = step_time(SHAPE, Layout(seq_len=128, micro_batch=8), RATES, 8)
     # One more forward of the layers (a third of their cost), not of the dense fp32 MLM head.
     assert 1.1 < full.compute / none.compute < 1.34
+    selective = step_time(
+        SHAPE, Layout(seq_len=128, micro_batch=8, recompute="selective"), RATES, 8
+    )
+    assert none.compute < selective.compute < full.compute
+    tiny = ModelShape(2, 128, 2, 512, 8000, 128, "post", 0.1, False)
+    for micro_batch in (1, 4, 32):  # small shapes too: recomputing never makes a step faster
+        times = [
+            step_time(tiny, Layout(128, micro_batch, recompute=mode), RATES, 8).compute
+            for mode in ("none", "selective", "full")
+        ]
+        assert times == sorted(times)
     sparse = step_time(SHAPE, Layout(seq_len=128, micro_batch=8, mlm_mode="sparse"), RATES, 8)
     assert sparse.compute < none.compute
 
