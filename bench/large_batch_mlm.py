@@ -342,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-samples", type=int, default=1024, help="held-out samples scored (default 1024)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a loaded 2-core machine, 2 threads spun 3x slower)",
+    )
     parser.add_argument("--timing-rounds", type=int, default=3, help="default 3")
     parser.add_argument(
         "--finetune-variants", default="sparse40,dense40,dense15", help="runs fine-tuned"
@@ -366,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    torch.set_num_threads(args.threads)
     cache = args.cache.resolve()
     data_dir = prepare(args.corpus, cache, 8000)
     common = common_overrides(args, data_dir)
