@@ -301,6 +301,9 @@ def report(
                 e = eval_at(main[key], step)
                 cells.append(f"{e['masked_loss']:.3f} / {e['mlm_acc']:.3f}" if e else "")
             lines.append(f"| {step} | {epochs} | " + " | ".join(cells) + " |")
+        baseline = main[keys[0]].get("baseline_acc")
+        if baseline is not None:
+            lines.append(f"\nmost-frequent-token accuracy on these positions: {baseline:.3f}")
         lines.append("")
     if results.get("timing"):
         t = results["timing"]
