@@ -23,8 +23,9 @@ Stages:
     lr        sparse15 for --lr-steps at each rate of --lrs; the rate with the lowest final
               held-out masked loss is the one `train` uses (unless --lr is given)
     train     every variant of --variants for every seed of --seeds, --steps steps
-    time      seconds per optimizer step of each variant (the whole accumulation), measured
-              in interleaved rounds so that a shared machine's changing load does not skew it;
+    time      seconds per optimizer step of each variant (from --timing-micro-batches
+              micro-batches per round, scaled to the whole accumulation), measured in
+              interleaved rounds so that a shared machine's changing load does not skew it;
               plus the per-step FLOP ratio dense/sparse of the model's own FLOP count
               (pretrain.model.flops_per_step) at xlarge size
     finetune  export each run of --finetune-variants (first seed) and fine-tune it on
@@ -159,11 +160,16 @@ def train_samples(common: list[str]) -> int:
     return len(data.train)
 
 
-def time_steps(variants: list[str], common: list[str], rounds: int) -> dict[str, dict[str, float]]:
-    """Seconds per optimizer step (all micro-batches of the global batch) of each variant.
+def time_steps(
+    variants: list[str], common: list[str], rounds: int, micro_per_round: int
+) -> dict[str, dict[str, float]]:
+    """Seconds per optimizer step of each variant, measured in interleaved rounds.
 
-    One step per variant per round, round after round; round 0 warms up and is not counted;
-    the median over rounds is reported with the min and max.
+    A whole step of 1,024 sequences takes minutes on a loaded machine, so each round gives
+    every variant `micro_per_round` micro-batches (forward + backward, accumulated) and one
+    clipped LAMB step, and a step's time is the round's time per micro-batch times the
+    micro-batches of a global batch (the optimizer step of 1.5 M parameters is a few ms).
+    Round 0 warms up and is not counted; the median over rounds is reported, with min and max.
     """
     import torch
 
@@ -179,29 +185,29 @@ def time_steps(variants: list[str], common: list[str], rounds: int) -> dict[str,
         config = load_config(CONFIG, [*common, *VARIANTS[name]])
         t, d = config.train, config.data
         data = open_training_data(d.path, d.tokenizer, d.seq_len, 0.0, config.mlm, 1234)
-        micro, accumulation = t.micro_batch, t.global_batch // t.micro_batch
+        micro = t.micro_batch
         batches = [
             collate([data.train[i] for i in range(k * micro, (k + 1) * micro)], d.seq_len)
-            for k in range(accumulation)
+            for k in range(micro_per_round)
         ]
         torch.manual_seed(1234)
         model = build_model(resolve_model_shape(config, data.dataset.vocab_size), "cpu")
         optimizer = build_optimizer(model, "lamb", lr=1e-3, weight_decay=0.01)
-        setups[name] = (config, model, optimizer, batches)
+        setups[name] = (config, model, optimizer, batches, t.global_batch // micro)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(rounds + 1):
         for name in variants:
-            config, model, optimizer, batches = setups[name]
+            config, model, optimizer, batches, accumulation = setups[name]
             start = time.perf_counter()
             for batch in batches:
                 with autocast_context(config.train.precision, "cpu"):
                     out = pretraining_loss(model, batch, config.mlm)
-                (out.loss / len(batches)).backward()
+                (out.loss / accumulation).backward()
             clip_grad_norm_(list(model.parameters()), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if round_index:
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / len(batches) * accumulation)
     return {
         name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
         for name, v in times.items()
@@ -295,6 +301,9 @@ def report(
                 e = eval_at(main[key], step)
                 cells.append(f"{e['masked_loss']:.3f} / {e['mlm_acc']:.3f}" if e else "")
             lines.append(f"| {step} | {epochs} | " + " | ".join(cells) + " |")
+        baseline = main[keys[0]].get("baseline_acc")
+        if baseline is not None:
+            lines.append(f"\nmost-frequent-token accuracy on these positions: {baseline:.3f}")
         lines.append("")
     if results.get("timing"):
         t = results["timing"]
@@ -342,7 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-samples", type=int, default=1024, help="held-out samples scored (default 1024)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a loaded 2-core machine, 2 threads spun 3x slower)",
+    )
     parser.add_argument("--timing-rounds", type=int, default=3, help="default 3")
+    parser.add_argument(
+        "--timing-micro-batches", type=int, default=2, help="micro-batches per round (default 2)"
+    )
     parser.add_argument(
         "--finetune-variants", default="sparse40,dense40,dense15", help="runs fine-tuned"
     )
@@ -366,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    torch.set_num_threads(args.threads)
     cache = args.cache.resolve()
     data_dir = prepare(args.corpus, cache, 8000)
     common = common_overrides(args, data_dir)
@@ -412,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
 
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         log(f"timing {', '.join(variants)}: {args.timing_rounds} rounds, load {load}")
-        seconds = time_steps(variants, common, args.timing_rounds)
+        seconds = time_steps(variants, common, args.timing_rounds, args.timing_micro_batches)
         results["timing"] = {
             "rounds": args.timing_rounds,
+            "micro_batches_per_round": args.timing_micro_batches,
             "load": load,
             "micro_batch": args.micro_batch,
             "global_batch": args.global_batch,

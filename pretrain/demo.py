@@ -1,4 +1,4 @@
-"""The built-in demo: corpus → tokenizer → shards → tiny dense-MLM BERT → checkpoint → HF export.
+"""The built-in demo: corpus → tokenizer → shards → tiny MLM BERT → checkpoint → HF export.
 
     python -m pretrain.demo --lang en   # `make demo`: Gutenberg excerpt, uncased WordPiece
     python -m pretrain.demo --lang ja   # `make demo-ja`: Akutagawa, cased SentencePiece
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         ),
     )
-    print("== 3/4 pre-train (dense MLM, CPU)", flush=True)
+    print("== 3/4 pre-train (CPU)", flush=True)
     try:
         config = load_config(
             DEMO_CONFIG,
