@@ -35,7 +35,7 @@ import torch
 from pretrain.config import Config, ModelShape, resolve_model_shape
 from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
 from pretrain.memory import DEFAULT_VOCAB, Layout
-from pretrain.plan_model import Rates, elementwise_bytes, step_time
+from pretrain.plan_model import Rates, elementwise_bytes, optimizer_seconds, step_time
 
 ALLREDUCE_BYTES = 16 * 1024**2
 STEPS = 4  # real steps timed after one warm-up step
@@ -250,11 +250,12 @@ def calibrate(
         measured = measure_steps(shape, layout, mlm)
     finally:
         torch.set_num_threads(previous)
-    # What the micro-benchmarks do not explain is put on the elementwise work: its rate is the
-    # one at which the model's elementwise bytes fill the rest of the measured step.
+    # What the micro-benchmarks do not explain is put on the elementwise work (the optimizer's
+    # included): its rate is the one at which those bytes fill the rest of the measured step.
     rates = rates_from(calibration, shape)
     without = step_time(shape, layout, rates, 1).total
-    moved = elementwise_bytes(shape, layout)
+    # The bytes that go at the elementwise rate: the micro-batch's and the optimizer's.
+    moved = elementwise_bytes(shape, layout) + optimizer_seconds(shape, layout, rates) * bandwidth
     rest = measured - (without - moved / bandwidth)
     if rest > 0:
         calibration = replace(calibration, elementwise_bytes_per_s=moved / rest)

@@ -21,7 +21,7 @@ per rank and per optimizer step (`accumulation` micro-batches of `micro_batch` s
     optimizer = a memory-bound pass: the loss scaler's check, the gradient norm and clipping
                 read the fp32 gradients; LAMB reads parameter, gradient and two moments and
                 writes the update, the moments and the parameter (~10 fp32 accesses per element
-                it owns).
+                it owns); on a CPU at the elementwise rate --measure fits.
 
 `efficiency` is the fraction of the datasheet peak that large matrix products reach in this
 trainer, all other overheads included: one constant per GPU kind, fitted on one published BERT
@@ -248,7 +248,9 @@ def optimizer_seconds(shape: ModelShape, layout: Layout, rates: Rates) -> float:
     trained = parameter_counts(shape, layout.tp)[1]
     owned = math.ceil(trained / layout.dp) if layout.zero and layout.dp > 1 else trained
     accesses = 3 * trained + 10 * owned + (2 * owned if layout.zero and layout.dp > 1 else 0)
-    return 4 * accesses / rates.memory_bytes_per_s
+    # Elementwise kernels like the rest (LAMB's square roots and divisions): on a GPU they
+    # stream at the memory bandwidth, on a CPU at the elementwise rate --measure fits.
+    return 4 * accesses / (rates.elementwise_bytes_per_s or rates.memory_bytes_per_s)
 
 
 def step_time(
