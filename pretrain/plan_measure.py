@@ -27,12 +27,14 @@ import os
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pretrain.config import Config, ModelShape, resolve_model_shape
+from pretrain.config import Config, MLMConfig, ModelShape, resolve_model_shape
 from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
 from pretrain.memory import DEFAULT_VOCAB, Layout
 from pretrain.plan_model import Rates, elementwise_bytes, optimizer_seconds, step_time
@@ -115,7 +117,7 @@ def _store(key: str, calibration: Calibration) -> None:
     temp.replace(path)
 
 
-def _best_seconds(run, repeats: int = 5) -> float:  # noqa: ANN001 - a no-argument callable
+def _best_seconds(run: Callable[[], object], repeats: int = 5) -> float:
     run()
     times = []
     for _ in range(repeats):
@@ -146,7 +148,7 @@ def measure_memory_bandwidth() -> float:
     return 2 * source.nbytes / _best_seconds(lambda: target.copy_(source))
 
 
-def _allreduce_worker(rank: int, port: int, queue) -> None:  # noqa: ANN001 - an mp queue
+def _allreduce_worker(rank: int, port: int, queue: Any) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -186,7 +188,7 @@ def measure_allreduce() -> tuple[float, float]:
     return bus, latency
 
 
-def measure_steps(shape: ModelShape, layout: Layout, mlm) -> float:  # noqa: ANN001 - MLMConfig
+def measure_steps(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> float:
     """Median seconds of a real training step (one process, random tokens, no data loader)."""
     from pretrain.model import apply_recompute, build_model
     from pretrain.objectives import pretraining_loss
@@ -223,8 +225,8 @@ def measure_steps(shape: ModelShape, layout: Layout, mlm) -> float:  # noqa: ANN
 
 
 def calibrate(
-    cluster: str, shape: ModelShape, layout: Layout, mlm, threads: int, link: tuple[float, float]
-) -> tuple[Calibration, dict[str, tuple[float, float]]]:  # noqa: ANN001
+    shape: ModelShape, layout: Layout, mlm: MLMConfig, threads: int, link: tuple[float, float]
+) -> tuple[Calibration, dict[str, tuple[float, float]]]:
     """Measure at `threads` threads; (the calibration, measured vs predicted per term)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -283,7 +285,7 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
     link = measure_allreduce()
     print(f"gloo all-reduce, 2 processes: {link[0] / 1e9:.2f} GB/s bus, {link[1] * 1e6:.0f} us")
     for threads in sorted({1, os.cpu_count() or 1}):
-        calibration, report = calibrate(cluster, shape, layout, config.mlm, threads, link)
+        calibration, report = calibrate(shape, layout, config.mlm, threads, link)
         _store(_key(cluster, precision, threads), calibration)
         print(f"threads {threads} ({precision}):")
         for name, (measured, predicted) in report.items():
