@@ -50,7 +50,6 @@ class Calibration:
 
     threads: int
     peak_flops: float
-    peak_flops_fp32: float
     efficiency: float
     memory_bytes_per_s: float
     link_bytes_per_s: float
@@ -93,7 +92,6 @@ def load_calibration(
 def rates_from(calibration: Calibration, shape: ModelShape) -> Rates:
     return Rates(
         peak_flops=calibration.peak_flops,
-        peak_flops_fp32=calibration.peak_flops_fp32,
         efficiency=calibration.efficiency,
         memory_bytes_per_s=calibration.memory_bytes_per_s,
         link_bytes_per_s=calibration.link_bytes_per_s,
@@ -233,7 +231,6 @@ def calibrate(
     try:
         dtype = "fp32" if layout.precision == "fp32" else "bf16"
         peak = cpu_peak_flops(dtype)
-        peak32 = cpu_peak_flops("fp32")
         gemm_rate = measure_gemms(shape, layout)
         bandwidth = measure_memory_bandwidth()
         # A busy machine can measure the square-GEMM peak below what the model's shapes then
@@ -242,7 +239,6 @@ def calibrate(
         calibration = Calibration(
             threads=threads,
             peak_flops=peak,
-            peak_flops_fp32=max(peak32, gemm_rate if dtype == "fp32" else 0.0),
             efficiency=gemm_rate / peak,
             memory_bytes_per_s=bandwidth,
             link_bytes_per_s=link[0],

@@ -7,7 +7,7 @@ per rank and per optimizer step (`accumulation` micro-batches of `micro_batch` s
                 extra forward, each max(FLOPs / (peak x efficiency), bytes / memory bandwidth),
                 + elementwise work as a memory-bound pass (3 x the activation bytes autograd
                 saves: written in forward, read and their gradients written in backward), the
-                MLM head's fp32 logits (written, read, their gradient written) and autocast's
+                MLM head's fp32 logit chunks (written, read, their gradient written) and autocast's
                 half weight copies (made once per forward); on a CPU at a rate --measure fits
     tp comm   = ring all-reduce of the tensor-parallel messages (`comm_stats.analytic_bytes`,
                 which train.comm_stats proves equal to the real traffic) over NVLink:
@@ -48,8 +48,6 @@ class Rates:
 
     peak_flops: float
     """Matrix products in the run's half (or fp32) dtype, FLOP/s (pretrain/devices.py)."""
-    peak_flops_fp32: float
-    """Matrix products in fp32 (the MLM head's decoder runs in fp32 in this trainer)."""
     efficiency: float
     """Fraction of peak reached by large matrix products, overheads included (fitted)."""
     memory_bytes_per_s: float
@@ -95,7 +93,7 @@ def _gemm_seconds(m: int, k: int, n: int, elem: int, flops_rate: float, rates: R
 
 
 def _forward_gemms(
-    shape: ModelShape, layout: Layout, rates: Rates, half: bool, head_half: bool
+    shape: ModelShape, layout: Layout, rates: Rates, half: bool
 ) -> tuple[float, float, float]:
     """(all layers' linear products, all layers' attention products, the MLM head) forward
     seconds for one micro-batch on one tp rank."""
@@ -104,7 +102,6 @@ def _forward_gemms(
     tokens = b * s
     elem = 2 if half else 4
     rate = rates.peak_flops * rates.efficiency
-    rate32 = rates.peak_flops_fp32 * rates.efficiency
     linear = sum(
         _gemm_seconds(m, k, n, elem, rate, rates)
         for m, k, n in (
@@ -120,9 +117,9 @@ def _forward_gemms(
     attention = 4.0 * b * (shape.heads // tp) * s * s * (h // shape.heads) / rate
     rows = scored_rows_per_micro_batch(layout)
     vocab = padded_vocab(shape.vocab_size, tp) // tp
-    head_elem, head_rate = (elem, rate) if head_half else (4, rate32)
+    # The head's transform and decoder run in the autocast dtype (kernels/cross_entropy.py).
     head = _gemm_seconds(rows, h, h, elem, rate, rates) + _gemm_seconds(
-        rows, h, vocab, head_elem, head_rate, rates
+        rows, h, vocab, elem, rate, rates
     )
     return shape.layers * linear, shape.layers * attention, head
 
@@ -147,11 +144,9 @@ def elementwise_bytes(shape: ModelShape, layout: Layout) -> int:
     return moved
 
 
-def gemm_seconds(shape: ModelShape, layout: Layout, rates: Rates, head_half: bool = False) -> float:
+def gemm_seconds(shape: ModelShape, layout: Layout, rates: Rates) -> float:
     """The matrix products of one micro-batch: forward, backward and recomputation."""
-    linear, attention, head = _forward_gemms(
-        shape, layout, rates, layout.precision != "fp32", head_half
-    )
+    linear, attention, head = _forward_gemms(shape, layout, rates, layout.precision != "fp32")
     seconds = 3 * (linear + attention + head)  # forward + backward (data and weight gradients)
     if layout.recompute == "full":
         seconds += linear + attention
@@ -160,14 +155,11 @@ def gemm_seconds(shape: ModelShape, layout: Layout, rates: Rates, head_half: boo
     return seconds
 
 
-def compute_seconds(
-    shape: ModelShape, layout: Layout, rates: Rates, head_half: bool = False
-) -> float:
+def compute_seconds(shape: ModelShape, layout: Layout, rates: Rates) -> float:
     """Matrix products and memory-bound elementwise work of one step (all micro-batches)."""
     elementwise_rate = rates.elementwise_bytes_per_s or rates.memory_bytes_per_s
     per_micro_batch = (
-        gemm_seconds(shape, layout, rates, head_half)
-        + elementwise_bytes(shape, layout) / elementwise_rate
+        gemm_seconds(shape, layout, rates) + elementwise_bytes(shape, layout) / elementwise_rate
     )
     return layout.accumulation * per_micro_batch
 
@@ -253,11 +245,9 @@ def optimizer_seconds(shape: ModelShape, layout: Layout, rates: Rates) -> float:
     return 4 * accesses / (rates.elementwise_bytes_per_s or rates.memory_bytes_per_s)
 
 
-def step_time(
-    shape: ModelShape, layout: Layout, rates: Rates, gpus_per_node: int, head_half: bool = False
-) -> StepTime:
+def step_time(shape: ModelShape, layout: Layout, rates: Rates, gpus_per_node: int) -> StepTime:
     """The predicted seconds of one optimizer step of `layout`, term by term."""
-    compute = compute_seconds(shape, layout, rates, head_half)
+    compute = compute_seconds(shape, layout, rates)
     # DDP's all-reduce starts with the last micro-batch's backward (2/3 of its compute).
     backward = 2 / 3 * compute / layout.accumulation
     exposed, whole = dp_comm_seconds(shape, layout, rates, gpus_per_node, backward)

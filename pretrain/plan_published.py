@@ -135,7 +135,6 @@ def gpu_rates(
     matmul = "fp32" if precision == "fp32" else precision
     return Rates(
         peak_flops=PEAK_TFLOPS[kind][matmul] * 1e12,
-        peak_flops_fp32=PEAK_TFLOPS[kind]["fp32"] * 1e12,
         efficiency=efficiency,
         memory_bytes_per_s=MEMORY_GB_PER_S[kind] * 1e9,
         link_bytes_per_s=nvlink_gb * 1e9,
@@ -158,7 +157,7 @@ def predict(figure: Published, efficiency: float) -> float:
         accumulation=figure.accumulation,
     )
     # NVIDIA's BERT runs its MLM head in fp16 (ours runs the decoder in fp32).
-    seconds = step_time(BERT_LARGE, layout, rates, figure.gpus, head_half=True).total
+    seconds = step_time(BERT_LARGE, layout, rates, figure.gpus).total
     return figure.micro_batch * figure.accumulation * world / seconds
 
 

@@ -72,7 +72,6 @@ def test_fitted_figures_are_reproduced_and_held_out_ones_checked():
 
 RATES = Rates(
     peak_flops=100e12,
-    peak_flops_fp32=10e12,
     efficiency=0.5,
     memory_bytes_per_s=1e12,
     link_bytes_per_s=100e9,
