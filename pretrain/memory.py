@@ -466,16 +466,23 @@ class FittedLayout:
 
 
 def candidate_layouts(
-    shape: ModelShape, base: Layout, world_size: int, gpus_per_node: int, global_batch: int
+    shape: ModelShape,
+    base: Layout,
+    world_size: int,
+    gpus_per_node: int,
+    global_batch: int,
+    micro_batches: tuple[int, ...] = (64, 32, 16, 8, 4, 2, 1),
 ) -> list[Layout]:
-    """Every layout on `world_size` ranks: tp dividing heads and MLP width within a node, ZeRO-1
-    on/off, each recompute mode, micro-batches (powers of two up to 64) that divide the batch."""
+    """Every layout on `world_size` ranks: tp dividing heads, MLP width and the node's GPUs (so a
+    tp group stays inside a node), ZeRO-1 on/off, each recompute mode, and each of
+    `micro_batches` whose product with dp divides the global batch. The one search space of
+    `bert-train --estimate-memory`, `bert-launch`'s fit check and `bert-plan`."""
     layouts = []
     for tp in range(1, gpus_per_node + 1):
-        if shape.heads % tp or shape.ffn_hidden % tp or world_size % tp:
+        if shape.heads % tp or shape.ffn_hidden % tp or world_size % tp or gpus_per_node % tp:
             continue
         dp = world_size // tp
-        for micro_batch in (64, 32, 16, 8, 4, 2, 1):
+        for micro_batch in micro_batches:
             if global_batch % (micro_batch * dp):
                 continue
             accumulation = global_batch // (micro_batch * dp)

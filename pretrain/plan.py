@@ -27,7 +27,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from pretrain.memory import (
     GiB,
     Layout,
     MemoryEstimate,
+    candidate_layouts,
     estimate_memory,
     parameter_counts,
 )
@@ -177,35 +178,6 @@ class Plan:
         return self.train_seconds(item) * self.world / 3600
 
 
-def candidate_layouts(
-    shape: ModelShape, base: Layout, world: int, gpus_per_node: int, global_batch: int
-) -> list[Layout]:
-    """Every layout on `world` ranks whose micro-batch x dp divides the global batch."""
-    layouts = []
-    for tp in range(1, min(gpus_per_node, world) + 1):
-        if shape.heads % tp or shape.ffn_hidden % tp or world % tp or gpus_per_node % tp:
-            continue
-        dp = world // tp
-        for micro_batch in MICRO_BATCHES:
-            if global_batch % (micro_batch * dp):
-                continue
-            accumulation = global_batch // (micro_batch * dp)
-            for zero in (False, True) if dp > 1 else (False,):
-                for recompute in RECOMPUTE_COST:
-                    layouts.append(
-                        replace(
-                            base,
-                            tp=tp,
-                            dp=dp,
-                            zero=zero,
-                            recompute=recompute,
-                            micro_batch=micro_batch,
-                            accumulation=accumulation,
-                        )
-                    )
-    return layouts
-
-
 def _order(item: Costed) -> tuple:
     """Fitting first, then the shortest step (within 0.5%), then the simplest layout."""
     simple = (item.layout.tp, RECOMPUTE_COST[item.layout.recompute], item.layout.zero)
@@ -228,7 +200,7 @@ def plan_nodes(
     budget = int((1 - HEADROOM) * cluster.rank_memory_bytes)
     peak = rates.peak_flops
     costed = []
-    for layout in candidate_layouts(shape, base, world, gpus, global_batch):
+    for layout in candidate_layouts(shape, base, world, gpus, global_batch, MICRO_BATCHES):
         memory = estimate_memory(shape, layout)
         time = step_time(shape, layout, rates, gpus)
         tokens_per_s = global_batch * layout.seq_len / time.total
