@@ -74,7 +74,8 @@ def run(
     cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "pretrain",
            "--config", str(REPO / "configs" / "tiny.yaml"), f"data.path={data}",
            f"train.out_dir={out}", f"parallel.tp={tp}", f"parallel.zero={zero}",
-           f"mlm.mode={mode}", f"train.precision={precision}", f"train.steps={steps}",
+           f"mlm.mode={mode}", "mlm.mask_rate=0.15", f"train.precision={precision}",
+           f"train.steps={steps}",
            "train.micro_batch=8", "train.global_batch=32", "data.seq_len=128",
            "train.log_every=1", "train.eval_every=1000", "checkpoint.every=1000",
            "train.comm_stats=true", f"parallel.grad_reduce_dtype={reduce}"]  # fmt: skip

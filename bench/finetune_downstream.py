@@ -19,7 +19,7 @@ tokenizer:
     random  no pre-training: our initialisation, exported through the same bert-train →
             bert-export path (1 step at lr 1e-12)
     sparse  --pretrain-steps of sparse MLM (original BERT: 15% picked, loss on those only)
-    dense   the same steps of dense MLM (the project default mlm.* keys)
+    dense   the same steps of dense MLM at 15% masking (the pre-issue-21 default mlm.* keys)
 
 Both pre-training runs use the same seed, data order and recipe: sequences of
 --pretrain-seq-len (32) tokens, --pretrain-batch (128) sequences per step, AdamW at lr 1e-3
@@ -81,7 +81,8 @@ PRETRAIN_VARIANTS: dict[str, list[str]] = {
     # update ~1e-12 relative), written by the same code path as the trained ones.
     "random": ["train.steps=1", "optim.lr=1e-12", "optim.warmup_steps=0"],
     "sparse": ["mlm.mode=sparse", "mlm.mask_rate=0.15"],
-    "dense": ["mlm.mode=dense"],  # the project's dense defaults (mlm.visible_weight etc.)
+    # The dense defaults every config shipped with before issue 21 (visible weight 0.1 etc.).
+    "dense": ["mlm.mode=dense", "mlm.mask_rate=0.15"],
 }
 
 

@@ -23,6 +23,8 @@ Stages:
     lr        sparse15 for --lr-steps at each rate of --lrs; the rate with the lowest final
               held-out masked loss is the one `train` uses (unless --lr is given)
     train     every variant of --variants for every seed of --seeds, --steps steps
+    split     score each trained run's final checkpoint on the held-out positions split into
+              changed ([MASK] / random token) and kept (copyable) ones
     time      seconds per optimizer step of each variant (from --timing-micro-batches
               micro-batches per round, scaled to the whole accumulation), measured in
               interleaved rounds so that a shared machine's changing load does not skew it;
@@ -214,6 +216,48 @@ def time_steps(
     }
 
 
+def split_eval(run: dict[str, Any], common: list[str]) -> dict[str, dict[str, float]]:
+    """Held-out masked loss / accuracy of the run's final checkpoint, split into the positions
+    whose token was changed ([MASK] or a random token: predicted from context) and the 10% kept
+    unchanged (which a model trained on visible tokens, as dense MLM is, can copy)."""
+    import torch
+
+    from pretrain.checkpoint import load_model_weights
+    from pretrain.config import load_config, resolve_model_shape
+    from pretrain.data import EVAL_MLM, eval_batches, open_training_data
+    from pretrain.masking import IGNORE
+    from pretrain.model import build_model
+    from pretrain.objectives import pretraining_loss
+    from pretrain.precision import autocast_context
+
+    config = load_config(CONFIG, [*common, *run["overrides"]])
+    t, d = config.train, config.data
+    data = open_training_data(d.path, d.tokenizer, d.seq_len, d.valid_fraction, config.mlm, t.seed)
+    model = build_model(resolve_model_shape(config, data.dataset.vocab_size), "cpu")
+    load_model_weights(Path(run["checkpoint"]), model)
+    model.eval()
+    sums = {"changed": [0.0, 0.0, 0.0], "kept": [0.0, 0.0, 0.0]}
+    for batch in eval_batches(data.valid, t.micro_batch, t.eval_batches):
+        kept = batch["input_ids"] == batch["labels"]
+        for name, chosen in (
+            ("changed", batch["picked"] & ~kept),
+            ("kept", batch["picked"] & kept),
+        ):
+            part = {
+                **batch,
+                "picked": chosen,
+                "labels": batch["labels"].masked_fill(~chosen, IGNORE),
+            }
+            with torch.no_grad(), autocast_context(t.precision, "cpu"):
+                out = pretraining_loss(model, part, EVAL_MLM)
+            for i, value in enumerate((out.masked_loss_sum, out.masked_correct, out.masked_count)):
+                sums[name][i] += float(value)
+    return {
+        name: {"masked_loss": loss / count, "mlm_acc": correct / count, "positions": count}
+        for name, (loss, correct, count) in sums.items()
+    }
+
+
 def xlarge_flop_ratios(seq_lens: tuple[int, ...] = (128, 512)) -> dict[str, float]:
     """Model FLOPs per step, dense (every non-special position scored) over sparse (the picked
     fraction scored), at xlarge size with a 32768-piece vocabulary: a prediction from
@@ -336,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--stage", choices=["lr", "train", "time", "finetune", "report"], required=True
+        "--stage", choices=["lr", "train", "split", "time", "finetune", "report"], required=True
     )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default="1234", help="pre-training seeds (default 1234)")
@@ -426,6 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for variant in variants:
                 run(variant, lr, seed, args.steps)
+    elif args.stage == "split":
+        for seed in seeds:
+            for variant in variants:
+                key = run_key(variant, lr, seed, args.steps)
+                results["runs"][key]["split"] = split_eval(results["runs"][key], common)
+                log(f"{key}: {results['runs'][key]['split']}")
+        save()
     elif args.stage == "time":
         import os
 
