@@ -71,14 +71,31 @@ def run(
     out = work / f"run-{nproc}-{tp}-{zero}-{mode}-{precision}-{reduce}"
     shutil.rmtree(out, ignore_errors=True)
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "pretrain",
-           "--config", str(REPO / "configs" / "tiny.yaml"), f"data.path={data}",
-           f"train.out_dir={out}", f"parallel.tp={tp}", f"parallel.zero={zero}",
-           f"mlm.mode={mode}", "mlm.mask_rate=0.15", f"train.precision={precision}",
-           f"train.steps={steps}",
-           "train.micro_batch=8", "train.global_batch=32", "data.seq_len=128",
-           "train.log_every=1", "train.eval_every=1000", "checkpoint.every=1000",
-           "train.comm_stats=true", f"parallel.grad_reduce_dtype={reduce}"]  # fmt: skip
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pretrain",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"data.path={data}",
+        f"train.out_dir={out}",
+        f"parallel.tp={tp}",
+        f"parallel.zero={zero}",
+        f"mlm.mode={mode}",
+        "mlm.mask_rate=0.15",
+        f"train.precision={precision}",
+        f"train.steps={steps}",
+        "train.micro_batch=8",
+        "train.global_batch=32",
+        "data.seq_len=128",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        "checkpoint.every=1000",
+        "train.comm_stats=true",
+        f"parallel.grad_reduce_dtype={reduce}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -95,8 +112,10 @@ def compare_dp(work: Path, data: Path, steps: int) -> None:
     print(f"configs/tiny.yaml, dp 2 x tp 1, fp32, dense MLM, LAMB; rank 0; bytes of step {steps};")
     print(f"step time: median of steps 3..{steps} (comm_stats on in every run)")
     print()
-    print("| data parallelism | gradients on the wire | dp payload bytes/step | dp wire bytes/step "
-          "| wire / DDP fp32 | step time / DDP fp32 |")  # fmt: skip
+    print(
+        "| data parallelism | gradients on the wire | dp payload bytes/step | dp wire bytes/step "
+        "| wire / DDP fp32 | step time / DDP fp32 |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     base_wire = base_ms = 0.0
     for zero, reduce in ((0, "fp32"), (1, "fp32"), (0, "bf16"), (1, "bf16")):
@@ -147,8 +166,10 @@ def main() -> None:
         f"step {args.steps}"
     )
     print()
-    print("| processes | dp x tp | ZeRO-1 | MLM | precision | kind | measured bytes/step "
-          "| minimum | measured / minimum | textbook 4·L·b·s·h share |")  # fmt: skip
+    print(
+        "| processes | dp x tp | ZeRO-1 | MLM | precision | kind | measured bytes/step "
+        "| minimum | measured / minimum | textbook 4·L·b·s·h share |"
+    )
     print("|---:|---|---|---|---|---|---:|---:|---:|---:|")
     cases = [(*layout, "dense", "bf16") for layout in LAYOUTS] + [
         (4, 2, 0, "sparse", "bf16"),

@@ -246,48 +246,77 @@ def finetune_argv(
     out = cache / "finetuned" / f"{export.name}-{task}-seed{seed}{suffix}"
     if task == "sst2":
         argv = [
-            "--task", "classify",
-            "--train", str(SHARED / "sst2" / "train.tsv.gz"),
-            "--dev", str(SHARED / "sst2" / "dev.tsv"),
-            "--text-column", "sentence",
-            "--max-train-examples", str(args.sst2_train_examples),
-            "--epochs", str(args.sst2_epochs),
-            "--eval-every", "125",
-            "--max-length", "64",
-            "--batch-size", "32",
-        ]  # fmt: skip
+            "--task",
+            "classify",
+            "--train",
+            str(SHARED / "sst2" / "train.tsv.gz"),
+            "--dev",
+            str(SHARED / "sst2" / "dev.tsv"),
+            "--text-column",
+            "sentence",
+            "--max-train-examples",
+            str(args.sst2_train_examples),
+            "--epochs",
+            str(args.sst2_epochs),
+            "--eval-every",
+            "125",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "32",
+        ]
     elif task == "livedoor":
         split = livedoor_split(cache)
         argv = [
-            "--task", "classify",
-            "--train", str(split / "train.jsonl"),
-            "--dev", str(split / "dev.jsonl"),
-            "--label-column", "category",
-            "--epochs", str(args.livedoor_epochs),
-            "--max-length", "128",
-            "--batch-size", "32",
-        ]  # fmt: skip
+            "--task",
+            "classify",
+            "--train",
+            str(split / "train.jsonl"),
+            "--dev",
+            str(split / "dev.jsonl"),
+            "--label-column",
+            "category",
+            "--epochs",
+            str(args.livedoor_epochs),
+            "--max-length",
+            "128",
+            "--batch-size",
+            "32",
+        ]
     else:
         conll = SHARED / "ncbi-disease" / "conll"
         argv = [
-            "--task", "ner",
-            "--train", str(conll / "train.tsv"),
-            "--dev", str(conll / "devel.tsv"),
-            "--epochs", str(args.ncbi_epochs),
-            "--max-length", "128",
-            "--batch-size", "16",
-        ]  # fmt: skip
+            "--task",
+            "ner",
+            "--train",
+            str(conll / "train.tsv"),
+            "--dev",
+            str(conll / "devel.tsv"),
+            "--epochs",
+            str(args.ncbi_epochs),
+            "--max-length",
+            "128",
+            "--batch-size",
+            "16",
+        ]
     argv += [
-        "--model", str(export),
-        "--lr", lr,
-        "--seed", str(seed),
-        "--warmup-ratio", "0.1",
-        "--patience", str(args.patience),
-        "--precision", args.precision,
-        "--out", str(out),
+        "--model",
+        str(export),
+        "--lr",
+        lr,
+        "--seed",
+        str(seed),
+        "--warmup-ratio",
+        "0.1",
+        "--patience",
+        str(args.patience),
+        "--precision",
+        args.precision,
+        "--out",
+        str(out),
         "--force",
         "--no-progress",
-    ]  # fmt: skip
+    ]
     return argv
 
 

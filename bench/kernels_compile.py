@@ -68,9 +68,16 @@ def make_batch(vocab: int, batch: int, rng: np.random.Generator) -> dict[str, to
 def bench_size(name: str, steps: int, warmup: int) -> dict[str, float]:
     layers, hidden, heads, vocab, batch = SIZES[name]
     shape = ModelShape(
-        layers=layers, hidden=hidden, heads=heads, ffn_hidden=4 * hidden, vocab_size=vocab,
-        max_seq_len=512, norm="post", dropout=0.1, pair_head=False,
-    )  # fmt: skip
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        ffn_hidden=4 * hidden,
+        vocab_size=vocab,
+        max_seq_len=512,
+        norm="post",
+        dropout=0.1,
+        pair_head=False,
+    )
     torch.manual_seed(0)
     eager = build_model(shape)
     compiled = copy.deepcopy(eager)

@@ -53,9 +53,16 @@ def _child(width: str, mode: str, precision: str, repeats: int) -> dict:
 
     layers, hidden = WIDTHS[width]
     shape = ModelShape(
-        layers=layers, hidden=hidden, heads=hidden // 64, ffn_hidden=4 * hidden,
-        vocab_size=VOCAB, max_seq_len=512, norm="post", dropout=0.0, pair_head=False,
-    )  # fmt: skip
+        layers=layers,
+        hidden=hidden,
+        heads=hidden // 64,
+        ffn_hidden=4 * hidden,
+        vocab_size=VOCAB,
+        max_seq_len=512,
+        norm="post",
+        dropout=0.0,
+        pair_head=False,
+    )
     torch.manual_seed(0)
     head = MLMHead(shape)
     decoder = (torch.randn(VOCAB, hidden) * 0.02).requires_grad_()
@@ -71,9 +78,12 @@ def _child(width: str, mode: str, precision: str, repeats: int) -> dict:
         start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = kernels.linear_cross_entropy(
-                head.transform(states), decoder, target, bias=head.logit_bias(),
+                head.transform(states),
+                decoder,
+                target,
+                bias=head.logit_bias(),
                 position_weight=weight,
-            )  # fmt: skip
+            )
         loss.backward()
         for t in (states, decoder, *head.parameters()):
             t.grad = None
@@ -83,8 +93,12 @@ def _child(width: str, mode: str, precision: str, repeats: int) -> dict:
     step()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     times = [step() for _ in range(repeats)]
-    return {"peak_mib": peak_kib / 1024, "wall_s": statistics.median(t[0] for t in times),
-            "cpu_s": statistics.median(t[1] for t in times), "rows": rows}  # fmt: skip
+    return {
+        "peak_mib": peak_kib / 1024,
+        "wall_s": statistics.median(t[0] for t in times),
+        "cpu_s": statistics.median(t[1] for t in times),
+        "rows": rows,
+    }
 
 
 def measure(repeats: int) -> None:
@@ -93,8 +107,10 @@ def measure(repeats: int) -> None:
     for width, mode, precision in variants:
         proc = subprocess.run(
             [sys.executable, __file__, "--child", width, mode, precision, str(repeats)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[(width, mode, precision)] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{width} {mode} {precision}: {results[(width, mode, precision)]}", flush=True)
     print()
@@ -104,8 +120,10 @@ def measure(repeats: int) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.1f}"
     )
-    print("| width | MLM | scored rows | CPU time fp32 / bf16 (s) | fp32 / bf16 | "
-          "wall fp32 / bf16 (s) | peak extra fp32 / bf16 (MiB) |")  # fmt: skip
+    print(
+        "| width | MLM | scored rows | CPU time fp32 / bf16 (s) | fp32 / bf16 | "
+        "wall fp32 / bf16 (s) | peak extra fp32 / bf16 (MiB) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for width in WIDTHS:
         for mode in ("dense", "sparse"):
@@ -129,10 +147,21 @@ def predict() -> None:
     from pretrain.devices import PEAK_TFLOPS
     from pretrain.model import flops_per_step
 
-    large = ModelShape(layers=24, hidden=1024, heads=16, ffn_hidden=4096, vocab_size=VOCAB,
-                       max_seq_len=512, norm="post", dropout=0.0, pair_head=False)  # fmt: skip
-    print("| GPU | efficiency (from) | width | MLM | head share before | after | "
-          "step time after / before |")  # fmt: skip
+    large = ModelShape(
+        layers=24,
+        hidden=1024,
+        heads=16,
+        ffn_hidden=4096,
+        vocab_size=VOCAB,
+        max_seq_len=512,
+        norm="post",
+        dropout=0.0,
+        pair_head=False,
+    )
+    print(
+        "| GPU | efficiency (from) | width | MLM | head share before | after | "
+        "step time after / before |"
+    )
     print("|---|---|---|---|---:|---:|---:|")
     for gpu, (seq_per_s, half) in PUBLISHED.items():
         # Efficiency: achieved FLOP/s of the published run over the peak of its GPU.
@@ -140,9 +169,17 @@ def predict() -> None:
         efficiency = achieved / (PEAK_TFLOPS[PUBLISHED_PEAK[gpu]][half] * 1e12)
         peaks = PEAK_TFLOPS[gpu]
         for width, (layers, hidden) in WIDTHS.items():
-            shape = ModelShape(layers=layers, hidden=hidden, heads=hidden // 64,
-                               ffn_hidden=4 * hidden, vocab_size=VOCAB, max_seq_len=512,
-                               norm="post", dropout=0.0, pair_head=False)  # fmt: skip
+            shape = ModelShape(
+                layers=layers,
+                hidden=hidden,
+                heads=hidden // 64,
+                ffn_hidden=4 * hidden,
+                vocab_size=VOCAB,
+                max_seq_len=512,
+                norm="post",
+                dropout=0.0,
+                pair_head=False,
+            )
             for mode, scored in (("dense", SEQ - 2), ("sparse", MASK_RATE * SEQ)):
                 total = flops_per_step(shape, SEQ, 1, scored)
                 head = total - flops_per_step(shape, SEQ, 1, 0)

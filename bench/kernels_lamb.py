@@ -63,16 +63,30 @@ def per_tensor_loop(group: dict, step: int) -> None:
 def multi_tensor(group: dict, step: int) -> None:
     n = len(group["params"])
     kernels.lamb_step(
-        group["params"], group["grads"], group["m"], group["v"], [step] * n,
-        lr=LR, betas=BETAS, eps=EPS, weight_decay=group["weight_decay"],
-    )  # fmt: skip
+        group["params"],
+        group["grads"],
+        group["m"],
+        group["v"],
+        [step] * n,
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=group["weight_decay"],
+    )
 
 
 def make_groups(seed: int = 0) -> list[dict]:
     shape = ModelShape(
-        layers=12, hidden=768, heads=12, ffn_hidden=3072, vocab_size=30522, max_seq_len=512,
-        norm="post", dropout=0.1, pair_head=True,
-    )  # fmt: skip
+        layers=12,
+        hidden=768,
+        heads=12,
+        ffn_hidden=3072,
+        vocab_size=30522,
+        max_seq_len=512,
+        norm="post",
+        dropout=0.1,
+        pair_head=True,
+    )
     model = build_model(shape, "meta")
     g = torch.Generator().manual_seed(seed)
     groups = []

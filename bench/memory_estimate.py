@@ -133,8 +133,12 @@ def measure(
     args = [str(a) for a in (layers, hidden, heads, seq, batch)]
     out = subprocess.run(
         [sys.executable, "-m", "bench.memory_estimate", "_worker", *args, recompute],
-        cwd=REPO, env=env, check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -151,9 +155,12 @@ def cpu_table() -> None:
         shape = ModelShape(layers, hidden, heads, 4 * hidden, 30522, 512, "post", 0.1, False)
         for recompute in ("none", "selective", "full"):
             layout = Layout(
-                seq_len=seq, micro_batch=batch, recompute=recompute, precision="fp32",
+                seq_len=seq,
+                micro_batch=batch,
+                recompute=recompute,
+                precision="fp32",
                 device="cpu",
-            )  # fmt: skip
+            )
             estimated = estimate_memory(shape, layout).total
             measured = measure(layers, hidden, heads, seq, batch, recompute)
             print(

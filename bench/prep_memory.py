@@ -91,11 +91,28 @@ def main() -> None:
         log(f"encoding {mb} MB with {args.workers} workers")
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "data_prep", "encode", "--input", str(corpus), "--tokenizer",
-             str(tok), "--out", str(out), "--workers", str(args.workers), "--unit-bytes",
-             "16000000", "--log-every", "60"],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, cwd=REPO,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "data_prep",
+                "encode",
+                "--input",
+                str(corpus),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(out),
+                "--workers",
+                str(args.workers),
+                "--unit-bytes",
+                "16000000",
+                "--log-every",
+                "60",
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=True,
+            cwd=REPO,
+        )
         seconds = time.perf_counter() - start
         manifest = json.loads((out / "manifest.json").read_text())
         rss = manifest["run"]["peak_rss_mb"]

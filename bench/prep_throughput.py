@@ -106,8 +106,11 @@ def bare(tok: Path, text: Path) -> tuple[float, float]:
     env = {**os.environ, "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "true"}
     out = subprocess.run(
         [sys.executable, "-c", BARE, str(tok / "tokenizer.json"), str(text)],
-        env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout)
     return result["seconds"], result["cpu"]
 
@@ -124,9 +127,26 @@ def ours(
     process and its workers, from getrusage) and its manifest."""
     # One tokenizer thread per process, as in the reference: "per worker" means per core.
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAYON_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "data_prep", "encode", "--input", str(text), "--tokenizer",
-            str(tok), "--out", str(out), "--workers", str(workers), "--lang", lang,
-            "--unit-bytes", str(unit_bytes), "--log-every", "1000"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "encode",
+        "--input",
+        str(text),
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--lang",
+        lang,
+        "--unit-bytes",
+        str(unit_bytes),
+        "--log-every",
+        "1000",
+    ]
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
@@ -187,8 +207,10 @@ def main() -> None:
         )
     print("Per core (CPU seconds: immune to other jobs taking the cores)")
     print()
-    print("| corpus | text MB | tokens | bare encode_batch (MB per CPU-s) "
-          "| ours, 1 worker | % of limit | ours, 2 workers | % of limit |")  # fmt: skip
+    print(
+        "| corpus | text MB | tokens | bare encode_batch (MB per CPU-s) "
+        "| ours, 1 worker | % of limit | ours, 2 workers | % of limit |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         c1, c2, lim = row["cpu"][1], row["cpu"][2], row["limit_cpu"]
@@ -199,8 +221,10 @@ def main() -> None:
     print()
     print("Wall clock (what a user waits; depends on what else runs on the 2 cores)")
     print()
-    print("| corpus | bare, 1 thread (MB/s) | ours 1 worker (MB/s) | ours 2 workers (MB/s) "
-          "| 2 vs 1 worker | start-up 1 / 2 workers (s) | load average |")  # fmt: skip
+    print(
+        "| corpus | bare, 1 thread (MB/s) | ours 1 worker (MB/s) | ours 2 workers (MB/s) "
+        "| 2 vs 1 worker | start-up 1 / 2 workers (s) | load average |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         w1, w2 = row["wall"][1], row["wall"][2]

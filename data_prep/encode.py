@@ -886,16 +886,23 @@ def encode_corpus(
         finally:
             progress.close()
         if ranks.rank != 0:
-            return {"rank": ranks.rank, "world_size": ranks.world_size, "units": len(my_units),
-                    "encoded_units": len(todo)}  # fmt: skip
+            return {
+                "rank": ranks.rank,
+                "world_size": ranks.world_size,
+                "units": len(my_units),
+                "encoded_units": len(todo),
+            }
 
         records = _wait_for_units(out, piece_units, fp, rank_timeout, log)
         piece = None
         if num_shards == 1:
             records = remove_cross_unit_duplicates(out, records, settings)
         else:
-            piece = {"index": shard_index, "count": num_shards,
-                     "units": [piece_units.start, piece_units.stop]}  # fmt: skip
+            piece = {
+                "index": shard_index,
+                "count": num_shards,
+                "units": [piece_units.start, piece_units.stop],
+            }
         manifest = build_manifest(
             records,
             tokenizer=info,

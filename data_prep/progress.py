@@ -117,32 +117,55 @@ def summary_table(manifest: dict) -> str:
     elapsed = run.get("elapsed_s")
     rows = [
         ("shards", f"{len(manifest['shards'])}"),
-        ("files", f"{stats.get('files', 0):,}"
-         + (" (skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")"
-            if any(skipped.values()) else "")
-         + (f" (truncated, the part before the damage kept: {truncated})" if truncated else "")),
+        (
+            "files",
+            f"{stats.get('files', 0):,}"
+            + (
+                " (skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")"
+                if any(skipped.values())
+                else ""
+            )
+            + (f" (truncated, the part before the damage kept: {truncated})" if truncated else ""),
+        ),
         ("input", f"{stats.get('bytes', 0) / 1e6:,.1f} MB"),
         ("documents read", f"{stats.get('documents', 0):,}"),
         ("documents kept", f"{manifest['num_documents']:,}"),
         ("dropped", ", ".join(f"{k} {v:,}" for k, v in dropped.items()) or "none"),
         ("duplicates", f"{dropped.get('duplicate', 0):,}"),
-        ("bad lines", f"undecodable {stats.get('invalid_utf8_lines', 0):,}, invalid JSON "
-         f"{stats.get('invalid_json_lines', 0):,}, records without the text field "
-         f"{stats.get('missing_field_records', 0):,}"),
+        (
+            "bad lines",
+            f"undecodable {stats.get('invalid_utf8_lines', 0):,}, invalid JSON "
+            f"{stats.get('invalid_json_lines', 0):,}, records without the text field "
+            f"{stats.get('missing_field_records', 0):,}",
+        ),
         ("sentences", f"{manifest['num_sentences']:,}"),
         ("tokens", f"{manifest['num_tokens']:,} ({manifest['dtype']})"),
-    ]  # fmt: skip
+    ]
     if elapsed:
-        rows.append(("time", f"{elapsed:,.1f} s ({run.get('workers', 1)} worker(s), "
-                             f"{run.get('world_size', 1)} rank(s))"))  # fmt: skip
+        rows.append(
+            (
+                "time",
+                f"{elapsed:,.1f} s ({run.get('workers', 1)} worker(s), "
+                f"{run.get('world_size', 1)} rank(s))",
+            )
+        )
         encoded = run.get("encoded_bytes", stats.get("bytes", 0))
-        rows.append(("throughput", f"{encoded / 1e6 / elapsed:,.2f} MB/s, "
-                     f"{run.get('encoded_documents', 0) / elapsed:,.0f} docs/s, "
-                     f"{run.get('encoded_tokens', 0) / elapsed:,.0f} tokens/s"))  # fmt: skip
+        rows.append(
+            (
+                "throughput",
+                f"{encoded / 1e6 / elapsed:,.2f} MB/s, "
+                f"{run.get('encoded_documents', 0) / elapsed:,.0f} docs/s, "
+                f"{run.get('encoded_tokens', 0) / elapsed:,.0f} tokens/s",
+            )
+        )
     if "peak_rss_mb" in run:
         rss = run["peak_rss_mb"]
-        rows.append(("peak memory", f"{rss['main']:,.0f} MB (this process), "
-                     f"{rss['workers']:,.0f} MB (largest worker)"))  # fmt: skip
+        rows.append(
+            (
+                "peak memory",
+                f"{rss['main']:,.0f} MB (this process), {rss['workers']:,.0f} MB (largest worker)",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     lines = [f"  {name:<{width}}  {value}" for name, value in rows]
     problems = manifest.get("problems", [])

@@ -23,9 +23,16 @@ _RSQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 @triton.jit
 def _bias_gelu_fwd(
-    X, BIAS, Y, n_rows, n_cols, stride_x, stride_y,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    X,
+    BIAS,
+    Y,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_y,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -38,9 +45,19 @@ def _bias_gelu_fwd(
 
 @triton.jit
 def _bias_gelu_bwd(
-    X, BIAS, DY, DX, DB_PART, n_rows, n_cols, stride_x, stride_dy, stride_dx,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    X,
+    BIAS,
+    DY,
+    DX,
+    DB_PART,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_dy,
+    stride_dx,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,9 +90,17 @@ class _BiasGelu(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
         _bias_gelu_fwd[_grid(n_rows, n_cols)](
-            x2, bias, y, n_rows, n_cols, x2.stride(0), y.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **LAUNCH_OPTIONS,
-        )  # fmt: skip
+            x2,
+            bias,
+            y,
+            n_rows,
+            n_cols,
+            x2.stride(0),
+            y.stride(0),
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            **LAUNCH_OPTIONS,
+        )
         ctx.save_for_backward(x2, bias)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -90,9 +115,20 @@ class _BiasGelu(torch.autograd.Function):
         grid = _grid(n_rows, n_cols)
         db_part = torch.empty((grid[0], n_cols), dtype=torch.float32, device=x2.device)
         _bias_gelu_bwd[grid](
-            x2, bias, dy2, dx, db_part, n_rows, n_cols, x2.stride(0), dy2.stride(0),
-            dx.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **LAUNCH_OPTIONS,
-        )  # fmt: skip
+            x2,
+            bias,
+            dy2,
+            dx,
+            db_part,
+            n_rows,
+            n_cols,
+            x2.stride(0),
+            dy2.stride(0),
+            dx.stride(0),
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            **LAUNCH_OPTIONS,
+        )
         grad_b = db_part.sum(0).to(bias.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(ctx.shape), grad_b
 
@@ -107,18 +143,41 @@ def build_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
     consts = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}
     specs = []
     for io in ("fp32", "fp16", "bf16"):
-        specs.append((
-            _bias_gelu_fwd,
-            {"X": f"*{io}", "BIAS": "*fp32", "Y": f"*{io}", "n_rows": "i32", "n_cols": "i32",
-             "stride_x": "i32", "stride_y": "i32", "BLOCK_M": "constexpr",
-             "BLOCK_N": "constexpr"},
-            consts,
-        ))  # fmt: skip
-        specs.append((
-            _bias_gelu_bwd,
-            {"X": f"*{io}", "BIAS": "*fp32", "DY": f"*{io}", "DX": f"*{io}", "DB_PART": "*fp32",
-             "n_rows": "i32", "n_cols": "i32", "stride_x": "i32", "stride_dy": "i32",
-             "stride_dx": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-            consts,
-        ))  # fmt: skip
+        specs.append(
+            (
+                _bias_gelu_fwd,
+                {
+                    "X": f"*{io}",
+                    "BIAS": "*fp32",
+                    "Y": f"*{io}",
+                    "n_rows": "i32",
+                    "n_cols": "i32",
+                    "stride_x": "i32",
+                    "stride_y": "i32",
+                    "BLOCK_M": "constexpr",
+                    "BLOCK_N": "constexpr",
+                },
+                consts,
+            )
+        )
+        specs.append(
+            (
+                _bias_gelu_bwd,
+                {
+                    "X": f"*{io}",
+                    "BIAS": "*fp32",
+                    "DY": f"*{io}",
+                    "DX": f"*{io}",
+                    "DB_PART": "*fp32",
+                    "n_rows": "i32",
+                    "n_cols": "i32",
+                    "stride_x": "i32",
+                    "stride_dy": "i32",
+                    "stride_dx": "i32",
+                    "BLOCK_M": "constexpr",
+                    "BLOCK_N": "constexpr",
+                },
+                consts,
+            )
+        )
     return specs

@@ -33,9 +33,19 @@ BLOCK_V = 1024
 
 @triton.jit
 def _ce_row_stats(
-    LOGITS, stride, TARGET, ROW_MAX, SUM_EXP, TARGET_LOGIT, LOGIT_SUM, ARGMAX,
-    n_cols, vocab_start, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    LOGITS,
+    stride,
+    TARGET,
+    ROW_MAX,
+    SUM_EXP,
+    TARGET_LOGIT,
+    LOGIT_SUM,
+    ARGMAX,
+    n_cols,
+    vocab_start,
+    HAS_SMOOTHING: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride
     local_target = tl.load(TARGET + row) - vocab_start  # outside [0, n_cols): not on this rank
@@ -69,10 +79,24 @@ def _ce_row_stats(
 
 @triton.jit
 def _ce_loss_grad(
-    LOGITS, stride, TARGET, SCALE, ROW_MAX, SUM_EXP, TARGET_LOGIT, LOGIT_SUM, ROW_CE, ROW_LOSS,
-    n_cols, vocab_start, ignore_index, smoothing,
-    HAS_SMOOTHING: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    LOGITS,
+    stride,
+    TARGET,
+    SCALE,
+    ROW_MAX,
+    SUM_EXP,
+    TARGET_LOGIT,
+    LOGIT_SUM,
+    ROW_CE,
+    ROW_LOSS,
+    n_cols,
+    vocab_start,
+    ignore_index,
+    smoothing,
+    HAS_SMOOTHING: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGET + row)
     scored = target != ignore_index
@@ -137,21 +161,47 @@ def chunk_math_triton(
     target = target.contiguous()
     has_smoothing = smoothing > 0
     _ce_row_stats[(n_rows,)](
-        logits, logits.stride(0), target, row_max, sum_exp, target_logit, logit_sum,
-        local_argmax, n_cols, shard.start, HAS_SMOOTHING=has_smoothing, BLOCK_V=BLOCK_V,
-        num_warps=4, **LAUNCH_OPTIONS,
-    )  # fmt: skip
+        logits,
+        logits.stride(0),
+        target,
+        row_max,
+        sum_exp,
+        target_logit,
+        logit_sum,
+        local_argmax,
+        n_cols,
+        shard.start,
+        HAS_SMOOTHING=has_smoothing,
+        BLOCK_V=BLOCK_V,
+        num_warps=4,
+        **LAUNCH_OPTIONS,
+    )
     argmax = local_argmax.to(torch.int64) + shard.start
     if shard.tp is not None:
         argmax = _reduce_over_tp(row_max, sum_exp, target_logit, argmax, shard)
     row_ce = torch.empty(n_rows, dtype=torch.float32, device=device)
     row_loss = torch.empty_like(row_ce)
     _ce_loss_grad[(n_rows,)](
-        logits, logits.stride(0), target, row_scale.contiguous(), row_max, sum_exp,
-        target_logit, logit_sum, row_ce, row_loss, n_cols, shard.start, ignore_index,
-        smoothing, HAS_SMOOTHING=has_smoothing, WANT_GRAD=want_grad, BLOCK_V=BLOCK_V,
-        num_warps=4, **LAUNCH_OPTIONS,
-    )  # fmt: skip
+        logits,
+        logits.stride(0),
+        target,
+        row_scale.contiguous(),
+        row_max,
+        sum_exp,
+        target_logit,
+        logit_sum,
+        row_ce,
+        row_loss,
+        n_cols,
+        shard.start,
+        ignore_index,
+        smoothing,
+        HAS_SMOOTHING=has_smoothing,
+        WANT_GRAD=want_grad,
+        BLOCK_V=BLOCK_V,
+        num_warps=4,
+        **LAUNCH_OPTIONS,
+    )
     return row_ce, row_loss.sum(), argmax, logits if want_grad else None
 
 
@@ -159,23 +209,50 @@ def build_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
     """(kernel, signature, constexprs) for the ahead-of-time build check."""
     specs = []
     for smoothing in (False, True):
-        specs.append((
-            _ce_row_stats,
-            {"LOGITS": "*fp32", "stride": "i32", "TARGET": "*i64", "ROW_MAX": "*fp32",
-             "SUM_EXP": "*fp32", "TARGET_LOGIT": "*fp32", "LOGIT_SUM": "*fp32",
-             "ARGMAX": "*i32", "n_cols": "i32", "vocab_start": "i32",
-             "HAS_SMOOTHING": "constexpr", "BLOCK_V": "constexpr"},
-            {"HAS_SMOOTHING": smoothing, "BLOCK_V": BLOCK_V},
-        ))  # fmt: skip
+        specs.append(
+            (
+                _ce_row_stats,
+                {
+                    "LOGITS": "*fp32",
+                    "stride": "i32",
+                    "TARGET": "*i64",
+                    "ROW_MAX": "*fp32",
+                    "SUM_EXP": "*fp32",
+                    "TARGET_LOGIT": "*fp32",
+                    "LOGIT_SUM": "*fp32",
+                    "ARGMAX": "*i32",
+                    "n_cols": "i32",
+                    "vocab_start": "i32",
+                    "HAS_SMOOTHING": "constexpr",
+                    "BLOCK_V": "constexpr",
+                },
+                {"HAS_SMOOTHING": smoothing, "BLOCK_V": BLOCK_V},
+            )
+        )
         for want_grad in (False, True):
-            specs.append((
-                _ce_loss_grad,
-                {"LOGITS": "*fp32", "stride": "i32", "TARGET": "*i64", "SCALE": "*fp32",
-                 "ROW_MAX": "*fp32", "SUM_EXP": "*fp32", "TARGET_LOGIT": "*fp32",
-                 "LOGIT_SUM": "*fp32", "ROW_CE": "*fp32", "ROW_LOSS": "*fp32", "n_cols": "i32",
-                 "vocab_start": "i32", "ignore_index": "i32", "smoothing": "fp32",
-                 "HAS_SMOOTHING": "constexpr", "WANT_GRAD": "constexpr",
-                 "BLOCK_V": "constexpr"},
-                {"HAS_SMOOTHING": smoothing, "WANT_GRAD": want_grad, "BLOCK_V": BLOCK_V},
-            ))  # fmt: skip
+            specs.append(
+                (
+                    _ce_loss_grad,
+                    {
+                        "LOGITS": "*fp32",
+                        "stride": "i32",
+                        "TARGET": "*i64",
+                        "SCALE": "*fp32",
+                        "ROW_MAX": "*fp32",
+                        "SUM_EXP": "*fp32",
+                        "TARGET_LOGIT": "*fp32",
+                        "LOGIT_SUM": "*fp32",
+                        "ROW_CE": "*fp32",
+                        "ROW_LOSS": "*fp32",
+                        "n_cols": "i32",
+                        "vocab_start": "i32",
+                        "ignore_index": "i32",
+                        "smoothing": "fp32",
+                        "HAS_SMOOTHING": "constexpr",
+                        "WANT_GRAD": "constexpr",
+                        "BLOCK_V": "constexpr",
+                    },
+                    {"HAS_SMOOTHING": smoothing, "WANT_GRAD": want_grad, "BLOCK_V": BLOCK_V},
+                )
+            )
     return specs

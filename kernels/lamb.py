@@ -56,9 +56,12 @@ def lamb_step(
         return
     args = (params, grads, exp_avgs, exp_avg_sqs, steps)
     kwargs = {
-        "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+        "lr": lr,
+        "betas": betas,
+        "eps": eps,
+        "weight_decay": weight_decay,
         "tensor_norms": tensor_norms,
-    }  # fmt: skip
+    }
     if _triton_applies(params, grads, exp_avgs, exp_avg_sqs):
         from kernels.lamb_triton import lamb_step_triton
 

@@ -30,10 +30,22 @@ CHUNK = 8 * BLOCK  # elements per program
 
 @triton.jit
 def _lamb_moments(
-    PTRS, N_TENSORS, NUMELS, BIAS_CORR, CHUNK_TENSOR, CHUNK_START,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-    HAS_WEIGHT_DECAY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    PTRS,
+    N_TENSORS,
+    NUMELS,
+    BIAS_CORR,
+    CHUNK_TENSOR,
+    CHUNK_START,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     t = tl.load(CHUNK_TENSOR + pid)
     start = tl.load(CHUNK_START + pid)
@@ -65,9 +77,16 @@ def _lamb_moments(
 
 @triton.jit
 def _lamb_apply(
-    PTRS, N_TENSORS, NUMELS, SQUARES, CHUNK_TENSOR, CHUNK_START, neg_lr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    PTRS,
+    N_TENSORS,
+    NUMELS,
+    SQUARES,
+    CHUNK_TENSOR,
+    CHUNK_START,
+    neg_lr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     t = tl.load(CHUNK_TENSOR + pid)
     start = tl.load(CHUNK_START + pid)
@@ -141,16 +160,38 @@ def lamb_step_triton(
     bias_corr = torch.tensor(corrections, dtype=torch.float32).to(device)
     grid = (chunk_tensor.numel(),)
     _lamb_moments[grid](
-        ptrs, n, sizes, bias_corr, chunk_tensor, chunk_start,
-        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
-        HAS_WEIGHT_DECAY=weight_decay != 0, CHUNK=chunk, BLOCK=BLOCK, num_warps=4,
+        ptrs,
+        n,
+        sizes,
+        bias_corr,
+        chunk_tensor,
+        chunk_start,
+        beta1,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        eps,
+        weight_decay,
+        HAS_WEIGHT_DECAY=weight_decay != 0,
+        CHUNK=chunk,
+        BLOCK=BLOCK,
+        num_warps=4,
         **LAUNCH_OPTIONS,
-    )  # fmt: skip
+    )
     squares = torch.stack(tensor_norms(params + updates)).to(torch.float32)
     _lamb_apply[grid](
-        ptrs, n, sizes, squares, chunk_tensor, chunk_start, -lr,
-        CHUNK=chunk, BLOCK=BLOCK, num_warps=4, **LAUNCH_OPTIONS,
-    )  # fmt: skip
+        ptrs,
+        n,
+        sizes,
+        squares,
+        chunk_tensor,
+        chunk_start,
+        -lr,
+        CHUNK=chunk,
+        BLOCK=BLOCK,
+        num_warps=4,
+        **LAUNCH_OPTIONS,
+    )
 
 
 def build_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
@@ -158,20 +199,40 @@ def build_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
     return [
         (
             _lamb_moments,
-            {"PTRS": "*i64", "N_TENSORS": "i32", "NUMELS": "*i64", "BIAS_CORR": "*fp32",
-             "CHUNK_TENSOR": "*i32", "CHUNK_START": "*i64", "beta1": "fp32",
-             "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32",
-             "eps": "fp32", "weight_decay": "fp32", "HAS_WEIGHT_DECAY": "constexpr",
-             "CHUNK": "constexpr", "BLOCK": "constexpr"},
+            {
+                "PTRS": "*i64",
+                "N_TENSORS": "i32",
+                "NUMELS": "*i64",
+                "BIAS_CORR": "*fp32",
+                "CHUNK_TENSOR": "*i32",
+                "CHUNK_START": "*i64",
+                "beta1": "fp32",
+                "one_minus_beta1": "fp32",
+                "beta2": "fp32",
+                "one_minus_beta2": "fp32",
+                "eps": "fp32",
+                "weight_decay": "fp32",
+                "HAS_WEIGHT_DECAY": "constexpr",
+                "CHUNK": "constexpr",
+                "BLOCK": "constexpr",
+            },
             {"HAS_WEIGHT_DECAY": has_wd, "CHUNK": CHUNK, "BLOCK": BLOCK},
         )
         for has_wd in (False, True)
     ] + [
         (
             _lamb_apply,
-            {"PTRS": "*i64", "N_TENSORS": "i32", "NUMELS": "*i64", "SQUARES": "*fp32",
-             "CHUNK_TENSOR": "*i32", "CHUNK_START": "*i64", "neg_lr": "fp32",
-             "CHUNK": "constexpr", "BLOCK": "constexpr"},
+            {
+                "PTRS": "*i64",
+                "N_TENSORS": "i32",
+                "NUMELS": "*i64",
+                "SQUARES": "*fp32",
+                "CHUNK_TENSOR": "*i32",
+                "CHUNK_START": "*i64",
+                "neg_lr": "fp32",
+                "CHUNK": "constexpr",
+                "BLOCK": "constexpr",
+            },
             {"CHUNK": CHUNK, "BLOCK": BLOCK},
         )
-    ]  # fmt: skip
+    ]

@@ -25,10 +25,23 @@ LAUNCH_OPTIONS: dict[str, Any] = {"enable_fp_fusion": True}
 
 @triton.jit
 def _layer_norm_fwd(
-    X, R, W, B, Y, S, MEAN, RSTD,
-    n_cols, stride_x, stride_r, stride_y, stride_s, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    X,
+    R,
+    W,
+    B,
+    Y,
+    S,
+    MEAN,
+    RSTD,
+    n_cols,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -52,10 +65,25 @@ def _layer_norm_fwd(
 
 @triton.jit
 def _layer_norm_bwd(
-    X, W, DY, DS, DX, DW_PART, DB_PART, MEAN, RSTD,
-    n_rows, n_cols, rows_per_program, stride_x, stride_dy, stride_ds, stride_dx,
-    HAS_DSUM: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    X,
+    W,
+    DY,
+    DS,
+    DX,
+    DW_PART,
+    DB_PART,
+    MEAN,
+    RSTD,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    stride_x,
+    stride_dy,
+    stride_ds,
+    stride_dx,
+    HAS_DSUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -130,11 +158,25 @@ class _LayerNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         block = triton.next_power_of_2(n_cols)
         _layer_norm_fwd[(n_rows,)](
-            x2, r2 if r2 is not None else x2, weight, bias, y, s, mean, rstd,
-            n_cols, x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), s.stride(0),
-            eps, HAS_RESIDUAL=r2 is not None, BLOCK=block, num_warps=_num_warps(block),
+            x2,
+            r2 if r2 is not None else x2,
+            weight,
+            bias,
+            y,
+            s,
+            mean,
+            rstd,
+            n_cols,
+            x2.stride(0),
+            r2.stride(0) if r2 is not None else 0,
+            y.stride(0),
+            s.stride(0),
+            eps,
+            HAS_RESIDUAL=r2 is not None,
+            BLOCK=block,
+            num_warps=_num_warps(block),
             **LAUNCH_OPTIONS,
-        )  # fmt: skip
+        )
         ctx.save_for_backward(s if r2 is not None else x2, weight, bias, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused s must not cost a zero-filled [N, H]
         ctx.shape = shape
@@ -158,12 +200,27 @@ class _LayerNorm(torch.autograd.Function):
         db_part = torch.empty_like(dw_part)
         block = triton.next_power_of_2(n_cols)
         _layer_norm_bwd[(programs,)](
-            s, weight, dy2, ds2 if ds2 is not None else dy2, dx, dw_part, db_part, mean, rstd,
-            n_rows, n_cols, rows_per_program, s.stride(0), dy2.stride(0),
-            ds2.stride(0) if ds2 is not None else 0, dx.stride(0),
-            HAS_DSUM=ds2 is not None, BLOCK=block, num_warps=_num_warps(block),
+            s,
+            weight,
+            dy2,
+            ds2 if ds2 is not None else dy2,
+            dx,
+            dw_part,
+            db_part,
+            mean,
+            rstd,
+            n_rows,
+            n_cols,
+            rows_per_program,
+            s.stride(0),
+            dy2.stride(0),
+            ds2.stride(0) if ds2 is not None else 0,
+            dx.stride(0),
+            HAS_DSUM=ds2 is not None,
+            BLOCK=block,
+            num_warps=_num_warps(block),
             **LAUNCH_OPTIONS,
-        )  # fmt: skip
+        )
         grad_w = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = db_part.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
         grad_x = dx.view(ctx.shape).to(x_dtype) if ctx.needs_input_grad[0] else None
@@ -196,21 +253,54 @@ def build_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
     specs = []
     for io in ("fp32", "fp16", "bf16"):
         for has_residual in (False, True):
-            specs.append((
-                _layer_norm_fwd,
-                {"X": f"*{io}", "R": f"*{io}", "W": "*fp32", "B": "*fp32", "Y": f"*{io}",
-                 "S": f"*{io}", "MEAN": "*fp32", "RSTD": "*fp32", "n_cols": "i32",
-                 "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_s": "i32",
-                 "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK": "constexpr"},
-                {"HAS_RESIDUAL": has_residual, "BLOCK": 1024},
-            ))  # fmt: skip
-            specs.append((
-                _layer_norm_bwd,
-                {"X": f"*{io}", "W": "*fp32", "DY": f"*{io}", "DS": f"*{io}", "DX": f"*{io}",
-                 "DW_PART": "*fp32", "DB_PART": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
-                 "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", "stride_x": "i32",
-                 "stride_dy": "i32", "stride_ds": "i32", "stride_dx": "i32",
-                 "HAS_DSUM": "constexpr", "BLOCK": "constexpr"},
-                {"HAS_DSUM": has_residual, "BLOCK": 1024},
-            ))  # fmt: skip
+            specs.append(
+                (
+                    _layer_norm_fwd,
+                    {
+                        "X": f"*{io}",
+                        "R": f"*{io}",
+                        "W": "*fp32",
+                        "B": "*fp32",
+                        "Y": f"*{io}",
+                        "S": f"*{io}",
+                        "MEAN": "*fp32",
+                        "RSTD": "*fp32",
+                        "n_cols": "i32",
+                        "stride_x": "i32",
+                        "stride_r": "i32",
+                        "stride_y": "i32",
+                        "stride_s": "i32",
+                        "eps": "fp32",
+                        "HAS_RESIDUAL": "constexpr",
+                        "BLOCK": "constexpr",
+                    },
+                    {"HAS_RESIDUAL": has_residual, "BLOCK": 1024},
+                )
+            )
+            specs.append(
+                (
+                    _layer_norm_bwd,
+                    {
+                        "X": f"*{io}",
+                        "W": "*fp32",
+                        "DY": f"*{io}",
+                        "DS": f"*{io}",
+                        "DX": f"*{io}",
+                        "DW_PART": "*fp32",
+                        "DB_PART": "*fp32",
+                        "MEAN": "*fp32",
+                        "RSTD": "*fp32",
+                        "n_rows": "i32",
+                        "n_cols": "i32",
+                        "rows_per_program": "i32",
+                        "stride_x": "i32",
+                        "stride_dy": "i32",
+                        "stride_ds": "i32",
+                        "stride_dx": "i32",
+                        "HAS_DSUM": "constexpr",
+                        "BLOCK": "constexpr",
+                    },
+                    {"HAS_DSUM": has_residual, "BLOCK": 1024},
+                )
+            )
     return specs

@@ -40,9 +40,16 @@ _DIRECTIVE_PATH = re.compile(r"^[^\s'\"\\`\x00-\x1f\x7f]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The mpirun templates pass these with -x already.
 _PASSED_ANYWAY = frozenset(
-    ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "PATH", "LD_LIBRARY_PATH", "PYTHONPATH",
-     "VIRTUAL_ENV")
-)  # fmt: skip
+    (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "OMP_NUM_THREADS",
+        "PATH",
+        "LD_LIBRARY_PATH",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+    )
+)
 
 
 @dataclass(frozen=True)

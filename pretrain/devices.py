@@ -58,8 +58,12 @@ MEMORY_GB_PER_S: dict[str, float] = {
     "H200": 4800.0,
 }
 
-_CPU_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
-               "fp16": torch.float16}  # fmt: skip
+_CPU_DTYPES = {
+    "fp32": torch.float32,
+    "tf32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 _CPU_BUDGET_S = 0.3  # timed repetitions stop after this long (or 20 of them); sizing adds less
 
 

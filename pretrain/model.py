@@ -99,8 +99,13 @@ class AttentionCore(nn.Module):
             # The [B, h, S, S]-sized intermediates are recomputed in backward instead of stored.
             return checkpoint(
                 F.scaled_dot_product_attention,
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, use_reentrant=False,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                use_reentrant=False,
+            )
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 

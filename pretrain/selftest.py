@@ -54,9 +54,16 @@ TIMEOUT_S = 120.0
 LOSS_RTOL: dict[str, float] = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}
 # The tiny model: odd vocabulary (padded per tp rank), 2 heads split over 2 ranks.
 SHAPE = ModelShape(
-    layers=2, hidden=32, heads=2, ffn_hidden=64, vocab_size=131, max_seq_len=16, norm="post",
-    dropout=0.0, pair_head=False,
-)  # fmt: skip
+    layers=2,
+    hidden=32,
+    heads=2,
+    ffn_hidden=64,
+    vocab_size=131,
+    max_seq_len=16,
+    norm="post",
+    dropout=0.0,
+    pair_head=False,
+)
 
 
 @dataclass
@@ -154,20 +161,32 @@ def _kernel_checks(device: torch.device, dtype_name: str) -> list[Check]:
 
     checks = [
         _compare(
-            "layer_norm", path,
-            list(zip(_grads_of(fused_norm(kernels.layer_norm), [x, residual, w, b], 1),
-                     _grads_of(fused_norm(layer_norm_reference), [x, residual, w, b], 1),
-                     strict=True)),
-            "layer_norm_reference (residual add, sum returned; outputs and grads)", dtype_name,
+            "layer_norm",
+            path,
+            list(
+                zip(
+                    _grads_of(fused_norm(kernels.layer_norm), [x, residual, w, b], 1),
+                    _grads_of(fused_norm(layer_norm_reference), [x, residual, w, b], 1),
+                    strict=True,
+                )
+            ),
+            "layer_norm_reference (residual add, sum returned; outputs and grads)",
+            dtype_name,
         ),
         _compare(
-            "bias_gelu", path,
-            list(zip(_grads_of(lambda x, b: (kernels.bias_gelu(x, b),), [x, b], 2),
-                     _grads_of(lambda x, b: (bias_gelu_reference(x, b),), [x, b], 2),
-                     strict=True)),
-            "bias_gelu_reference (output and grads)", dtype_name,
+            "bias_gelu",
+            path,
+            list(
+                zip(
+                    _grads_of(lambda x, b: (kernels.bias_gelu(x, b),), [x, b], 2),
+                    _grads_of(lambda x, b: (bias_gelu_reference(x, b),), [x, b], 2),
+                    strict=True,
+                )
+            ),
+            "bias_gelu_reference (output and grads)",
+            dtype_name,
         ),
-    ]  # fmt: skip
+    ]
     weight, bias = randn(131, 96, scale=0.1), randn(131)
     target = torch.randint(0, 131, (48,), generator=gen).to(device)
     target[::7] = IGNORE
@@ -180,10 +199,14 @@ def _kernel_checks(device: torch.device, dtype_name: str) -> list[Check]:
     want.backward()
     autocast = "" if dtype_name == "fp32" else f" under {dtype_name} autocast"
     checks.append(
-        _compare("linear_cross_entropy", path, [(loss, want), (hidden.grad, full.grad)],
-                 f"fp32 full logits + F.cross_entropy (loss and input grad){autocast}",
-                 dtype_name)
-    )  # fmt: skip
+        _compare(
+            "linear_cross_entropy",
+            path,
+            [(loss, want), (hidden.grad, full.grad)],
+            f"fp32 full logits + F.cross_entropy (loss and input grad){autocast}",
+            dtype_name,
+        )
+    )
     if dtype_name != "fp32":
         return checks  # LAMB runs on the fp32 master weights only
     params = [randn(96, 96), randn(96)]
@@ -192,13 +215,15 @@ def _kernel_checks(device: torch.device, dtype_name: str) -> list[Check]:
     ours = [p.clone() for p in params]
     ref = [p.clone() for p in params]
     options: dict[str, Any] = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01}
-    kernels.lamb_step(ours, grads, *[[s.clone() for s in st] for st in states], [1.0, 1.0],
-                      **options)  # fmt: skip
+    kernels.lamb_step(
+        ours, grads, *[[s.clone() for s in st] for st in states], [1.0, 1.0], **options
+    )
     lamb_step_reference(ref, grads, *states, [1.0, 1.0], **options)
     checks.append(
-        _compare("lamb_step", path, list(zip(ours, ref, strict=True)), "lamb_step_reference",
-                 "fp32")
-    )  # fmt: skip
+        _compare(
+            "lamb_step", path, list(zip(ours, ref, strict=True)), "lamb_step_reference", "fp32"
+        )
+    )
     return checks
 
 
@@ -261,9 +286,12 @@ def _worker(rank: int, port: int, backend: str, precisions: list[str], queue: An
         else:
             torch.set_num_threads(1)
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=2,
             timeout=timedelta(seconds=TIMEOUT_S),
-        )  # fmt: skip
+        )
         summed = torch.full((1000,), float(rank + 1), device=device)
         dist.all_reduce(summed)
         reduced_ok = bool((summed == 3.0).all())

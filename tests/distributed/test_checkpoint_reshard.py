@@ -26,15 +26,26 @@ def _train(data: str, out: str, tp: int, steps: int, zero: int = 0) -> list[floa
     config = load_config(
         REPO / "configs" / "tiny.yaml",
         [
-            f"data.path={data}", f"train.out_dir={out}",
-            f"parallel.tp={tp}", f"parallel.zero={zero}",
-            "model.hidden=64", "model.heads=4", "model.max_seq_len=64", "model.dropout=0.0",
-            "data.seq_len=64", "train.micro_batch=4", "train.global_batch=8",
-            f"train.steps={steps}", "train.precision=fp32", "train.log_every=1",
-            "train.eval_every=100", "optim.warmup_steps=1", "checkpoint.every=2",
+            f"data.path={data}",
+            f"train.out_dir={out}",
+            f"parallel.tp={tp}",
+            f"parallel.zero={zero}",
+            "model.hidden=64",
+            "model.heads=4",
+            "model.max_seq_len=64",
+            "model.dropout=0.0",
+            "data.seq_len=64",
+            "train.micro_batch=4",
+            "train.global_batch=8",
+            f"train.steps={steps}",
+            "train.precision=fp32",
+            "train.log_every=1",
+            "train.eval_every=100",
+            "optim.warmup_steps=1",
+            "checkpoint.every=2",
             "checkpoint.keep=5",
         ],
-    )  # fmt: skip
+    )
     return [r["loss"] for r in train(config).history]
 
 

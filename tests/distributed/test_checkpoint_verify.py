@@ -51,10 +51,19 @@ def test_each_file_is_read_by_one_rank_and_all_ranks_agree(small_dataset, tmp_pa
 
     config = load_config(
         REPO / "configs" / "tiny.yaml",
-        ["model.hidden=32", "model.heads=2", "model.max_seq_len=32", "data.seq_len=32",
-         "train.micro_batch=2", "train.global_batch=2", "train.precision=fp32", "train.steps=1",
-         f"data.path={small_dataset}", f"train.out_dir={tmp_path}"],
-    )  # fmt: skip
+        [
+            "model.hidden=32",
+            "model.heads=2",
+            "model.max_seq_len=32",
+            "data.seq_len=32",
+            "train.micro_batch=2",
+            "train.global_batch=2",
+            "train.precision=fp32",
+            "train.steps=1",
+            f"data.path={small_dataset}",
+            f"train.out_dir={tmp_path}",
+        ],
+    )
     step = train(config).checkpoint
     names = sorted(json.loads((step / "checksums.json").read_text()))
     assert len(names) >= 4  # model, optimizer, rng, train state

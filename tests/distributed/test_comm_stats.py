@@ -27,14 +27,26 @@ def _train(
     config = load_config(
         REPO / "configs" / "tiny.yaml",
         [
-            f"data.path={data}", f"train.out_dir={out}", f"mlm.mode={mode}", f"parallel.tp={tp}",
-            f"parallel.zero={zero}", "model.hidden=64", "model.heads=4", "model.max_seq_len=64",
-            "data.seq_len=64", "train.micro_batch=4", "train.global_batch=16",
-            "train.steps=3", f"train.precision={precision}", "train.log_every=1",
-            "train.eval_every=100", "train.comm_stats=true", "checkpoint.every=100",
+            f"data.path={data}",
+            f"train.out_dir={out}",
+            f"mlm.mode={mode}",
+            f"parallel.tp={tp}",
+            f"parallel.zero={zero}",
+            "model.hidden=64",
+            "model.heads=4",
+            "model.max_seq_len=64",
+            "data.seq_len=64",
+            "train.micro_batch=4",
+            "train.global_batch=16",
+            "train.steps=3",
+            f"train.precision={precision}",
+            "train.log_every=1",
+            "train.eval_every=100",
+            "train.comm_stats=true",
+            "checkpoint.every=100",
             f"parallel.grad_reduce_dtype={reduce}",
         ],
-    )  # fmt: skip
+    )
     return train(config).history
 
 

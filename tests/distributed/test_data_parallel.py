@@ -24,13 +24,25 @@ def _train(data: str, out: str, mode: str) -> list[float]:
     config = load_config(
         REPO / "configs" / "tiny.yaml",
         [
-            f"data.path={data}", f"train.out_dir={out}", f"mlm.mode={mode}",
-            "model.hidden=64", "model.heads=2", "model.max_seq_len=64", "model.dropout=0.0",
-            "data.seq_len=64", "train.micro_batch=4", "train.global_batch=16",
-            "train.steps=5", "train.precision=fp32", "train.log_every=1", "train.eval_every=5",
-            "train.eval_batches=2", "optim.warmup_steps=1", "checkpoint.every=5",
+            f"data.path={data}",
+            f"train.out_dir={out}",
+            f"mlm.mode={mode}",
+            "model.hidden=64",
+            "model.heads=2",
+            "model.max_seq_len=64",
+            "model.dropout=0.0",
+            "data.seq_len=64",
+            "train.micro_batch=4",
+            "train.global_batch=16",
+            "train.steps=5",
+            "train.precision=fp32",
+            "train.log_every=1",
+            "train.eval_every=5",
+            "train.eval_batches=2",
+            "optim.warmup_steps=1",
+            "checkpoint.every=5",
         ],
-    )  # fmt: skip
+    )
     result = train(config)
     return [r["loss"] for r in result.history]
 

@@ -45,14 +45,27 @@ def _train_fp16(data: str, out: str, tp: int, inject_rank: int) -> list[tuple]:
     config = load_config(
         REPO / "configs" / "tiny.yaml",
         [
-            f"data.path={data}", f"train.out_dir={out}", f"parallel.tp={tp}",
-            "parallel.timeout_s=30", "model.hidden=32", "model.heads=2", "model.layers=1",
-            "model.max_seq_len=32", "model.dropout=0.0", "data.seq_len=32",
-            "train.micro_batch=2", "train.global_batch=4", f"train.steps={STEPS}",
-            "train.precision=fp16", "train.loss_scale_init=1024", "train.log_every=1",
-            "train.eval_every=100", "optim.warmup_steps=1", "checkpoint.every=100",
+            f"data.path={data}",
+            f"train.out_dir={out}",
+            f"parallel.tp={tp}",
+            "parallel.timeout_s=30",
+            "model.hidden=32",
+            "model.heads=2",
+            "model.layers=1",
+            "model.max_seq_len=32",
+            "model.dropout=0.0",
+            "data.seq_len=32",
+            "train.micro_batch=2",
+            "train.global_batch=4",
+            f"train.steps={STEPS}",
+            "train.precision=fp16",
+            "train.loss_scale_init=1024",
+            "train.log_every=1",
+            "train.eval_every=100",
+            "optim.warmup_steps=1",
+            "checkpoint.every=100",
         ],
-    )  # fmt: skip
+    )
     result = trainer.train(config)
     assert result.exit_code == 0
     return [(r["loss"], r["loss_scale"], bool(r.get("skipped"))) for r in result.history]

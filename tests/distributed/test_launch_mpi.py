@@ -54,11 +54,22 @@ def test_mpi4py_agrees_on_the_master(tmp_path: Path):
     except ImportError:
         pytest.skip("mpi4py not installed: pip install -c constraints.txt mpi4py (extra 'mpi')")
     result = subprocess.run(
-        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-c",
-         PROBE],
+        [
+            "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            sys.executable,
+            "-c",
+            PROBE,
+        ],
         env={**mpirun_env(), "PROBE_OUT": str(tmp_path)},
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     reports = sorted(tmp_path.glob("rank*.json"))
     assert [p.name for p in reports] == ["rank0.json", "rank1.json"], result.stdout + result.stderr

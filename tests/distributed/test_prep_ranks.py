@@ -75,18 +75,31 @@ def test_two_ranks_write_the_single_process_dataset(tmp_path: Path) -> None:
     tok = train_tokenizer([tmp_path / "in"], tmp_path / "tok", "wordpiece", 800)
     single = encode_corpus([tmp_path / "in"], tok, tmp_path / "one", unit_bytes=40_000)
 
-    args = [sys.executable, "-m", "data_prep", "encode", "--input", tmp_path / "in",
-            "--tokenizer", tok, "--out", tmp_path / "ranks", "--unit-bytes", "40000",
-            "--rank-timeout", "60"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "encode",
+        "--input",
+        tmp_path / "in",
+        "--tokenizer",
+        tok,
+        "--out",
+        tmp_path / "ranks",
+        "--unit-bytes",
+        "40000",
+        "--rank-timeout",
+        "60",
+    ]
     base = {**os.environ, "PYTHONPATH": str(REPO)}
     envs = [
         {**base, **OPENMPI[0], "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
         {**base, **srun_task(1, 2)},
     ]
-    rank0 = subprocess.Popen(args, env=envs[0], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    rank1 = subprocess.run(args, env=envs[1], cwd=REPO, capture_output=True, text=True,
-                           timeout=120)  # fmt: skip
+    rank0 = subprocess.Popen(
+        args, env=envs[0], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    rank1 = subprocess.run(args, env=envs[1], cwd=REPO, capture_output=True, text=True, timeout=120)
     out0, err0 = rank0.communicate(timeout=120)
     assert rank1.returncode == 0, rank1.stderr
     assert rank0.returncode == 0, err0
@@ -116,14 +129,36 @@ def test_two_ranks_replace_a_dataset_with_overwrite(tmp_path: Path) -> None:
     encode_corpus([tmp_path / "in"], tok, tmp_path / "ranks", unit_bytes=40_000)
     single = encode_corpus([tmp_path / "in"], tok, tmp_path / "one", unit_bytes=30_000)
 
-    args = [sys.executable, "-m", "data_prep", "encode", "--input", tmp_path / "in",
-            "--tokenizer", tok, "--out", tmp_path / "ranks", "--unit-bytes", "30000",
-            "--rank-timeout", "60"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "encode",
+        "--input",
+        tmp_path / "in",
+        "--tokenizer",
+        tok,
+        "--out",
+        tmp_path / "ranks",
+        "--unit-bytes",
+        "30000",
+        "--rank-timeout",
+        "60",
+    ]
     base = {**os.environ, "PYTHONPATH": str(REPO)}
     envs = [{**base, "BERT_PREP_RANK": str(r), "BERT_PREP_WORLD_SIZE": "2"} for r in (0, 1)]
     for extra, code in (([], 2), (["--overwrite"], 0)):
-        runs = [subprocess.Popen([*args, *extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for env in envs]  # fmt: skip
+        runs = [
+            subprocess.Popen(
+                [*args, *extra],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for env in envs
+        ]
         results = [run.communicate(timeout=120) for run in runs]
         for run, (_, err) in zip(runs, results, strict=True):
             assert run.returncode == code, err

@@ -48,14 +48,26 @@ def _vocab_parallel_ce(position_weight: bool) -> dict:
     w = weight[rows].clone().requires_grad_()
     b = bias[rows].clone().requires_grad_()
     loss, row_loss, argmax = kernels.linear_cross_entropy(
-        copy_to_tp_region(h, dims.tp_group), w, target, bias=b, position_weight=pw,
-        tp=tp_collectives(dims.tp_group), return_stats=True, chunk_rows=4,
-    )  # fmt: skip
+        copy_to_tp_region(h, dims.tp_group),
+        w,
+        target,
+        bias=b,
+        position_weight=pw,
+        tp=tp_collectives(dims.tp_group),
+        return_stats=True,
+        chunk_rows=4,
+    )
     loss.backward()
     grad_w = gather_from_tp_region(w.grad.T.contiguous(), dims.tp_group).T
     grad_b = gather_from_tp_region(b.grad, dims.tp_group)
-    return {"loss": loss, "row_loss": row_loss, "argmax": argmax, "grad_h": h.grad,
-            "grad_w": grad_w, "grad_b": grad_b}  # fmt: skip
+    return {
+        "loss": loss,
+        "row_loss": row_loss,
+        "argmax": argmax,
+        "grad_h": h.grad,
+        "grad_w": grad_w,
+        "grad_b": grad_b,
+    }
 
 
 @pytest.mark.parametrize("position_weight", [False, True])
@@ -116,14 +128,22 @@ def _vocab_parallel_ce_half(dtype_name: str) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     with torch.autocast("cpu", dtype=dtype):
         loss = kernels.linear_cross_entropy(
-            copy_to_tp_region(h, dims.tp_group), w, target, bias=b, position_weight=pw,
+            copy_to_tp_region(h, dims.tp_group),
+            w,
+            target,
+            bias=b,
+            position_weight=pw,
             tp=tp_collectives(dims.tp_group),
-        )  # fmt: skip
+        )
     (loss * 2.0**16).backward()  # as the fp16 loss scaler does; divided back below
     grad_w = gather_from_tp_region(w.grad.T.contiguous(), dims.tp_group).T
     grad_b = gather_from_tp_region(b.grad, dims.tp_group)
-    return {"loss": loss, "grad_h": h.grad / 2.0**16, "grad_w": grad_w / 2.0**16,
-            "grad_b": grad_b / 2.0**16}  # fmt: skip
+    return {
+        "loss": loss,
+        "grad_h": h.grad / 2.0**16,
+        "grad_w": grad_w / 2.0**16,
+        "grad_b": grad_b / 2.0**16,
+    }
 
 
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
@@ -175,8 +195,12 @@ def _layers() -> dict:
     xin = x.clone().requires_grad_()
     y = row(torch.nn.functional.gelu(col(xin)))
     y.square().sum().backward()
-    return {"y": y.detach(), "dx": xin.grad, "emb": vemb(ids).detach(),
-            "row_bias_grad": row.bias.grad}  # fmt: skip
+    return {
+        "y": y.detach(),
+        "dx": xin.grad,
+        "emb": vemb(ids).detach(),
+        "row_bias_grad": row.bias.grad,
+    }
 
 
 def test_column_row_linear_and_vocab_embedding():
@@ -198,9 +222,16 @@ def test_column_row_linear_and_vocab_embedding():
 
 
 MLP_SHAPE = dict(
-    layers=1, hidden=12, heads=2, ffn_hidden=20, vocab_size=131, max_seq_len=8, norm="post",
-    dropout=0.0, pair_head=False,
-)  # fmt: skip
+    layers=1,
+    hidden=12,
+    heads=2,
+    ffn_hidden=20,
+    vocab_size=131,
+    max_seq_len=8,
+    norm="post",
+    dropout=0.0,
+    pair_head=False,
+)
 
 
 def _mlp_at_tp2() -> dict:
@@ -259,15 +290,29 @@ def _train(data: str, out: str, mode: str, tp: int, zero: int = 0, reduce: str =
     config = load_config(
         REPO / "configs" / "tiny.yaml",
         [
-            f"data.path={data}", f"train.out_dir={out}", f"mlm.mode={mode}", f"parallel.tp={tp}",
-            f"parallel.zero={zero}", "model.hidden=64", "model.heads=4", "model.max_seq_len=64",
-            "model.dropout=0.0", "data.seq_len=64", "train.micro_batch=4",
-            "train.global_batch=8", "train.steps=10", "train.precision=fp32",
-            "train.log_every=1", "train.eval_every=10", "train.eval_batches=2",
-            "optim.name=lamb", "optim.warmup_steps=2", "checkpoint.every=10",
+            f"data.path={data}",
+            f"train.out_dir={out}",
+            f"mlm.mode={mode}",
+            f"parallel.tp={tp}",
+            f"parallel.zero={zero}",
+            "model.hidden=64",
+            "model.heads=4",
+            "model.max_seq_len=64",
+            "model.dropout=0.0",
+            "data.seq_len=64",
+            "train.micro_batch=4",
+            "train.global_batch=8",
+            "train.steps=10",
+            "train.precision=fp32",
+            "train.log_every=1",
+            "train.eval_every=10",
+            "train.eval_batches=2",
+            "optim.name=lamb",
+            "optim.warmup_steps=2",
+            "checkpoint.every=10",
             f"parallel.grad_reduce_dtype={reduce}",
         ],
-    )  # fmt: skip
+    )
     result = train(config)
     return [(r["loss"], r["grad_norm"]) for r in result.history] + [
         ("eval", result.evals[-1]["masked_loss"], result.evals[-1]["mlm_acc"])

@@ -18,19 +18,35 @@ from tests.distributed.harness import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [
-    "model.hidden=32", "model.heads=2", "model.layers=1", "model.max_seq_len=32",
-    "model.dropout=0.0", "data.seq_len=32", "train.log_every=1", "train.eval_every=100",
-    "optim.warmup_steps=1", "parallel.zero=1", "parallel.timeout_s=60",
-]  # fmt: skip
+    "model.hidden=32",
+    "model.heads=2",
+    "model.layers=1",
+    "model.max_seq_len=32",
+    "model.dropout=0.0",
+    "data.seq_len=32",
+    "train.log_every=1",
+    "train.eval_every=100",
+    "optim.warmup_steps=1",
+    "parallel.zero=1",
+    "parallel.timeout_s=60",
+]
 
 
 def _resume_run(data: str, out: str, steps: int) -> list[float]:
     from pretrain.config import load_config
     from pretrain.trainer import train
 
-    overrides = [*SMALL, f"data.path={data}", f"train.out_dir={out}", f"train.steps={steps}",
-                 "train.micro_batch=2", "train.global_batch=8", "train.precision=fp32",
-                 "checkpoint.every=2", "checkpoint.keep=5"]  # fmt: skip
+    overrides = [
+        *SMALL,
+        f"data.path={data}",
+        f"train.out_dir={out}",
+        f"train.steps={steps}",
+        "train.micro_batch=2",
+        "train.global_batch=8",
+        "train.precision=fp32",
+        "checkpoint.every=2",
+        "checkpoint.keep=5",
+    ]
     return [
         r["loss"] for r in train(load_config(REPO / "configs" / "tiny.yaml", overrides)).history
     ]
@@ -87,9 +103,17 @@ def _fp16_run(data: str, out: str) -> list[tuple]:
             super()._reduce(bucket)
 
     trainer.ZeroRedundancy = Injecting  # this worker process only
-    overrides = [*SMALL, f"data.path={data}", f"train.out_dir={out}", f"train.steps={STEPS}",
-                 "train.micro_batch=2", "train.global_batch=4", "train.precision=fp16",
-                 "train.loss_scale_init=1024", "checkpoint.every=100"]  # fmt: skip
+    overrides = [
+        *SMALL,
+        f"data.path={data}",
+        f"train.out_dir={out}",
+        f"train.steps={STEPS}",
+        "train.micro_batch=2",
+        "train.global_batch=4",
+        "train.precision=fp16",
+        "train.loss_scale_init=1024",
+        "checkpoint.every=100",
+    ]
     result = trainer.train(load_config(REPO / "configs" / "tiny.yaml", overrides))
     assert result.exit_code == 0
     return [(r["loss"], r["loss_scale"], bool(r.get("skipped"))) for r in result.history]

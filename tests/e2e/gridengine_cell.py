@@ -254,8 +254,12 @@ def start_cell(root: Path) -> Iterator[GridEngineCell]:
     (common / "host_aliases").write_text(f"{cell.host} localhost\n")
     defaults = Path("/usr/share/gridengine")
     config = (defaults / "default-configuration").read_text()
-    for key, value in (("execd_spool_dir", cell.spool / "execd"), ("min_uid", 0), ("min_gid", 0),
-                       ("load_report_time", "00:00:05")):  # fmt: skip
+    for key, value in (
+        ("execd_spool_dir", cell.spool / "execd"),
+        ("min_uid", 0),
+        ("min_gid", 0),
+        ("load_report_time", "00:00:05"),
+    ):
         config = re.sub(rf"^{key}\s.*$", f"{key} {value}", config, flags=re.M)
     config = config.replace("flush_time=00:00:15", "flush_time=00:00:01")  # qacct at once
     (cell.root / "global").write_text(config)
@@ -286,21 +290,38 @@ def start_cell(root: Path) -> Iterator[GridEngineCell]:
         complexes = cell.run("qconf", "-sc")
         cell.qconf_file("-Mc", "complexes", complexes + RT_F_COMPLEX + "\n")
         sched = cell.run("qconf", "-ssconf")
-        for key, value in (("schedule_interval", "0:0:1"), ("flush_submit_sec", "1"),
-                           ("flush_finish_sec", "1")):  # fmt: skip
+        for key, value in (
+            ("schedule_interval", "0:0:1"),
+            ("flush_submit_sec", "1"),
+            ("flush_finish_sec", "1"),
+        ):
             sched = re.sub(rf"^{key}\s.*$", f"{key} {value}", sched, flags=re.M)
         cell.qconf_file("-Msconf", "sched", sched)
         tmpdir = cell.spool / "tmp"
         cell.qconf_file(
-            "-Aq", "bert.q",
-            QUEUE.format(name="bert.q", host=cell.host, pe_list="mpi", tmpdir=tmpdir,
-                         starter="NONE", complex_values="NONE"),
-        )  # fmt: skip
+            "-Aq",
+            "bert.q",
+            QUEUE.format(
+                name="bert.q",
+                host=cell.host,
+                pe_list="mpi",
+                tmpdir=tmpdir,
+                starter="NONE",
+                complex_values="NONE",
+            ),
+        )
         cell.qconf_file(
-            "-Aq", "rtf.q",
-            QUEUE.format(name="rtf.q", host=cell.host, pe_list="NONE", tmpdir=tmpdir,
-                         starter=starter, complex_values="rt_F=1"),
-        )  # fmt: skip
+            "-Aq",
+            "rtf.q",
+            QUEUE.format(
+                name="rtf.q",
+                host=cell.host,
+                pe_list="NONE",
+                tmpdir=tmpdir,
+                starter=starter,
+                complex_values="rt_F=1",
+            ),
+        )
         wait_for(lambda: _queues_up(cell), 60, "the execution daemon to report")
         yield cell
     except AssertionError as error:

@@ -46,7 +46,7 @@ def test_demo_pipeline_exports_a_model_transformers_loads(tmp_path, lang):
             "train.eval_every=3",
             "train.log_every=3",
             "train.precision=fp32",
-        ],  # fmt: skip
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,

@@ -37,15 +37,30 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 def run(argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *argv], cwd=REPO, env=ENV, capture_output=True, text=True,
+        [sys.executable, *argv],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
 
 
 def demo_export(tmp_path_factory, lang: str) -> Path:
     out = tmp_path_factory.mktemp(f"demo_{lang}") / "run"
-    proc = run(["-m", "pretrain.demo", "--lang", lang, "--out", str(out), "train.steps=30",
-                "train.eval_every=30", "train.precision=fp32"])  # fmt: skip
+    proc = run(
+        [
+            "-m",
+            "pretrain.demo",
+            "--lang",
+            lang,
+            "--out",
+            str(out),
+            "train.steps=30",
+            "train.eval_every=30",
+            "train.precision=fp32",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out / "hf"
 
@@ -62,8 +77,18 @@ def export_ja(tmp_path_factory) -> Path:
 
 def finetune(model: Path, out: Path, *args: str) -> dict:
     """Run bert-finetune; return its JSON report (the last stdout line)."""
-    proc = run(["-m", "pretrain.finetune.cli", "--model", str(model), "--out", str(out),
-                "--no-progress", *args])  # fmt: skip
+    proc = run(
+        [
+            "-m",
+            "pretrain.finetune.cli",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--no-progress",
+            *args,
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(report["dev"]))  # visible with -s: what the thresholds are checked against
@@ -100,12 +125,27 @@ def test_sst2_beats_majority(export_en, tmp_path):
     """
     sst2 = SHARED / "sst2"
     report = finetune(
-        export_en, tmp_path / "out", "--task", "classify",
-        "--train", str(sst2 / "train.tsv.gz"), "--dev", str(sst2 / "dev.tsv"),
-        "--test", str(sst2 / "test_unlabeled.tsv"),
-        "--max-train-examples", "3000", "--epochs", "2", "--lr", "1e-3", "--batch-size", "16",
-        "--max-length", "48",
-    )  # fmt: skip
+        export_en,
+        tmp_path / "out",
+        "--task",
+        "classify",
+        "--train",
+        str(sst2 / "train.tsv.gz"),
+        "--dev",
+        str(sst2 / "dev.tsv"),
+        "--test",
+        str(sst2 / "test_unlabeled.tsv"),
+        "--max-train-examples",
+        "3000",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "48",
+    )
     dev = report["dev"]
     assert dev["examples"] == 872
     assert dev["accuracy"] >= dev["majority_baseline"] + 0.10, dev
@@ -128,11 +168,27 @@ def test_ncbi_disease_finds_entities(export_en, tmp_path):
     dev = tmp_path / "devel400.tsv"
     dev.write_text("\n\n".join(dev_lines) + "\n", encoding="utf-8")
     report = finetune(
-        export_en, tmp_path / "out", "--task", "ner",
-        "--train", str(conll / "train.tsv"), "--dev", str(dev), "--test", str(dev),
-        "--max-train-examples", "1500", "--epochs", "3", "--lr", "2e-3", "--batch-size", "16",
-        "--max-length", "96",
-    )  # fmt: skip
+        export_en,
+        tmp_path / "out",
+        "--task",
+        "ner",
+        "--train",
+        str(conll / "train.tsv"),
+        "--dev",
+        str(dev),
+        "--test",
+        str(dev),
+        "--max-train-examples",
+        "1500",
+        "--epochs",
+        "3",
+        "--lr",
+        "2e-3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "96",
+    )
     result = report["dev"]
     assert result["examples"] == 400 and result["gold_entities"] > 300
     assert result["f1"] >= 0.10, result
@@ -167,13 +223,27 @@ def test_livedoor_nine_categories_beat_majority(export_ja, tmp_path):
         return [{"text": a["title"] + "。" + a["body"][:300], "category": c} for c, a in items]
 
     report = finetune(
-        export_ja, tmp_path / "out", "--task", "classify",
-        "--train", str(write_jsonl(tmp_path / "train.jsonl", rows(train))),
-        "--dev", str(write_jsonl(tmp_path / "dev.jsonl", rows(dev))),
-        "--label-column", "category",
-        "--epochs", "6", "--lr", "5e-4", "--batch-size", "16", "--max-length", "64",
-        "--patience", "3",
-    )  # fmt: skip
+        export_ja,
+        tmp_path / "out",
+        "--task",
+        "classify",
+        "--train",
+        str(write_jsonl(tmp_path / "train.jsonl", rows(train))),
+        "--dev",
+        str(write_jsonl(tmp_path / "dev.jsonl", rows(dev))),
+        "--label-column",
+        "category",
+        "--epochs",
+        "6",
+        "--lr",
+        "5e-4",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "64",
+        "--patience",
+        "3",
+    )
     result = report["dev"]
     assert result["examples"] == 270
     assert result["accuracy"] >= result["majority_baseline"] + 0.15, result
@@ -196,13 +266,29 @@ def test_livedoor_title_body_pairs_beat_majority(export_ja, tmp_path):
         return [{"title": a["title"], "body": a["body"][:300], "label": c} for c, a in items]
 
     report = finetune(
-        export_ja, tmp_path / "out", "--task", "pair",
-        "--train", str(write_jsonl(tmp_path / "train.jsonl", rows(train))),
-        "--dev", str(write_jsonl(tmp_path / "dev.jsonl", rows(dev))),
-        "--text-column", "title", "--text-b-column", "body",
-        "--epochs", "6", "--lr", "5e-4", "--batch-size", "16", "--max-length", "64",
-        "--patience", "3",
-    )  # fmt: skip
+        export_ja,
+        tmp_path / "out",
+        "--task",
+        "pair",
+        "--train",
+        str(write_jsonl(tmp_path / "train.jsonl", rows(train))),
+        "--dev",
+        str(write_jsonl(tmp_path / "dev.jsonl", rows(dev))),
+        "--text-column",
+        "title",
+        "--text-b-column",
+        "body",
+        "--epochs",
+        "6",
+        "--lr",
+        "5e-4",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "64",
+        "--patience",
+        "3",
+    )
     result = report["dev"]
     assert result["examples"] == 270
     assert result["accuracy"] >= result["majority_baseline"] + 0.10, result

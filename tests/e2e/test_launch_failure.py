@@ -40,19 +40,38 @@ def start_pair(data: Path, out: Path) -> list[subprocess.Popen]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
     base["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), base.get("PYTHONPATH", "")) if p)
     args = [
-        sys.executable, "-m", "pretrain", "--config", str(REPO / "configs" / "tiny.yaml"),
-        f"data.path={data}", f"train.out_dir={out}", "model.hidden=64", "model.heads=2",
-        "model.max_seq_len=64", "data.seq_len=64", "train.micro_batch=4", "train.global_batch=8",
-        "train.steps=100000", "train.precision=fp32", "train.log_every=1",
-        "train.eval_every=100000", "train.eval_batches=1", "checkpoint.every=100000",
+        sys.executable,
+        "-m",
+        "pretrain",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"data.path={data}",
+        f"train.out_dir={out}",
+        "model.hidden=64",
+        "model.heads=2",
+        "model.max_seq_len=64",
+        "data.seq_len=64",
+        "train.micro_batch=4",
+        "train.global_batch=8",
+        "train.steps=100000",
+        "train.precision=fp32",
+        "train.log_every=1",
+        "train.eval_every=100000",
+        "train.eval_batches=1",
+        "checkpoint.every=100000",
         f"parallel.timeout_s={TIMEOUT_S}",
-    ]  # fmt: skip
+    ]
     procs = []
     for rank in range(2):
         env = dict(
-            base, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        )  # fmt: skip
+            base,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         with open(out.parent / f"{out.name}-rank{rank}.log", "w") as log:
             procs.append(
                 subprocess.Popen(

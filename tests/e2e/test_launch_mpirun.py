@@ -30,12 +30,24 @@ pytestmark = pytest.mark.slow
 
 def overrides(data: Path, out: Path) -> list[str]:
     return [
-        f"data.path={data}", f"train.out_dir={out}", "model.hidden=64", "model.heads=2",
-        "model.max_seq_len=64", "model.dropout=0.0", "data.seq_len=64", "train.micro_batch=4",
-        "train.global_batch=8", "train.steps=4", "train.precision=fp32", "train.log_every=1",
-        "train.eval_every=4", "train.eval_batches=1", "optim.warmup_steps=1",
-        "checkpoint.every=4", "parallel.timeout_s=60",
-    ]  # fmt: skip
+        f"data.path={data}",
+        f"train.out_dir={out}",
+        "model.hidden=64",
+        "model.heads=2",
+        "model.max_seq_len=64",
+        "model.dropout=0.0",
+        "data.seq_len=64",
+        "train.micro_batch=4",
+        "train.global_batch=8",
+        "train.steps=4",
+        "train.precision=fp32",
+        "train.log_every=1",
+        "train.eval_every=4",
+        "train.eval_batches=1",
+        "optim.warmup_steps=1",
+        "checkpoint.every=4",
+        "parallel.timeout_s=60",
+    ]
 
 
 def test_mpirun_dp2_matches_one_process(small_dataset, tmp_path):
@@ -45,10 +57,21 @@ def test_mpirun_dp2_matches_one_process(small_dataset, tmp_path):
     dp_out = tmp_path / "dp2"
     script = tmp_path / "mpirun.sh"
     command = [sys.executable, "-m", "pretrain", "--config", config]
-    assert cli.main(
-        ["mpirun", "--ranks-per-node", "2", "--out", str(script), "--",
-         *command, *overrides(small_dataset, dp_out)]
-    ) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "mpirun",
+                "--ranks-per-node",
+                "2",
+                "--out",
+                str(script),
+                "--",
+                *command,
+                *overrides(small_dataset, dp_out),
+            ]
+        )
+        == 0
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "OMPI_"))}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     result = subprocess.run(

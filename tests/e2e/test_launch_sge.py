@@ -61,12 +61,24 @@ def on_cell(gridengine: GridEngineCell, tmp_path: Path, monkeypatch) -> GridEngi
 
 def overrides(data: Path, out: Path, steps: int) -> list[str]:
     return [
-        f"data.path={data}", f"train.out_dir={out}", "model.hidden=64", "model.heads=2",
-        "model.max_seq_len=64", "model.dropout=0.0", "data.seq_len=64", "train.micro_batch=4",
-        "train.global_batch=8", f"train.steps={steps}", "train.precision=fp32",
-        "train.log_every=1", f"train.eval_every={steps}", "train.eval_batches=1",
-        "optim.warmup_steps=1", f"checkpoint.every={steps}", "parallel.timeout_s=60",
-    ]  # fmt: skip
+        f"data.path={data}",
+        f"train.out_dir={out}",
+        "model.hidden=64",
+        "model.heads=2",
+        "model.max_seq_len=64",
+        "model.dropout=0.0",
+        "data.seq_len=64",
+        "train.micro_batch=4",
+        "train.global_batch=8",
+        f"train.steps={steps}",
+        "train.precision=fp32",
+        "train.log_every=1",
+        f"train.eval_every={steps}",
+        "train.eval_batches=1",
+        "optim.warmup_steps=1",
+        f"checkpoint.every={steps}",
+        "parallel.timeout_s=60",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +97,25 @@ def submit(args: list[str], data: Path, out: Path, steps: int, capfd) -> str:
     command = [sys.executable, "-m", "pretrain", "--config", str(REPO / "configs" / "tiny.yaml")]
     code = cli.main(
         [
-            "sge", *args, "--gpus-per-node", "0", "--ranks-per-node", "2",
-            "--env", f"PYTHONPATH={REPO}",
+            "sge",
+            *args,
+            "--gpus-per-node",
+            "0",
+            "--ranks-per-node",
+            "2",
+            "--env",
+            f"PYTHONPATH={REPO}",
             # Open MPI refuses root without these; CI (and this cell) run as root.
-            "--env", "OMPI_ALLOW_RUN_AS_ROOT=1", "--env", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
-            "--submit", "--", *command, *overrides(data, out, steps),
+            "--env",
+            "OMPI_ALLOW_RUN_AS_ROOT=1",
+            "--env",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
+            "--submit",
+            "--",
+            *command,
+            *overrides(data, out, steps),
         ]
-    )  # fmt: skip
+    )
     printed = capfd.readouterr()
     assert code == 0, printed.out + printed.err
     return re.search(r"Your job (\d+)", printed.out).group(1)
@@ -147,10 +171,21 @@ def test_abci_style_stops_before_h_rt(on_cell, small_dataset, reference, tmp_pat
     walltime, margin_s = "00:03:00", 178
     out = tmp_path / "run"
     args = [
-        "--cluster", str(cluster_file), "--group", "gabc", "--job-name", "abci",
-        "--walltime", walltime, "--stop-margin", str(margin_s), "--max-resubmits", "12",
-        "--setup", "sleep 3",
-    ]  # fmt: skip
+        "--cluster",
+        str(cluster_file),
+        "--group",
+        "gabc",
+        "--job-name",
+        "abci",
+        "--walltime",
+        walltime,
+        "--stop-margin",
+        str(margin_s),
+        "--max-resubmits",
+        "12",
+        "--setup",
+        "sleep 3",
+    ]
     first = submit(args, small_dataset, out, STEPS, capfd)
     script = (tmp_path / "bert-sge.sh").read_text()
     assert "#$ -l rt_F=1" in script and f"#$ -l h_rt={walltime}" in script

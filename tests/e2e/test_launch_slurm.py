@@ -148,10 +148,14 @@ def slurm(tmp_path_factory) -> Iterator[LocalSlurm]:
     cluster = LocalSlurm(root)
     munge_sock = root / "munge" / "munge.sock"
     cluster.run(
-        "munged", "--force", f"--socket={munge_sock}", f"--key-file={key}",
-        f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/log/munged.log",
+        "munged",
+        "--force",
+        f"--socket={munge_sock}",
+        f"--key-file={key}",
+        f"--pid-file={root}/munge/munged.pid",
+        f"--log-file={root}/log/munged.log",
         f"--seed-file={root}/munge/seed",
-    )  # fmt: skip
+    )
     try:
         cluster.run("slurmctld", "-c", "-i")
         cluster.run("slurmd")
@@ -195,24 +199,50 @@ def _alive(pid: int) -> bool:
 
 def train_command(data: Path, out: Path, steps: int) -> list[str]:
     return [
-        sys.executable, "-m", "pretrain", "--config", str(REPO / "configs" / "tiny.yaml"),
-        f"data.path={data}", f"train.out_dir={out}", "model.hidden=64", "model.heads=2",
-        "model.max_seq_len=64", "data.seq_len=64", "train.micro_batch=4", "train.global_batch=8",
-        f"train.steps={steps}", "train.precision=fp32", "train.log_every=1",
-        f"train.eval_every={steps}", "train.eval_batches=1", "optim.warmup_steps=1",
-        f"checkpoint.every={steps}", "parallel.timeout_s=60",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pretrain",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"data.path={data}",
+        f"train.out_dir={out}",
+        "model.hidden=64",
+        "model.heads=2",
+        "model.max_seq_len=64",
+        "data.seq_len=64",
+        "train.micro_batch=4",
+        "train.global_batch=8",
+        f"train.steps={steps}",
+        "train.precision=fp32",
+        "train.log_every=1",
+        f"train.eval_every={steps}",
+        "train.eval_batches=1",
+        "optim.warmup_steps=1",
+        f"checkpoint.every={steps}",
+        "parallel.timeout_s=60",
+    ]
 
 
 def write_job(tmp_path: Path, name: str, command: list[str], *options: str) -> Path:
     script = tmp_path / f"{name}.sbatch"
     code = cli.main(
         [
-            "slurm", "--ranks-per-node", "2", "--walltime", "00:15:00", "--job-name", name,
-            "--output", str(tmp_path / "%x-%j.out"), "--out", str(script), *options,
-            "--", *command,
+            "slurm",
+            "--ranks-per-node",
+            "2",
+            "--walltime",
+            "00:15:00",
+            "--job-name",
+            name,
+            "--output",
+            str(tmp_path / "%x-%j.out"),
+            "--out",
+            str(script),
+            *options,
+            "--",
+            *command,
         ]
-    )  # fmt: skip
+    )
     assert code == 0
     return script
 
@@ -233,8 +263,11 @@ def test_scontrol_expands_host_lists(slurm, monkeypatch):
     """The dashed names that broke hand-written bracket parsing elsewhere."""
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     assert slurm_hostnames("jean-zay-ia[816-817],gpu-a[01-02]") == [
-        "jean-zay-ia816", "jean-zay-ia817", "gpu-a01", "gpu-a02",
-    ]  # fmt: skip
+        "jean-zay-ia816",
+        "jean-zay-ia817",
+        "gpu-a01",
+        "gpu-a02",
+    ]
 
 
 def test_sbatch_script_two_tasks_completes(slurm, small_dataset, tmp_path):

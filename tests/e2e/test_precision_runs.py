@@ -23,10 +23,17 @@ from pretrain.trainer import EXIT_DIVERGED, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.hidden=32", "model.heads=2", "model.layers=1", "model.max_seq_len=32",
-    "data.seq_len=32", "train.micro_batch=4", "train.global_batch=4", "train.log_every=1",
-    "train.eval_every=100", "optim.warmup_steps=0",
-]  # fmt: skip
+    "model.hidden=32",
+    "model.heads=2",
+    "model.layers=1",
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "train.micro_batch=4",
+    "train.global_batch=4",
+    "train.log_every=1",
+    "train.eval_every=100",
+    "optim.warmup_steps=0",
+]
 
 
 def _config(data: Path, out: Path, *extra: str):
@@ -53,10 +60,14 @@ def test_auto_is_resolved_once_and_recorded(small_dataset, tmp_path, capsys):
     # Resume the same run in fp16: one line names both precisions; the scale starts at init.
     result = train(
         _config(
-            small_dataset, out, "train.steps=3", "checkpoint.every=3", "train.precision=fp16",
+            small_dataset,
+            out,
+            "train.steps=3",
+            "checkpoint.every=3",
+            "train.precision=fp16",
             "train.loss_scale_init=256",
         )
-    )  # fmt: skip
+    )
     logged = capsys.readouterr().out
     assert result.exit_code == 0
     lines = [line for line in logged.splitlines() if "the loss scaler starts afresh" in line]
@@ -77,8 +88,13 @@ def test_bert_train_refuses_bf16_on_a_capability_7_gpu(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
-    args = ["--config", str(REPO / "configs" / "tiny.yaml"), f"data.path={small_dataset}",
-            f"train.out_dir={tmp_path}", "train.precision=bf16"]  # fmt: skip
+    args = [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"data.path={small_dataset}",
+        f"train.out_dir={tmp_path}",
+        "train.precision=bf16",
+    ]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
@@ -96,10 +112,16 @@ def test_diverging_fp32_run_stops_and_keeps_a_finite_checkpoint(small_dataset, t
     out = tmp_path / "run"
     result = train(
         _config(
-            small_dataset, out, "train.precision=fp32", "optim.lr=1e6", "train.steps=200",
-            "train.max_bad_steps=4", "checkpoint.every=2", "checkpoint.keep=1",
+            small_dataset,
+            out,
+            "train.precision=fp32",
+            "optim.lr=1e6",
+            "train.steps=200",
+            "train.max_bad_steps=4",
+            "checkpoint.every=2",
+            "checkpoint.keep=1",
         )
-    )  # fmt: skip
+    )
     assert result.exit_code == EXIT_DIVERGED != 75
     assert result.step < 200
     skipped = [bool(r.get("skipped")) for r in result.history]
@@ -121,10 +143,16 @@ def test_fp16_overflow_at_the_scale_floor_stops_the_run(small_dataset, tmp_path,
     out = tmp_path / "run"
     result = train(
         _config(
-            small_dataset, out, "train.precision=fp16", "optim.lr=1e6", "train.steps=100",
-            "train.loss_scale_init=1", "train.loss_scale_min=1", "checkpoint.every=100",
+            small_dataset,
+            out,
+            "train.precision=fp16",
+            "optim.lr=1e6",
+            "train.steps=100",
+            "train.loss_scale_init=1",
+            "train.loss_scale_min=1",
+            "checkpoint.every=100",
         )
-    )  # fmt: skip
+    )
     assert result.exit_code == EXIT_DIVERGED
     assert [bool(r.get("skipped")) for r in result.history].count(True) == 1
     assert result.history[-1]["skipped"] and result.history[-1]["loss_scale"] == 1.0

@@ -41,12 +41,22 @@ def dataset(tmp_path_factory) -> Path:
     (tmp / "in").mkdir()
     (tmp / "in" / "en.txt.gz").write_bytes(gzip.compress(text[:100_000]))
     (tmp / "in" / "ja.txt").write_bytes((CORPUS_DIR / "akutagawa.txt").read_bytes()[:60_000])
-    tok = prep("tokenizer", "--input", tmp / "in", "--out", tmp / "tok", "--vocab-size", "1500",
-               "--cased")  # fmt: skip
+    tok = prep(
+        "tokenizer", "--input", tmp / "in", "--out", tmp / "tok", "--vocab-size", "1500", "--cased"
+    )
     assert tok.returncode == 0, tok.stderr
     assert str(tmp / "tok") in tok.stdout
-    enc = prep("encode", "--input", tmp / "in", "--tokenizer", tmp / "tok", "--out",
-               tmp / "data", "--shard-tokens", "20000")  # fmt: skip
+    enc = prep(
+        "encode",
+        "--input",
+        tmp / "in",
+        "--tokenizer",
+        tmp / "tok",
+        "--out",
+        tmp / "data",
+        "--shard-tokens",
+        "20000",
+    )
     assert enc.returncode == 0, enc.stderr
     assert str(tmp / "data") in enc.stdout and "too_short" in enc.stdout
     return tmp
@@ -167,7 +177,7 @@ def test_merge(dataset: Path, tmp_path: Path) -> None:
             "--out",
             "{tmp}/binary.dat/o",
         ),
-    ],  # fmt: skip
+    ],
 )
 def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) -> None:
     """Oracle: docs/design.md: a user error exits non-zero (2) with one line and no traceback."""
@@ -179,8 +189,15 @@ def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) ->
     manifest = (dataset / "data" / "manifest.json").read_bytes()
     (tmp_path / "cut" / "manifest.json").write_bytes(manifest[: len(manifest) // 2])
     if "{tmp}/other_tok" in args:  # a tokenizer other than the one that made {data}/data
-        other = prep("tokenizer", "--input", dataset / "in", "--out", tmp_path / "other_tok",
-                     "--vocab-size", "900")  # fmt: skip
+        other = prep(
+            "tokenizer",
+            "--input",
+            dataset / "in",
+            "--out",
+            tmp_path / "other_tok",
+            "--vocab-size",
+            "900",
+        )
         assert other.returncode == 0, other.stderr
     res = prep(*(a.format(tmp=tmp_path, data=dataset) for a in args))
     assert res.returncode == 2, (res.stdout, res.stderr)
@@ -191,8 +208,12 @@ def test_user_errors_are_one_line_exit_2(dataset: Path, tmp_path: Path, args) ->
 
 def test_help_for_every_subcommand() -> None:
     """Oracle: docs/design.md: every command has --help (exit 0, mentions its options)."""
-    for sub, option in [("tokenizer", "--vocab-size"), ("encode", "--workers"),
-                        ("verify", "DIR"), ("merge", "--out")]:  # fmt: skip
+    for sub, option in [
+        ("tokenizer", "--vocab-size"),
+        ("encode", "--workers"),
+        ("verify", "DIR"),
+        ("merge", "--out"),
+    ]:
         res = prep(sub, "--help")
         assert res.returncode == 0 and option in res.stdout, res.stderr
 
@@ -218,8 +239,19 @@ def test_bad_inputs_are_skipped_counted_and_reported(dataset: Path, tmp_path: Pa
         "{not json\n"
         '{"title": "no text field"}\n'
     )
-    res = prep("encode", "--input", bad, "--tokenizer", dataset / "tok", "--out",
-               tmp_path / "data", "--log-every", "0", "--max-doc-chars", "1000000")  # fmt: skip
+    res = prep(
+        "encode",
+        "--input",
+        bad,
+        "--tokenizer",
+        dataset / "tok",
+        "--out",
+        tmp_path / "data",
+        "--log-every",
+        "0",
+        "--max-doc-chars",
+        "1000000",
+    )
     assert res.returncode == 0, res.stderr
     stats = json.loads((tmp_path / "data" / "manifest.json").read_text())["stats"]
     assert stats["skipped_files"] == {"binary": 1, "empty": 1, "corrupt": 0}
@@ -227,11 +259,18 @@ def test_bad_inputs_are_skipped_counted_and_reported(dataset: Path, tmp_path: Pa
     assert stats["invalid_utf8_lines"] == 1
     assert stats["invalid_json_lines"] == 1 and stats["missing_field_records"] == 1
     assert stats["dropped"]["too_long"] == 1
-    for expected in ["skipped: binary 1, empty 1, corrupt 0", "the part before the damage kept: 1",
-                     f"read in part {bad / 'truncated.txt.gz'}: truncated (EOFError",
-                     "too_long 1", "undecodable 1",
-                     "invalid JSON 1", "records without the text field 1", "peak memory",
-                     f"skipped {bad / 'binary.bin'}: binary", "tokens/s"]:  # fmt: skip
+    for expected in [
+        "skipped: binary 1, empty 1, corrupt 0",
+        "the part before the damage kept: 1",
+        f"read in part {bad / 'truncated.txt.gz'}: truncated (EOFError",
+        "too_long 1",
+        "undecodable 1",
+        "invalid JSON 1",
+        "records without the text field 1",
+        "peak memory",
+        f"skipped {bad / 'binary.bin'}: binary",
+        "tokens/s",
+    ]:
         assert expected in res.stdout, (expected, res.stdout)
     assert "MB/s" in res.stderr and "docs/s" in res.stderr and "ETA" in res.stderr
 
@@ -246,10 +285,22 @@ def test_a_cut_manifest_is_one_line_in_bert_train(dataset: Path, tmp_path: Path)
     (cut / "manifest.json").write_bytes(manifest[: len(manifest) // 2])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run(
-        [sys.executable, "-m", "pretrain", "--config", REPO / "configs" / "tiny.yaml",
-         f"data.path={cut}", f"train.out_dir={tmp_path / 'run'}", "train.steps=1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "--config",
+            REPO / "configs" / "tiny.yaml",
+            f"data.path={cut}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.steps=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if "error" in line]

@@ -106,8 +106,19 @@ def test_a_killed_run_resumes_where_it_stopped(corpus, tmp_path: Path) -> None:
     big.mkdir()
     text = gzip.decompress((CORPUS_DIR / "gutenberg_excerpt.txt.gz").read_bytes()).decode()
     (big / "corpus.txt").write_text(text[:1_500_000])
-    args = ["encode", "--input", big, "--tokenizer", tok, "--out", tmp_path / "out",
-            "--unit-bytes", "60000", "--shard-tokens", "20000"]  # fmt: skip
+    args = [
+        "encode",
+        "--input",
+        big,
+        "--tokenizer",
+        tok,
+        "--out",
+        tmp_path / "out",
+        "--unit-bytes",
+        "60000",
+        "--shard-tokens",
+        "20000",
+    ]
     units = tmp_path / "out" / ".prep" / "units"
     run = _prep(*args)
     deadline = time.monotonic() + 60
@@ -150,8 +161,17 @@ def big(corpus, tmp_path_factory) -> tuple[Path, list, Path]:
     (tmp / "in").mkdir()
     text = gzip.decompress((CORPUS_DIR / "gutenberg_excerpt.txt.gz").read_bytes()).decode()
     (tmp / "in" / "corpus.txt").write_text(text[:1_500_000])
-    args = ["encode", "--input", tmp / "in", "--tokenizer", tok, "--unit-bytes", "60000",
-            "--shard-tokens", "20000"]  # fmt: skip
+    args = [
+        "encode",
+        "--input",
+        tmp / "in",
+        "--tokenizer",
+        tok,
+        "--unit-bytes",
+        "60000",
+        "--shard-tokens",
+        "20000",
+    ]
     encode_corpus([tmp / "in"], tok, tmp / "fresh", unit_bytes=60000, shard_tokens=20000)
     return tmp / "in", args, tmp / "fresh"
 
@@ -283,8 +303,9 @@ def test_disk_full_is_one_line_and_leaves_nothing_half_written(corpus, tmp_path:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    run = _prep("encode", "--input", inputs, "--tokenizer", tok, "--out", out,
-                preexec_fn=limit_file_size)  # fmt: skip
+    run = _prep(
+        "encode", "--input", inputs, "--tokenizer", tok, "--out", out, preexec_fn=limit_file_size
+    )
     _, err = run.communicate(timeout=300)
     assert run.returncode == 2, err
     lines = err.strip().splitlines()

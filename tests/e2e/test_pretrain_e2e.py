@@ -71,12 +71,19 @@ def test_resume_reproduces_an_uninterrupted_run_bitwise(small_dataset, tmp_path,
     stopped = train(
         _config(
             small_dataset, tmp_path / "b", "train.steps=6", f"mlm.mode={mode}", "train.walltime_s=0"
-        )  # fmt: skip
+        )
     )
     assert stopped.exit_code == EXIT_RESUBMIT and stopped.step == 1
     for _ in range(2):  # two more interruptions, then let it finish
-        again = train(_config(small_dataset, tmp_path / "b", "train.steps=6", f"mlm.mode={mode}",
-                              "train.walltime_s=0"))  # fmt: skip
+        again = train(
+            _config(
+                small_dataset,
+                tmp_path / "b",
+                "train.steps=6",
+                f"mlm.mode={mode}",
+                "train.walltime_s=0",
+            )
+        )
         assert again.exit_code == EXIT_RESUBMIT
     resumed = train(_config(small_dataset, tmp_path / "b", "train.steps=6", f"mlm.mode={mode}"))
     assert resumed.exit_code == 0 and resumed.step == 6
@@ -95,8 +102,19 @@ def test_metrics_fields_and_checkpoint_layout(small_dataset, tmp_path):
     """Every field docs/design.md names is logged; checkpoints are complete and pruned to `keep`."""
     result = train(_config(small_dataset, tmp_path, "train.steps=7", "checkpoint.keep=2"))
     records = _metrics(tmp_path)
-    fields = {"step", "consumed_samples", "loss", "masked_loss", "mlm_acc", "lr", "grad_norm",
-              "loss_scale", "tokens_per_s", "tflops", "elapsed_s"}  # fmt: skip
+    fields = {
+        "step",
+        "consumed_samples",
+        "loss",
+        "masked_loss",
+        "mlm_acc",
+        "lr",
+        "grad_norm",
+        "loss_scale",
+        "tokens_per_s",
+        "tflops",
+        "elapsed_s",
+    }
     train_records = [r for r in records if "split" not in r]
     assert [r["step"] for r in train_records] == list(range(1, 8))
     assert all(fields <= set(r) for r in train_records)
@@ -193,8 +211,14 @@ def test_user_errors_are_one_line(small_dataset, tmp_path):
         (["train.global_batch=10"], "not a multiple"),
         (["model.hidden=128", f"train.out_dir={tmp_path / 'run'}"], "another model"),
     ]
-    base = ["--config", str(REPO / "configs" / "tiny.yaml"), *TINY, f"data.path={small_dataset}",
-            f"train.out_dir={tmp_path / 'run'}", "train.steps=2"]  # fmt: skip
+    base = [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        *TINY,
+        f"data.path={small_dataset}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "train.steps=2",
+    ]
     for overrides, fragment in cases:
         proc = _bert_train(*base, *overrides)
         assert proc.returncode == 2, (overrides, proc.stderr)
@@ -207,8 +231,14 @@ def test_deepspeed_launcher_local_rank_argument(small_dataset, tmp_path):
     """deepspeed's launcher exports RANK, WORLD_SIZE and the master, and passes the local rank
     as `--local_rank=N` in argv (the oracle: its launcher's documented contract). bert-train
     takes it as LOCAL_RANK; a disagreeing LOCAL_RANK is a one-line usage error."""
-    base = ["--config", str(REPO / "configs" / "tiny.yaml"), *TINY, f"data.path={small_dataset}",
-            f"train.out_dir={tmp_path / 'run'}", "train.steps=1"]  # fmt: skip
+    base = [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        *TINY,
+        f"data.path={small_dataset}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "train.steps=1",
+    ]
     with socket.socket() as probe:  # a free port for the one-process rendezvous
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
@@ -256,8 +286,9 @@ def test_blended_datasets_train_and_resume_exactly(small_dataset, tmp_path):
     assert len(data.train) == 2 * len(data.train.parts[0])
 
     straight = train(config)
-    stopped = train(_config(small_dataset, tmp_path / "b", "train.steps=4", blend,
-                            "train.walltime_s=0"))  # fmt: skip
+    stopped = train(
+        _config(small_dataset, tmp_path / "b", "train.steps=4", blend, "train.walltime_s=0")
+    )
     assert stopped.exit_code == EXIT_RESUBMIT
     resumed = train(_config(small_dataset, tmp_path / "b", "train.steps=4", blend))
     assert resumed.step == 4
@@ -274,9 +305,13 @@ def test_blending_datasets_of_different_tokenizers_is_refused(
 
     train_tokenizer([small_corpus], tmp_path / "tok", "wordpiece", 900, lang="en")
     encode_corpus([small_corpus], tmp_path / "tok", tmp_path / "other", lang="en")
-    proc = _bert_train("--config", str(REPO / "configs" / "tiny.yaml"), *TINY,
-                       f"data.path=[0.5, {small_dataset}, 0.5, {tmp_path / 'other'}]",
-                       f"train.out_dir={tmp_path / 'run'}")  # fmt: skip
+    proc = _bert_train(
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        *TINY,
+        f"data.path=[0.5, {small_dataset}, 0.5, {tmp_path / 'other'}]",
+        f"train.out_dir={tmp_path / 'run'}",
+    )
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -287,9 +322,19 @@ def test_stop_signal_to_the_process_group_checkpoints(small_dataset, tmp_path, s
     terminal's process-group kill signal every process of the job, data-loader workers
     included: the run must still checkpoint and exit 75, not fail on a worker that died first."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "pretrain", "--config", str(REPO / "configs" / "tiny.yaml"),
-               *TINY, f"data.path={small_dataset}", f"train.out_dir={out}", "train.steps=100000",
-               "data.workers=2", "checkpoint.every=100000"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        *TINY,
+        f"data.path={small_dataset}",
+        f"train.out_dir={out}",
+        "train.steps=100000",
+        "data.workers=2",
+        "checkpoint.every=100000",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         command,

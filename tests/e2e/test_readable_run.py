@@ -21,11 +21,22 @@ from pretrain.trainer import print_summary, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.hidden=64", "model.heads=2", "model.layers=2", "model.max_seq_len=64",
-    "data.seq_len=64", "data.valid_fraction=0.05", "train.micro_batch=4",
-    "train.global_batch=8", "train.precision=fp32", "train.log_every=2", "train.eval_every=3",
-    "train.eval_batches=2", "optim.warmup_steps=2", "checkpoint.every=4", "train.steps=8",
-]  # fmt: skip
+    "model.hidden=64",
+    "model.heads=2",
+    "model.layers=2",
+    "model.max_seq_len=64",
+    "data.seq_len=64",
+    "data.valid_fraction=0.05",
+    "train.micro_batch=4",
+    "train.global_batch=8",
+    "train.precision=fp32",
+    "train.log_every=2",
+    "train.eval_every=3",
+    "train.eval_batches=2",
+    "optim.warmup_steps=2",
+    "checkpoint.every=4",
+    "train.steps=8",
+]
 
 
 def test_progress_fields_mfu_and_summary(small_dataset, tmp_path, capsys):

@@ -69,8 +69,16 @@ def test_a_run_directory_belongs_to_one_run(small_dataset, tmp_path):
         train(_config(small_dataset, out, "train.steps=3", "train.resume=none", "train.seed=7"))
     assert _tree_bytes(out / "checkpoints" / "step_000006") == old_step
 
-    new = train(_config(small_dataset, out, "train.steps=3", "train.resume=start_over",
-                        "train.seed=7", "checkpoint.keep=2"))  # fmt: skip
+    new = train(
+        _config(
+            small_dataset,
+            out,
+            "train.steps=3",
+            "train.resume=start_over",
+            "train.seed=7",
+            "checkpoint.keep=2",
+        )
+    )
     assert new.checkpoint == out / "checkpoints" / "step_000003"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000003"
     (previous,) = out.glob("previous-*")
@@ -101,8 +109,11 @@ def test_resume_refuses_another_tokenizer_and_unasked_changes(small_dataset, tmp
     with pytest.raises(ConfigError, match="optim.name 'lamb' -> 'adamw'"):
         train(_config(small_dataset, out, "train.steps=3", "optim.name=adamw"))
     capsys.readouterr()
-    result = train(_config(small_dataset, out, "train.steps=3", "data.seq_len=32",
-                           "train.resume_changes=allow"))  # fmt: skip
+    result = train(
+        _config(
+            small_dataset, out, "train.steps=3", "data.seq_len=32", "train.resume_changes=allow"
+        )
+    )
     assert result.step == 3
     assert "resume: data.seq_len 64 -> 32 (allowed by train.resume_changes=allow)" in (
         capsys.readouterr().out
@@ -162,8 +173,9 @@ def test_a_kill_while_deleting_a_step_leaves_no_half_deleted_step(
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(_config(small_dataset, out, "train.steps=2", "checkpoint.every=1",
-                      "checkpoint.keep=1"))  # fmt: skip
+        train(
+            _config(small_dataset, out, "train.steps=2", "checkpoint.every=1", "checkpoint.keep=1")
+        )
     root = out / "checkpoints"
     assert not (root / "step_000001").exists()
     assert (root / "step_000002" / "COMPLETE").is_file()
@@ -201,8 +213,13 @@ def _one_line(proc: subprocess.CompletedProcess, code: int, fragment: str) -> No
 def test_environment_errors_are_one_line_and_leave_nothing_half_written(small_dataset, tmp_path):
     """A full disk while writing a checkpoint or config.yaml, an out_dir that is a file or lies
     under one, token ids beyond the vocabulary, a second trainer on the same out_dir."""
-    base = ["--config", str(REPO / "configs" / "tiny.yaml"), *TINY,
-            f"data.path={small_dataset}", "train.steps=3"]  # fmt: skip
+    base = [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        *TINY,
+        f"data.path={small_dataset}",
+        "train.steps=3",
+    ]
     out = tmp_path / "run"
     # The model file is ~300 KB: the checkpoint write fails, metrics and config fit.
     proc = _bert_train(*base, f"train.out_dir={out}", file_size_limit=150_000)
@@ -211,8 +228,9 @@ def test_environment_errors_are_one_line_and_leave_nothing_half_written(small_da
     assert (out / "config.yaml").read_text().startswith("model:")
 
     config_text = (out / "config.yaml").read_text()
-    proc = _bert_train(*base, f"train.out_dir={out}", "train.eval_every=2",
-                       file_size_limit=len(config_text) // 2)  # fmt: skip
+    proc = _bert_train(
+        *base, f"train.out_dir={out}", "train.eval_every=2", file_size_limit=len(config_text) // 2
+    )
     _one_line(proc, 1, "config.yaml")
     assert (out / "config.yaml").read_text() == config_text  # the previous one, not emptied
 
@@ -271,8 +289,12 @@ def test_sweep_finishes_or_removes_what_a_kill_left(tmp_path):
     temporary and `.trash-*` directories are removed."""
     from pretrain.checkpoint import sweep_leftovers
 
-    for name, complete in ((".step_000005.tmp", True), (".step_000006.tmp", False),
-                           (".trash-step_000001-12-34", True), ("step_000004", True)):  # fmt: skip
+    for name, complete in (
+        (".step_000005.tmp", True),
+        (".step_000006.tmp", False),
+        (".trash-step_000001-12-34", True),
+        ("step_000004", True),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_tp00.safetensors").write_bytes(name.encode())
         if complete:

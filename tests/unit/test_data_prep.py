@@ -335,10 +335,12 @@ def test_merge_concatenates_datasets(tmp_path: Path, corpus) -> None:
         ('{"format_version": 1, "shards": [', "not valid JSON"),
         ("[]", "not a bert-prep manifest"),
         ('{"format_version": 1, "tokenizer": {}, "dtype": "uint16"}', "not a bert-prep manifest"),
-        ('{"format_version": 1, "tokenizer": {}, "dtype": "uint16", "shards": [3]}',
-         "not a bert-prep manifest"),
+        (
+            '{"format_version": 1, "tokenizer": {}, "dtype": "uint16", "shards": [3]}',
+            "not a bert-prep manifest",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_broken_manifest_is_a_user_error(tmp_path: Path, text: str, message: str) -> None:
     """Oracle: what the trainer and `verify` rely on: a cut or foreign manifest.json raises
     PrepError (printed as one line by both CLIs), never a JSON or KeyError traceback."""

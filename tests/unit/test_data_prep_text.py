@@ -334,8 +334,9 @@ def test_japanese_in_another_encoding_is_refused_with_the_right_guess(
     document comes back as the UTF-8 original gives it."""
     path = tmp_path / "ja.txt"
     path.write_bytes(_japanese_lines().encode(codec))
-    with pytest.raises(PrepError, match=f"ja.txt: .* lines .* do not decode as utf-8.*"
-                       f"--encoding {guess}$"):  # fmt: skip
+    with pytest.raises(
+        PrepError, match=f"ja.txt: .* lines .* do not decode as utf-8.*--encoding {guess}$"
+    ):
         _docs(path)
     utf8 = tmp_path / "utf8.txt"
     utf8.write_text(_japanese_lines(), encoding="utf-8")
@@ -390,11 +391,17 @@ def test_byte_ranges_read_the_same_documents_as_the_whole_file(tmp_path: Path) -
         "blank": ("a.txt", text, ReadConfig()),
         "formfeed": ("a.txt", text, ReadConfig(doc_sep="formfeed")),
         "line": ("a.txt", text, ReadConfig(doc_sep="line")),
-        "jsonl": ("a.jsonl", "".join(json.dumps({"text": f"r{i}"}) + "\n" for i in range(500)),
-                  ReadConfig()),
-        "wiki": ("w", "".join(f'<doc id="{i}" title="T{i}">\nT{i}\nBody {i}.\n</doc>\n'
-                              for i in range(300)), ReadConfig()),
-    }  # fmt: skip
+        "jsonl": (
+            "a.jsonl",
+            "".join(json.dumps({"text": f"r{i}"}) + "\n" for i in range(500)),
+            ReadConfig(),
+        ),
+        "wiki": (
+            "w",
+            "".join(f'<doc id="{i}" title="T{i}">\nT{i}\nBody {i}.\n</doc>\n' for i in range(300)),
+            ReadConfig(),
+        ),
+    }
     for name, (filename, content, cfg) in cases.items():
         path = tmp_path / name / filename
         path.parent.mkdir()

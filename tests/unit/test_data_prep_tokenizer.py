@@ -72,8 +72,13 @@ def test_wordpiece_files_specials_and_metadata(english) -> None:
     hash is the sha256 of tokenizer.json, vocab.txt lists the vocabulary in id order, English is
     uncased."""
     _, tok_dir = english
-    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt", "bert_tokenizer.json"]:  # fmt: skip
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+        "bert_tokenizer.json",
+    ]:
         assert (tok_dir / name).is_file(), name
     info = tokenizer_info(tok_dir)
     assert info["kind"] == "wordpiece" and info["lowercase"] is True and info["lang"] == "en"
@@ -181,8 +186,12 @@ def test_edited_tokenizer_json_is_refused(tmp_path: Path, english) -> None:
     for path in tok_dir.iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
     data = json.loads((copy / "tokenizer.json").read_text())
-    data["truncation"] = {"max_length": 3, "strategy": "LongestFirst", "stride": 0,
-                          "direction": "Right"}  # fmt: skip
+    data["truncation"] = {
+        "max_length": 3,
+        "strategy": "LongestFirst",
+        "stride": 0,
+        "direction": "Right",
+    }
     (copy / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(PrepError, match="hash"):
         load_tokenizer(copy)

@@ -99,9 +99,14 @@ def test_cpu_half_precision_measurement_stays_short(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize(
     ("allowed", "capability", "expected"),
-    [(True, (7, 0), False), (True, (8, 0), True), (True, (9, 0), True), (False, (9, 0), False),
-     (True, None, False)],
-)  # fmt: skip
+    [
+        (True, (7, 0), False),
+        (True, (8, 0), True),
+        (True, (9, 0), True),
+        (False, (9, 0), False),
+        (True, None, False),
+    ],
+)
 def test_tf32_only_from_compute_capability_8(allowed, capability, expected) -> None:
     """TF32 units exist from Ampere (8.0): V100 (7.0) and the CPU (no capability) never get it,
     and train.allow_tf32=false turns it off everywhere."""

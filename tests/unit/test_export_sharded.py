@@ -26,9 +26,16 @@ from pretrain.model import build_model
 transformers = pytest.importorskip("transformers")
 
 SHAPE = ModelShape(
-    layers=2, hidden=48, heads=3, ffn_hidden=80, vocab_size=131, max_seq_len=40,
-    norm="post", dropout=0.1, pair_head=False,
-)  # fmt: skip
+    layers=2,
+    hidden=48,
+    heads=3,
+    ffn_hidden=80,
+    vocab_size=131,
+    max_seq_len=40,
+    norm="post",
+    dropout=0.1,
+    pair_head=False,
+)
 TOLERANCE = {"bf16": 0.012, "fp16": 0.0015}  # of the fp32 logits' range
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -38,8 +38,17 @@ FILLER = "the a man woman house time day night old young little great very said 
 def make_export(tokenizer_dir: Path, out: Path, norm: str = "post", seed: int = 0) -> Path:
     """A randomly initialised 1-layer export (hidden 32) written by our export code."""
     info = json.loads((tokenizer_dir / "bert_tokenizer.json").read_text(encoding="utf-8"))
-    shape = ModelShape(layers=1, hidden=32, heads=2, ffn_hidden=64, vocab_size=info["vocab_size"],
-                       max_seq_len=64, norm=norm, dropout=0.0, pair_head=False)  # fmt: skip
+    shape = ModelShape(
+        layers=1,
+        hidden=32,
+        heads=2,
+        ffn_hidden=64,
+        vocab_size=info["vocab_size"],
+        max_seq_len=64,
+        norm=norm,
+        dropout=0.0,
+        pair_head=False,
+    )
     torch.manual_seed(seed)
     out.mkdir(parents=True)
     export_hf.write_hf_model(build_model(shape), out)
@@ -106,8 +115,9 @@ def ner_rows(n: int, seed: int) -> list[dict]:
 
 
 def write_conll(path: Path, rows: list[dict]) -> Path:
-    blocks = ["\n".join(f"{t}\t{g}" for t, g in zip(r["tokens"], r["tags"], strict=True))
-              for r in rows]  # fmt: skip
+    blocks = [
+        "\n".join(f"{t}\t{g}" for t, g in zip(r["tokens"], r["tags"], strict=True)) for r in rows
+    ]
     path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
     return path
 
@@ -128,9 +138,30 @@ def test_classify_learns_a_keyword_task_and_saves_a_model_transformers_reloads(
     test = write_tsv(tmp_path / "test.tsv", test_rows, columns=("text",))  # unlabelled
     out = tmp_path / "out"
     code, stdout, stderr = run_cli(
-        ["--model", str(export), "--task", "classify", "--train", str(train), "--dev", str(dev),
-         "--test", str(test), "--epochs", "6", "--lr", "3e-3", "--batch-size", "16",
-         "--out", str(out), "--seed", "3"], capsys)  # fmt: skip
+        [
+            "--model",
+            str(export),
+            "--task",
+            "classify",
+            "--train",
+            str(train),
+            "--dev",
+            str(dev),
+            "--test",
+            str(test),
+            "--epochs",
+            "6",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     report = json.loads(stdout.strip().splitlines()[-1])
     assert report["dev"]["accuracy"] > 0.9, report
@@ -159,9 +190,28 @@ def test_pre_ln_export_runs_as_megatron_bert_for_ner(tokenizer_dir, tmp_path, ca
     train = write_conll(tmp_path / "train.conll", ner_rows(300, 0))
     dev = write_conll(tmp_path / "dev.conll", ner_rows(80, 1))
     code, stdout, stderr = run_cli(
-        ["--model", str(export), "--task", "ner", "--train", str(train), "--dev", str(dev),
-         "--test", str(dev), "--epochs", "6", "--lr", "3e-3", "--batch-size", "16",
-         "--out", str(tmp_path / "out")], capsys)  # fmt: skip
+        [
+            "--model",
+            str(export),
+            "--task",
+            "ner",
+            "--train",
+            str(train),
+            "--dev",
+            str(dev),
+            "--test",
+            str(dev),
+            "--epochs",
+            "6",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     assert "MegatronBertForTokenClassification" in stderr
     report = json.loads(stdout.strip().splitlines()[-1])
@@ -287,8 +337,20 @@ def test_user_errors_are_one_line_exit_2(case, message, export, tmp_path, capsys
 def test_rerun_needs_force(export, tmp_path, capsys):
     train = write_tsv(tmp_path / "train.tsv", keyword_rows(40, 0))
     dev = write_tsv(tmp_path / "dev.tsv", keyword_rows(10, 1))
-    argv = ["--model", str(export), "--task", "classify", "--train", str(train), "--dev",
-            str(dev), "--epochs", "1", "--out", str(tmp_path / "o")]  # fmt: skip
+    argv = [
+        "--model",
+        str(export),
+        "--task",
+        "classify",
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert run_cli(argv, capsys)[0] == 0
     code, _, stderr = run_cli(argv, capsys)
     assert code == 2 and "pass --force" in stderr
@@ -302,10 +364,24 @@ def test_reduced_precision_runs(precision, export, tmp_path, capsys):
     train = write_tsv(tmp_path / "train.tsv", keyword_rows(64, 0))
     dev = write_tsv(tmp_path / "dev.tsv", keyword_rows(16, 1))
     code, stdout, stderr = run_cli(
-        ["--model", str(export), "--task", "classify", "--train", str(train), "--dev", str(dev),
-         "--epochs", "2", "--precision", precision, "--out", str(tmp_path / "o")],
+        [
+            "--model",
+            str(export),
+            "--task",
+            "classify",
+            "--train",
+            str(train),
+            "--dev",
+            str(dev),
+            "--epochs",
+            "2",
+            "--precision",
+            precision,
+            "--out",
+            str(tmp_path / "o"),
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 0, stderr
     saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert saved["precision"] == precision
@@ -317,11 +393,25 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     line on stderr, nothing on stdout."""
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain.finetune.cli", "--model", str(tmp_path / "missing"),
-         "--task", "ner", "--train", "t.tsv", "--dev", "d.tsv"],
-        cwd=repo, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pretrain.finetune.cli",
+            "--model",
+            str(tmp_path / "missing"),
+            "--task",
+            "ner",
+            "--train",
+            "t.tsv",
+            "--dev",
+            "d.tsv",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": str(repo)},
-    )  # fmt: skip
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
@@ -336,10 +426,22 @@ def test_bf16_refused_on_a_capability_7_gpu(export, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     train = write_tsv(tmp_path / "train.tsv", keyword_rows(8, 0))
     code, stdout, stderr = run_cli(
-        ["--model", str(export), "--task", "classify", "--train", str(train), "--dev",
-         str(train), "--precision", "bf16", "--out", str(tmp_path / "o")],
+        [
+            "--model",
+            str(export),
+            "--task",
+            "classify",
+            "--train",
+            str(train),
+            "--dev",
+            str(train),
+            "--precision",
+            "bf16",
+            "--out",
+            str(tmp_path / "o"),
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1
     assert "compute capability 7.0" in stderr and "auto or fp16" in stderr

@@ -35,9 +35,22 @@ from tests.unit.test_finetune_cli import make_export  # noqa: E402
 def mecab_export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mecab")
     code = prep_cli.main(
-        ["tokenizer", "--input", str(CORPUS_DIR / "akutagawa.txt"), "--out", str(tmp / "tok"),
-         "--kind", "wordpiece", "--vocab-size", "1500", "--lang", "ja", "--pretokenize", "mecab"]
-    )  # fmt: skip
+        [
+            "tokenizer",
+            "--input",
+            str(CORPUS_DIR / "akutagawa.txt"),
+            "--out",
+            str(tmp / "tok"),
+            "--kind",
+            "wordpiece",
+            "--vocab-size",
+            "1500",
+            "--lang",
+            "ja",
+            "--pretokenize",
+            "mecab",
+        ]
+    )
     assert code == 0
     return make_export(tmp / "tok", tmp / "hf")
 

@@ -44,9 +44,16 @@ MAPPING = {
 def _shape(norm: str, pair_head: bool) -> ModelShape:
     # Odd sizes on purpose: vocabulary 131, FFN 96, 3 heads of 16.
     return ModelShape(
-        layers=2, hidden=48, heads=3, ffn_hidden=96, vocab_size=131, max_seq_len=64,
-        norm=norm, dropout=0.0, pair_head=pair_head,
-    )  # fmt: skip
+        layers=2,
+        hidden=48,
+        heads=3,
+        ffn_hidden=96,
+        vocab_size=131,
+        max_seq_len=64,
+        norm=norm,
+        dropout=0.0,
+        pair_head=pair_head,
+    )
 
 
 def _batch(

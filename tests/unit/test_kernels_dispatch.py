@@ -134,9 +134,16 @@ def test_bias_gelu_reference_matches_torch() -> None:
 
 def _tiny_model(norm: str) -> nn.Module:
     shape = ModelShape(
-        layers=2, hidden=32, heads=2, ffn_hidden=64, vocab_size=101, max_seq_len=16,
-        norm=norm, dropout=0.0, pair_head=False,
-    )  # fmt: skip
+        layers=2,
+        hidden=32,
+        heads=2,
+        ffn_hidden=64,
+        vocab_size=101,
+        max_seq_len=16,
+        norm=norm,
+        dropout=0.0,
+        pair_head=False,
+    )
     return build_model(shape)
 
 

@@ -178,9 +178,15 @@ def _triton_ce(hidden, weight, target, *, bias=None, position_weight=None, tp=No
     from kernels.cross_entropy_triton import chunk_math_triton
 
     return run_chunked(
-        chunk_math_triton, hidden, weight, target, bias, position_weight, tp,
+        chunk_math_triton,
+        hidden,
+        weight,
+        target,
+        bias,
+        position_weight,
+        tp,
         CrossEntropyOptions(**options),
-    )  # fmt: skip
+    )
 
 
 @case
@@ -193,9 +199,15 @@ def cross_entropy() -> None:
     for dtype, smoothing in [(d, 0.0) for d in DTYPES] + [(torch.float32, 0.1)]:
         hidden, weight, bias, target, pw = _ce_inputs(37, dtype, seed=3)
         loss, row_ce, argmax = _triton_ce(
-            hidden, weight, target, bias=bias, position_weight=pw, chunk_rows=16,
-            label_smoothing=smoothing, return_stats=True,
-        )  # fmt: skip
+            hidden,
+            weight,
+            target,
+            bias=bias,
+            position_weight=pw,
+            chunk_rows=16,
+            label_smoothing=smoothing,
+            return_stats=True,
+        )
         got = torch.autograd.grad(3 * loss, (hidden, weight, bias))
         leaves = [t.detach().float().requires_grad_() for t in (hidden, weight, bias)]
         ref, ref_rows, ref_argmax = _full_logits_ce(*leaves, target, pw, smoothing)
@@ -261,10 +273,15 @@ def _tp_worker(rank: int, world: int, port: int, queue) -> None:
         w = w_full[rank * local : (rank + 1) * local].clone().requires_grad_()
         b = b_full[rank * local : (rank + 1) * local].clone().requires_grad_()
         loss, row_ce, argmax = _triton_ce(
-            hidden, w, target, bias=b, position_weight=pw,
+            hidden,
+            w,
+            target,
+            bias=b,
+            position_weight=pw,
             tp=GroupCollectives(dist.group.WORLD),
-            chunk_rows=10, return_stats=True,
-        )  # fmt: skip
+            chunk_rows=10,
+            return_stats=True,
+        )
         gh, gw, gb = torch.autograd.grad(loss, (hidden, w, b))
         dist.all_reduce(gh)  # grad_hidden is partial per rank (copy_to_tp_region's backward)
         out = (loss.detach(), row_ce, argmax, gh, gw, gb[: VOCAB - rank * local])
@@ -467,9 +484,15 @@ def test_every_kernel_compiles_for_sm70_sm80_and_sm90(subprocesses) -> None:
     built = {(line.split()[0], line.split()[1].split("[")[0]) for line in lines}
     kernels_seen = {k for _, k in built}
     assert kernels_seen == {
-        "_layer_norm_fwd", "_layer_norm_bwd", "_bias_gelu_fwd", "_bias_gelu_bwd",
-        "_ce_row_stats", "_ce_loss_grad", "_lamb_moments", "_lamb_apply",
-    }  # fmt: skip
+        "_layer_norm_fwd",
+        "_layer_norm_bwd",
+        "_bias_gelu_fwd",
+        "_bias_gelu_bwd",
+        "_ce_row_stats",
+        "_ce_loss_grad",
+        "_lamb_moments",
+        "_lamb_apply",
+    }
     assert {arch for arch, _ in built} == {"sm_70", "sm_80", "sm_90"}
     from kernels import dispatch
 

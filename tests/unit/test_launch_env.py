@@ -107,10 +107,18 @@ def fields(env: LaunchEnv) -> tuple:
         ({**SLURM_JOB, **INTEL_MPI}, ("mpich", 9, 16, 1, 8)),
     ],
     ids=[
-        "single", "torchrun", "openmpi", "mvapich2", "intel-mpi", "cray-pals", "srun",
-        "pbs+openmpi", "sge+openmpi", "sbatch+mpiexec",
+        "single",
+        "torchrun",
+        "openmpi",
+        "mvapich2",
+        "intel-mpi",
+        "cray-pals",
+        "srun",
+        "pbs+openmpi",
+        "sge+openmpi",
+        "sbatch+mpiexec",
     ],
-)  # fmt: skip
+)
 def test_each_launcher(environ, expected):
     assert fields(detect_environment(environ)) == expected
 

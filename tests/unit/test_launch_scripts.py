@@ -373,9 +373,14 @@ def test_newline_in_an_option_is_refused(scheduler, option, tmp_path: Path, caps
 
 @pytest.mark.parametrize(
     "option, value",
-    [("--job-name", "my job"), ("--group", "g'x"), ("--queue", "rt_F -l h_rt=1:00:00"),
-     ("--output", 'logs/"x"'), ("--directive", "-l h_vmem=4G\n-l rt_F=99")],
-)  # fmt: skip
+    [
+        ("--job-name", "my job"),
+        ("--group", "g'x"),
+        ("--queue", "rt_F -l h_rt=1:00:00"),
+        ("--output", 'logs/"x"'),
+        ("--directive", "-l h_vmem=4G\n-l rt_F=99"),
+    ],
+)
 def test_values_a_scheduler_cannot_take_are_refused(option, value, capsys):
     assert cli.main(["sge", "--dry-run", option, value, "--", *TRAIN]) == 2
     assert "bert-launch: error: " + option in capsys.readouterr().err

@@ -49,9 +49,16 @@ def test_the_hardware_cluster_files_are_the_shipped_gpu_kinds():
 def _shape(norm: str = "post", vocab: int = 131, pair: bool = False) -> ModelShape:
     # Odd sizes on purpose: 6 heads of width 16, an MLP width that is not 4 x hidden.
     return ModelShape(
-        layers=3, hidden=96, heads=6, ffn_hidden=204, vocab_size=vocab, max_seq_len=64,
-        norm=norm, dropout=0.1, pair_head=pair,
-    )  # fmt: skip
+        layers=3,
+        hidden=96,
+        heads=6,
+        ffn_hidden=204,
+        vocab_size=vocab,
+        max_seq_len=64,
+        norm=norm,
+        dropout=0.1,
+        pair_head=pair,
+    )
 
 
 def _saved_by_autograd(shape: ModelShape, layout: Layout) -> tuple[int, int]:
@@ -102,9 +109,13 @@ def test_saved_activations_match_autograd_fp32(norm: str, recompute: str, mlm_mo
     a few scalars and the picked-row indices). Dense scores every position here, as assumed."""
     shape = _shape(norm)
     layout = Layout(
-        seq_len=48, micro_batch=5, recompute=recompute, precision="fp32", mlm_mode=mlm_mode,
+        seq_len=48,
+        micro_batch=5,
+        recompute=recompute,
+        precision="fp32",
+        mlm_mode=mlm_mode,
         device="cpu",
-    )  # fmt: skip
+    )
     real, _ = _saved_by_autograd(shape, layout)
     estimate = saved_activation_bytes(shape, layout) + head_grad_bytes(shape, layout)
     if mlm_mode == "sparse":  # the number of picked rows is random: compare the dense part
@@ -215,9 +226,12 @@ def test_shipped_configs_fit_every_cluster(cluster: Path, size: str, seq_len: in
     memory = hardware["gpu_memory_gib"] * 1024**3
     assert estimate.total <= (1 - HEADROOM) * memory
     fitted = fit_layout(
-        shape, layout_for(config, 1, "cuda"), hardware["gpus_per_node"], int(memory),
+        shape,
+        layout_for(config, 1, "cuda"),
+        hardware["gpus_per_node"],
+        int(memory),
         config.train.global_batch,
-    )  # fmt: skip
+    )
     assert fitted is not None and fitted.nodes == entry["min_nodes"]
 
 

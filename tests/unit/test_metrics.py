@@ -36,8 +36,14 @@ def test_the_rewrite_on_resume_is_atomic(tmp_path):
         f"MetricsLog(Path({str(tmp_path)!r}), resume_step=2500)"
     )
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=120,
+    )
     assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary left

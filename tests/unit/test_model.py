@@ -110,9 +110,16 @@ def test_split_model_moves_whole_with_its_vocabulary_mask():
     shape = resolve_model_shape(load_config(None, ["model.hidden=32", "model.heads=2"]), 131)
     model = build_model(shape)
     dims = ParallelDims(
-        world_size=2, rank=1, tp_size=2, dp_size=1, tp_rank=1, dp_rank=0,
-        dp_group=None, tp_group=None, device=torch.device("cpu"),
-    )  # fmt: skip
+        world_size=2,
+        rank=1,
+        tp_size=2,
+        dp_size=1,
+        tp_rank=1,
+        dp_rank=0,
+        dp_group=None,
+        tp_group=None,
+        device=torch.device("cpu"),
+    )
     apply_tensor_parallel(model, dims)  # builds the shards only; no collective runs here
     mask = model.mlm_head.vocab_mask
     assert mask is not None and mask.shape == (128,)  # 131 padded to 256, half of it
@@ -134,9 +141,16 @@ def test_split_parameters_carry_their_layout_through_a_move():
     shape = resolve_model_shape(load_config(None, ["model.hidden=32", "model.heads=2"]), 131)
     model = build_model(shape)
     dims = ParallelDims(
-        world_size=2, rank=0, tp_size=2, dp_size=1, tp_rank=0, dp_rank=0,
-        dp_group=None, tp_group=None, device=torch.device("cpu"),
-    )  # fmt: skip
+        world_size=2,
+        rank=0,
+        tp_size=2,
+        dp_size=1,
+        tp_rank=0,
+        dp_rank=0,
+        dp_group=None,
+        tp_group=None,
+        device=torch.device("cpu"),
+    )
     apply_tensor_parallel(model, dims)
     model.to(torch.float64)
     h, ffn = shape.hidden, shape.ffn_hidden
@@ -165,9 +179,15 @@ def test_layer_fuses_residual_adds_into_layer_norm(norm, monkeypatch):
 
     torch.manual_seed(0)
     config = load_config(
-        None, ["model.hidden=48", "model.heads=3", "model.layers=1", f"model.norm={norm}",
-               "model.dropout=0.0"],
-    )  # fmt: skip
+        None,
+        [
+            "model.hidden=48",
+            "model.heads=3",
+            "model.layers=1",
+            f"model.norm={norm}",
+            "model.dropout=0.0",
+        ],
+    )
     layer = build_model(resolve_model_shape(config, vocab_size=131)).layers[0]
     fused = []
     real = kernels.layer_norm

@@ -24,11 +24,19 @@ REPO = Path(__file__).resolve().parents[2]
 def _write_run(out: Path, lr: float) -> Path:
     log = MetricsLog(out, resume_step=None)
     for step in range(10, 101, 10):
-        log.write({
-            "step": step, "loss": 7 - step / 50, "masked_loss": 7.2 - step / 50, "lr": lr * step,
-            "grad_norm": 1.0, "loss_scale": 2.0**16, "tokens_per_s": 9000.0 + step,
-            "mfu": 0.3, "steps_total": 100,
-        })  # fmt: skip
+        log.write(
+            {
+                "step": step,
+                "loss": 7 - step / 50,
+                "masked_loss": 7.2 - step / 50,
+                "lr": lr * step,
+                "grad_norm": 1.0,
+                "loss_scale": 2.0**16,
+                "tokens_per_s": 9000.0 + step,
+                "mfu": 0.3,
+                "steps_total": 100,
+            }
+        )
         if step % 50 == 0:
             log.write({"split": "valid", "step": step, "masked_loss": 6.5, "mlm_acc": 0.1})
     log.close()

@@ -67,9 +67,15 @@ def test_mfu_and_summary() -> None:
 
 def test_log_line_shows_progress_fields() -> None:
     record = {
-        "step": 40, "steps_total": 1000, "loss": 7.1, "loss_scale": 65536.0,
-        "ms_per_step": 85.2, "tokens_per_s": 9000.0, "mfu": 0.123, "eta_s": 3725.0,
-    }  # fmt: skip
+        "step": 40,
+        "steps_total": 1000,
+        "loss": 7.1,
+        "loss_scale": 65536.0,
+        "ms_per_step": 85.2,
+        "tokens_per_s": 9000.0,
+        "mfu": 0.123,
+        "eta_s": 3725.0,
+    }
     line = format_line(record)
     assert line.startswith("train step 40/1000 | loss 7.1000")
     for part in ("scale 65536", "ms/step 85", "tok/s 9000", "MFU 12.3%", "ETA 1h02m"):

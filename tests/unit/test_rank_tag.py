@@ -27,9 +27,11 @@ def _openmpi_env(rank: int) -> dict[str, str]:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     env.update(
-        OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_SIZE="2",
-        OMPI_COMM_WORLD_LOCAL_RANK=str(rank), OMPI_COMM_WORLD_LOCAL_SIZE="2",
-    )  # fmt: skip
+        OMPI_COMM_WORLD_RANK=str(rank),
+        OMPI_COMM_WORLD_SIZE="2",
+        OMPI_COMM_WORLD_LOCAL_RANK=str(rank),
+        OMPI_COMM_WORLD_LOCAL_SIZE="2",
+    )
     return env
 
 
@@ -37,8 +39,12 @@ def _openmpi_env(rank: int) -> dict[str, str]:
 def test_one_line_error_is_tagged_on_other_ranks(rank: int, tag: str, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pretrain", "--config", str(tmp_path / "missing.yaml")],
-        env=_openmpi_env(rank), capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
+        env=_openmpi_env(rank),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert lines == [
@@ -57,9 +63,13 @@ def test_warnings_and_tracebacks_are_tagged_line_by_line() -> None:
         "fail()\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], env=_openmpi_env(1), capture_output=True, text=True,
-        cwd=REPO, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-c", code],
+        env=_openmpi_env(1),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     tag = f"[rank 1 host {HOST}] "

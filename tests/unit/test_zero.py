@@ -94,9 +94,14 @@ def test_grad_reduce_dtype_resolution(setting: str, precision: str, expected: st
 def test_fp16_reduction_without_loss_scaling_is_refused_in_one_line(
     small_dataset, tmp_path, capsys, precision: str
 ):
-    args = ["--config", str(REPO / "configs" / "tiny.yaml"), f"data.path={small_dataset}",
-            f"train.out_dir={tmp_path}", f"train.precision={precision}",
-            "parallel.grad_reduce_dtype=fp16"]  # fmt: skip
+    args = [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"data.path={small_dataset}",
+        f"train.out_dir={tmp_path}",
+        f"train.precision={precision}",
+        "parallel.grad_reduce_dtype=fp16",
+    ]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
