@@ -85,7 +85,9 @@ def common_overrides(args: argparse.Namespace, data_dir: Path) -> list[str]:
         f"train.micro_batch={args.micro_batch}",
         f"train.global_batch={args.global_batch}",
         f"train.precision={args.precision}",
-        "train.resume=start_over",
+        # Each run has its own directory: a run cut short (a stop signal, the end of a session)
+        # continues from its last checkpoint when the stage is run again.
+        "train.resume=auto",
         f"train.eval_every={args.eval_every}",
         # The same held-out samples whatever the micro-batch: eval_batches x micro_batch.
         f"train.eval_batches={max(1, args.eval_samples // args.micro_batch)}",
@@ -105,7 +107,7 @@ def run_overrides(variant: str, lr: float, seed: int, steps: int) -> list[str]:
         f"optim.warmup_steps={max(1, steps // 10)}",
         f"train.seed={seed}",
         f"train.steps={steps}",
-        f"checkpoint.every={steps}",
+        f"checkpoint.every={min(steps, 25)}",
     ]
 
 
@@ -116,8 +118,9 @@ def run_key(variant: str, lr: float, seed: int, steps: int) -> str:
 def train_run(
     key: str, variant: str, lr: float, seed: int, steps: int, common: list[str], cache: Path
 ) -> dict[str, Any]:
-    """Train one variant from scratch; returns its held-out curve and time."""
+    """Train one variant (continuing its own cut-short run); returns its held-out curve and time."""
     from pretrain.config import load_config
+    from pretrain.metrics import read_records
     from pretrain.trainer import train
 
     overrides = run_overrides(variant, lr, seed, steps)
@@ -129,8 +132,10 @@ def train_run(
     wall = time.perf_counter() - start
     if result.exit_code != 0 or result.step != steps or result.checkpoint is None:
         raise SystemExit(f"{key}: training stopped early (exit code {result.exit_code})")
-    train_seconds = sum(r["elapsed_s"] for r in result.history)
-    log(f"{key}: done in {wall:.0f} s, final held-out {result.evals[-1]}")
+    records = read_records(out_dir / "metrics.jsonl")  # every segment of the run, not just this one
+    evals = [r for r in records if r.get("split") == "valid"]
+    train_seconds = sum(r["elapsed_s"] for r in records if "elapsed_s" in r)
+    log(f"{key}: done in {wall:.0f} s, final held-out {evals[-1]}")
     return {
         "variant": variant,
         "lr": lr,
@@ -141,7 +146,7 @@ def train_run(
         "overrides": overrides,
         "evals": [
             {"step": r["step"], "masked_loss": r["masked_loss"], "mlm_acc": r["mlm_acc"]}
-            for r in result.evals
+            for r in evals
         ],
         "baseline_acc": result.baseline_acc,
         "train_seconds": train_seconds,
