@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from launch.errors import LaunchError
-from launch.fit import fit_command, pop_fit_sections, read_cluster_file, resolve_cluster
+from launch.fit import (
+    fit_command,
+    pop_fit_sections,
+    read_cluster_file,
+    resolve_cluster,
+    with_cluster_key,
+)
 from launch.scripts import (
     CONTAINER_RUNTIMES,
     SCHEDULERS,
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             layouts = apply_cluster_defaults(parser, args.cluster, args.scheduler)
             args = parser.parse_args(options)
             command, note = fit_command(command, layouts, args.nodes, args.cluster)
+            command = with_cluster_key(command, args.cluster)
             if note:
                 print(f"bert-launch: note: {note}", file=sys.stderr)
         spec = spec_from_args(args, command)

@@ -137,6 +137,18 @@ def _seq_len(config_path: str, overrides: dict[str, str]) -> int:
     return int((data.get("data") or {}).get("seq_len", 128))
 
 
+def with_cluster_key(command: list[str], cluster: str) -> list[str]:
+    """A training command with `train.cluster` appended (bert-train compares its first log
+    intervals with the plan for that cluster), unless the command sets it. A built-in name
+    stays a name; a path becomes absolute, since a job may start in another directory."""
+    config_path, overrides = _training_config(command)
+    if config_path is None or "train.cluster" in overrides:
+        return command
+    path = resolve_cluster(cluster)
+    value = cluster if path == CLUSTER_DIR / f"{cluster}.yaml" else str(path.resolve())
+    return [*command, f"train.cluster={value}"]
+
+
 def fit_command(
     command: list[str], layouts: dict[str, Any], nodes: int, cluster: str | None
 ) -> tuple[list[str], str | None]:

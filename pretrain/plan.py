@@ -449,24 +449,63 @@ def _cluster_of_gpu(device_name: str) -> str | None:
     return None
 
 
-def startup_prediction(config: Any, shape: ModelShape, layout: Layout, device_name: str) -> str:
+@dataclass(frozen=True)
+class StartupPrediction:
+    """The plan for a run's own layout: bert-train prints `line` at start-up and `compare` for
+    its first log intervals, so that a cluster that misbehaves shows at once."""
+
+    line: str
+    memory_gib: float | None = None
+    ms_per_step: float | None = None
+
+    def compare(self, record: dict[str, Any]) -> str | None:
+        """Predicted against one interval's measured step time and peak memory (max over
+        ranks; on a CPU the resident memory, which adds the process's own baseline)."""
+        if self.ms_per_step is None or self.memory_gib is None or "ms_per_step" not in record:
+            return None
+        measured_ms = record["ms_per_step"]
+        text = (
+            f"plan vs measured at step {record['step']}: {_ms(self.ms_per_step / 1000)} "
+            f"predicted, {_ms(measured_ms / 1000)} measured per step "
+            f"({_deviation(measured_ms, self.ms_per_step)})"
+        )
+        peak_gb = record.get("mem_peak_max_gb")
+        if peak_gb is not None:
+            measured_gib = peak_gb * 1e9 / GiB
+            text += (
+                f"; {self.memory_gib:.2f} GiB predicted, {measured_gib:.2f} GiB peak measured "
+                f"({_deviation(measured_gib, self.memory_gib)})"
+            )
+        return text
+
+
+def _deviation(measured: float, predicted: float) -> str:
+    return f"measured {100 * (measured / predicted - 1):+.0f}%" if predicted > 0 else "no ratio"
+
+
+def startup_prediction(
+    config: Any, shape: ModelShape, layout: Layout, device_name: str
+) -> StartupPrediction:
     """bert-train's start-up line: the plan's memory and step time for the run's own layout,
-    to read next to the measured mem_peak_gb and ms_per_step of the first log lines."""
+    on train.cluster or else on the built-in cluster of the detected GPU."""
     name = config.train.cluster or _cluster_of_gpu(device_name)
     if name is None:
-        return "plan: no prediction (set train.cluster to a cluster bert-plan knows)"
+        return StartupPrediction(
+            "plan: no prediction (set train.cluster to a cluster bert-plan knows)"
+        )
     try:
         cluster = load_cluster(name)
         rates, source = cluster_rates(cluster, layout.precision, shape)
     except (ConfigError, LaunchError) as error:
-        return f"plan: no prediction ({error})"
+        return StartupPrediction(f"plan: no prediction ({error})")
     gpus = min(cluster.hardware.gpus_per_node, layout.tp * layout.dp)
-    memory = estimate_memory(shape, layout).total
+    memory = estimate_memory(shape, layout).total / GiB
     seconds = step_time(shape, layout, rates, gpus).total
-    return (
-        f"plan: predicted {memory / GiB:.2f} GiB per rank and {_ms(seconds)} per step on "
-        f"cluster {cluster.name} ({source}); the log's mem_peak_gb and ms_per_step are measured"
+    line = (
+        f"plan: predicted {memory:.2f} GiB per rank and {_ms(seconds)} per step on "
+        f"cluster {cluster.name} ({source}); the first log intervals are compared with it"
     )
+    return StartupPrediction(line, memory, seconds * 1000)
 
 
 def build_parser() -> argparse.ArgumentParser:

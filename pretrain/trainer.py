@@ -88,7 +88,7 @@ from pretrain.parallel.parallelize import (
     tp_sharded_names,
 )
 from pretrain.parallel.zero import ZeroRedundancy
-from pretrain.plan import startup_prediction
+from pretrain.plan import StartupPrediction, startup_prediction
 from pretrain.precision import (
     DynamicLossScaler,
     autocast_context,
@@ -101,6 +101,9 @@ from pretrain.run_dir import check_owner, check_resume, claim_run_dir
 # Exit code of a run stopped because it diverged (non-finite losses or gradients): it wrote a
 # checkpoint of its last finite state. Distinct from EXIT_RESUBMIT, so job scripts do not retry.
 EXIT_DIVERGED = 3
+# Log intervals after start-up that are printed next to bert-plan's prediction (the first one
+# includes warm-up, so two).
+COMPARED = 2
 
 
 @dataclass
@@ -257,6 +260,7 @@ class _Run:
     result: TrainResult | None = None
     save_group: Any = None  # the checkpoint group (checkpoint.timeout_s); None for one process
     writer: BackgroundWriter = field(default_factory=BackgroundWriter)
+    prediction: StartupPrediction | None = None  # bert-plan's, for the first intervals
 
 
 def _train(
@@ -453,7 +457,8 @@ def _start_logging(run: _Run, precision_reason: str, started: float) -> None:
     say(describe_peak(device, t.precision, peak))
     layout = layout_for(config, dims.dp_size, device.type, run.accumulation)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    say(startup_prediction(config, shape, layout, name))
+    run.prediction = startup_prediction(config, shape, layout, name)
+    say(run.prediction.line)
     run.clock = RunClock(
         total_steps=t.steps,
         eval_every=t.eval_every if run.held_out else None,
@@ -609,6 +614,10 @@ def _write(run: _Run, record: dict[str, Any], kept: list[dict[str, Any]]) -> Non
     run.metrics.write(record)
     kept.append(record)
     run.say(format_line(record))
+    if run.prediction is not None and kept is run.result.history and len(kept) <= COMPARED:
+        comparison = run.prediction.compare(record)
+        if comparison is not None:
+            run.say(comparison)
 
 
 def _save(run: _Run, final: bool = True) -> None:

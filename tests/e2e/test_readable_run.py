@@ -94,3 +94,56 @@ def test_progress_fields_mfu_and_summary(small_dataset, tmp_path, capsys):
         scalars = events.Scalars(tag)
         assert [e.step for e in scalars] == [r["step"] for r in rows], tag
         assert [e.value for e in scalars] == pytest.approx([r[key] for r in rows], rel=1e-6)
+
+
+def test_first_intervals_are_compared_with_the_plan(small_dataset, tmp_path, capsys):
+    """train.cluster=cpu with a stored calibration: the start-up line gives bert-plan's memory
+    and step time for the run's own layout, and the first two log intervals (not the third)
+    print them next to what was measured, with the deviation computed from the logged figures."""
+    import re
+
+    from pretrain.config import resolve_model_shape
+    from pretrain.plan import StartupPrediction, startup_prediction
+    from pretrain.plan_measure import Calibration, _key, _store
+
+    for threads in {1, torch.get_num_threads()}:  # whatever count this process's rank gets
+        _store(
+            _key("cpu", "fp32", threads),
+            Calibration(threads, 1e11, 0.5, 1e10, 1e9, 1e-4, 1e9),
+        )
+    overrides = [*TINY, "train.log_every=1", "train.eval_every=100", "train.steps=3"]
+    config = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            *overrides,
+            "train.cluster=cpu",
+            f"data.path={small_dataset}",
+            f"train.out_dir={tmp_path}",
+        ],
+    )
+    train(config)
+    printed = capsys.readouterr().out
+    start = re.search(r"plan: predicted ([\d.]+) GiB per rank and ([\d.]+) ms per step", printed)
+    assert start is not None, printed
+    compared = re.findall(
+        r"plan vs measured at step (\d+): ([\d.]+) ms predicted, ([\d.]+) ms measured per step "
+        r"\(measured ([+-]\d+)%\); ([\d.]+) GiB predicted, ([\d.]+) GiB peak measured",
+        printed,
+    )
+    assert [int(c[0]) for c in compared] == [1, 2]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for (step, predicted_ms, measured_ms, deviation, predicted_gib, peak_gib), record in zip(
+        compared, records, strict=False
+    ):
+        assert record["step"] == int(step)
+        assert float(predicted_ms) == pytest.approx(float(start[2]), rel=1e-2)
+        assert float(predicted_gib) == float(start[1])
+        assert float(measured_ms) == pytest.approx(record["ms_per_step"], rel=1e-2, abs=0.1)
+        expected = 100 * (record["ms_per_step"] / float(predicted_ms) - 1)
+        assert int(deviation) == pytest.approx(expected, abs=2)
+        assert float(peak_gib) == pytest.approx(record["mem_peak_max_gb"] * 1e9 / 1024**3, abs=0.01)
+    # Without a cluster and without a GPU there is nothing to compare with.
+    config.train.cluster = None
+    assert startup_prediction(config, resolve_model_shape(config, 1000), None, "cpu") == (
+        StartupPrediction("plan: no prediction (set train.cluster to a cluster bert-plan knows)")
+    )

@@ -105,3 +105,26 @@ def test_cpu_cluster_sets_ranks_not_gpus(capsys):
     assert cli.main(["mpirun", "--cluster", "cpu", "--dry-run", "--", "bert-train"]) == 0
     script = capsys.readouterr().out
     assert "RANKS_PER_NODE=2" in script and "--nv" not in script
+
+
+def test_the_cluster_goes_into_the_training_command(capsys, tmp_path):
+    """bert-train compares its first intervals with the plan for train.cluster: a built-in name
+    is written as the name, the user's own file as an absolute path (a PBS job starts in $HOME),
+    a command that sets train.cluster keeps it, and a command without --config is left alone."""
+    config = str(REPO / "configs" / "base.yaml")
+    args = ["sge", "--nodes", "1", "--dry-run"]
+    assert cli.main([*args, "--cluster", "abci2", "--", "bert-train", "--config", config]) == 0
+    assert "train.cluster=abci2 " in capsys.readouterr().out
+    own = tmp_path / "site.yaml"
+    own.write_text(Path(ABCI2).read_text())
+    relative = own.relative_to(Path.cwd()) if own.is_relative_to(Path.cwd()) else own
+    assert (
+        cli.main([*args, "--cluster", str(relative), "--", "bert-train", "--config", config]) == 0
+    )
+    assert f"train.cluster={own.resolve()}" in capsys.readouterr().out
+    command = ["bert-train", "--config", config, "train.cluster=abci3"]
+    assert cli.main([*args, "--cluster", "abci2", "--", *command]) == 0
+    out = capsys.readouterr().out
+    assert "train.cluster=abci3" in out and "train.cluster=abci2" not in out
+    assert cli.main([*args, "--cluster", "abci2", "--", "python", "my_script.py"]) == 0
+    assert "train.cluster" not in capsys.readouterr().out

@@ -261,14 +261,14 @@ def test_startup_prediction_for_the_runs_own_layout():
     config = load_config(XLARGE, ["parallel.tp=4", "train.micro_batch=16"])
     shape = resolve_model_shape(config, 32768)
     layout = Layout(128, 16, tp=4, dp=2, precision="fp16", accumulation=256)
-    line = plan_cli.startup_prediction(config, shape, layout, "Tesla V100-SXM2-16GB")
+    line = plan_cli.startup_prediction(config, shape, layout, "Tesla V100-SXM2-16GB").line
     assert "cluster abci2" in line
     assert f"{estimate_memory(shape, layout).total / GiB:.2f} GiB" in line
     config.train.cluster = "abci9"
-    line = plan_cli.startup_prediction(config, shape, layout, "cpu")
+    line = plan_cli.startup_prediction(config, shape, layout, "cpu").line
     assert line.startswith("plan: no prediction (unknown cluster 'abci9'")
     config.train.cluster = None
-    assert "no prediction" in plan_cli.startup_prediction(config, shape, layout, "cpu")
+    assert "no prediction" in plan_cli.startup_prediction(config, shape, layout, "cpu").line
 
 
 def test_measure_is_for_cpu_clusters(capsys):
