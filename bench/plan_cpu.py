@@ -4,8 +4,10 @@
     .venv/bin/python -m bench.plan_cpu --repeats 3 --steps 8
 
 1. Prepares a small English dataset from the built-in corpus (WordPiece, 2,000 tokens).
-2. Calibrates once with `bert-plan --measure` on the tiny config (one process; what it fits
-   is the fixed cost per layer of one step at 1 and at 2 threads).
+2. Calibrates once with `bert-plan --measure` on the tiny config (one process, at 1 and at 2
+   threads; what it fits, from real steps of tiny at two micro-batches and two depths, is the
+   elementwise rate per byte and the dispatch cost per layer and per micro-batch; base is
+   never measured by the calibration, so its cells are held out).
 3. For tiny and base at 1 process, dp 2 and tp 2 (torchrun, gloo; one thread per process
    everywhere, as the calibration the cells use), and
    for 4 processes (dp 2 x tp 2, oversubscribing 2 cores: reported, not gated), runs bert-train

@@ -9,10 +9,14 @@ Short micro-benchmarks, each stored in the calibration:
   optimizer;
 - a gloo all-reduce between two processes of this machine (16 MB and 4 bytes): the link
   bandwidth and the latency per ring step;
-- a few real training steps of the config (the trainer's model, loss, clipping and LAMB on
-  random tokens, one process): what the micro-benchmarks do not explain (elementwise kernels
-  that compute rather than stream, Python and operator dispatch) is put on the elementwise
-  work, whose rate is fitted so that the model reproduces the measured step.
+- a few real training steps (the trainer's model, loss, clipping and LAMB on random tokens, one
+  process) at three points: the config itself, a quarter of its micro-batch, and that at half
+  its depth. What the micro-benchmarks do not explain is split, by solving for the three
+  points, into elementwise work at a fitted rate per byte (kernels that compute rather than
+  stream) and a dispatch cost per layer and per micro-batch (Python and operator dispatch,
+  whatever a tensor's size), so that the model reproduces all three measured steps. A cost per
+  byte alone over-predicted a larger model (base from tiny: +51%) and under-predicted tp 2,
+  whose ranks dispatch as many operators on halved tensors (-29%).
 
 Measured at one thread per rank and at all cores (what one process uses); the plan takes the
 calibration for the number of threads each of its ranks gets (torchrun gives each of several
@@ -23,6 +27,7 @@ name, CPU model, threads, dtype and torch version; later plans for that cluster 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import statistics
@@ -32,6 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pretrain.config import Config, MLMConfig, ModelShape, resolve_model_shape
@@ -56,6 +62,9 @@ class Calibration:
     link_latency_s: float
     elementwise_bytes_per_s: float
     """Fitted on the real steps: the rate at which the model's elementwise bytes go by."""
+    dispatch_s_per_layer: float = 0.0
+    dispatch_s_per_micro_batch: float = 0.0
+    """Fitted on the real steps: operator dispatch per layer and per micro-batch."""
 
 
 def calibration_path() -> Path:
@@ -99,6 +108,8 @@ def rates_from(calibration: Calibration, shape: ModelShape) -> Rates:
         link_latency_s=calibration.link_latency_s,
         network_latency_s=calibration.link_latency_s,
         elementwise_bytes_per_s=calibration.elementwise_bytes_per_s,
+        dispatch_s_per_layer=calibration.dispatch_s_per_layer,
+        dispatch_s_per_micro_batch=calibration.dispatch_s_per_micro_batch,
     )
 
 
@@ -222,6 +233,49 @@ def measure_steps(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> float:
     return statistics.median(times[1:])
 
 
+_NO_FIT = {
+    "elementwise_bytes_per_s": math.inf,
+    "dispatch_s_per_layer": 0.0,
+    "dispatch_s_per_micro_batch": 0.0,
+}
+
+
+def fit_elementwise(
+    calibration: Calibration, points: list[tuple[ModelShape, Layout]], seconds: list[float]
+) -> dict[str, float]:
+    """What the micro-benchmarks do not explain of three measured steps, as a rate per byte of
+    elementwise work (the optimizer's included) and a dispatch cost per layer and per
+    micro-batch: the linear system  rest = bytes / rate + layers x per_layer + per_micro_batch.
+    Noise can make that solution meaningless (a negative term): then everything goes on the
+    bytes of the config's own step, as a rate alone."""
+    rows, rests = [], []
+    for (shape, layout), measured in zip(points, seconds, strict=True):
+        unit = rates_from(
+            replace(calibration, elementwise_bytes_per_s=1.0, **_zero_dispatch()), shape
+        )
+        nothing = rates_from(replace(calibration, **_NO_FIT), shape)
+        moved = elementwise_bytes(shape, layout) + optimizer_seconds(shape, layout, unit)
+        rests.append(measured - step_time(shape, layout, nothing, 1).total)
+        rows.append([moved, shape.layers, 1.0])
+    try:
+        per_byte, per_layer, per_micro_batch = np.linalg.solve(np.array(rows), np.array(rests))
+    except np.linalg.LinAlgError:
+        per_byte = per_layer = per_micro_batch = -1.0
+    if min(per_byte, per_layer, per_micro_batch) >= 0 and per_byte > 0:
+        return {
+            "elementwise_bytes_per_s": 1.0 / per_byte,
+            "dispatch_s_per_layer": float(per_layer),
+            "dispatch_s_per_micro_batch": float(per_micro_batch),
+        }
+    moved, rest = rows[0][0], rests[0]
+    rate = moved / rest if rest > 0 else calibration.memory_bytes_per_s
+    return {"elementwise_bytes_per_s": rate, **_zero_dispatch()}
+
+
+def _zero_dispatch() -> dict[str, float]:
+    return {"dispatch_s_per_layer": 0.0, "dispatch_s_per_micro_batch": 0.0}
+
+
 def calibrate(
     shape: ModelShape, layout: Layout, mlm: MLMConfig, threads: int, link: tuple[float, float]
 ) -> tuple[Calibration, dict[str, tuple[float, float]]]:
@@ -245,18 +299,21 @@ def calibrate(
             link_latency_s=link[1],
             elementwise_bytes_per_s=bandwidth,
         )
-        measured = measure_steps(shape, layout, mlm)
+        # Three real steps: the config's, a quarter of its micro-batch, and that at half its
+        # depth; they separate the cost per byte from the cost per operator.
+        small = replace(layout, micro_batch=max(1, layout.micro_batch // 4))
+        shallow = replace(shape, layers=max(1, shape.layers // 2))
+        points = [(shape, layout), (shape, small), (shallow, small)]
+        if shallow.layers == shape.layers:  # one layer: a deeper model instead
+            points[2] = (replace(shape, layers=2), small)
+        seconds = [measure_steps(s, lay, mlm) for s, lay in points]
     finally:
         torch.set_num_threads(previous)
-    # What the micro-benchmarks do not explain is put on the elementwise work (the optimizer's
-    # included): its rate is the one at which those bytes fill the rest of the measured step.
-    rates = rates_from(calibration, shape)
-    without = step_time(shape, layout, rates, 1).total
-    # The bytes that go at the elementwise rate: the micro-batch's and the optimizer's.
-    moved = elementwise_bytes(shape, layout) + optimizer_seconds(shape, layout, rates) * bandwidth
-    rest = measured - (without - moved / bandwidth)
-    if rest > 0:
-        calibration = replace(calibration, elementwise_bytes_per_s=moved / rest)
+    measured = seconds[0]
+    fit = fit_elementwise(calibration, points, seconds)
+    calibration = replace(calibration, **fit)
+    before = replace(calibration, elementwise_bytes_per_s=bandwidth, **_zero_dispatch())
+    without = step_time(shape, layout, rates_from(before, shape), 1).total
     report = {
         "matrix products (FLOP/s)": (gemm_rate, peak),
         "memory copy (bytes/s)": (bandwidth, bandwidth),
@@ -287,6 +344,11 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
         for name, (measured, predicted) in report.items():
             print(f"  {name:<48} measured {measured:10.4g}  model/peak {predicted:10.4g}")
         predicted = step_time(shape, layout, rates_from(calibration, shape), 1).total
+        print(
+            f"  fitted: elementwise work {calibration.elementwise_bytes_per_s / 1e9:.3g} GB/s, "
+            f"dispatch {calibration.dispatch_s_per_layer * 1e3:.3g} ms per layer + "
+            f"{calibration.dispatch_s_per_micro_batch * 1e3:.3g} ms per micro-batch"
+        )
         print(f"  calibrated step: predicted {predicted:.4g} s, measured {report[STEP][0]:.4g} s")
     print(f"bert-plan: calibration stored in {calibration_path()}")
     return 0

@@ -8,7 +8,8 @@ per rank and per optimizer step (`accumulation` micro-batches of `micro_batch` s
                 + elementwise work as a memory-bound pass (3 x the activation bytes autograd
                 saves: written in forward, read and their gradients written in backward), the
                 MLM head's fp32 logit chunks (written, read, their gradient written) and autocast's
-                half weight copies (made once per forward); on a CPU at a rate --measure fits
+                half weight copies (made once per forward); on a CPU at a rate --measure fits,
+                plus the CPU's operator dispatch per layer and per micro-batch (fitted too)
     tp comm   = ring all-reduce of the tensor-parallel messages (`comm_stats.analytic_bytes`,
                 which train.comm_stats proves equal to the real traffic) over NVLink:
                 2 (p-1)/p x bytes / bandwidth + 2 (p-1) x latency per call
@@ -62,7 +63,12 @@ class Rates:
     elementwise_bytes_per_s: float | None = None
     """Rate of the elementwise work; None = the memory bandwidth (GPUs). A CPU computes its
     elementwise kernels (GELU, softmax, LayerNorm, dropout, casts) far below its copy
-    bandwidth, plus Python and operator dispatch: --measure fits this rate on real steps."""
+    bandwidth: --measure fits this rate on real steps."""
+    dispatch_s_per_layer: float = 0.0
+    dispatch_s_per_micro_batch: float = 0.0
+    """A CPU's Python and operator dispatch, per layer and per micro-batch (forward + backward):
+    a cost per operator, whatever its size, that --measure fits on real steps of two sizes and
+    two depths. GPUs: 0 (kernel launches overlap the device's work at these sizes)."""
 
 
 @dataclass(frozen=True)
@@ -158,8 +164,11 @@ def gemm_seconds(shape: ModelShape, layout: Layout, rates: Rates) -> float:
 def compute_seconds(shape: ModelShape, layout: Layout, rates: Rates) -> float:
     """Matrix products and memory-bound elementwise work of one step (all micro-batches)."""
     elementwise_rate = rates.elementwise_bytes_per_s or rates.memory_bytes_per_s
+    dispatch = shape.layers * rates.dispatch_s_per_layer + rates.dispatch_s_per_micro_batch
     per_micro_batch = (
-        gemm_seconds(shape, layout, rates) + elementwise_bytes(shape, layout) / elementwise_rate
+        gemm_seconds(shape, layout, rates)
+        + elementwise_bytes(shape, layout) / elementwise_rate
+        + dispatch
     )
     return layout.accumulation * per_micro_batch
 
