@@ -10,11 +10,11 @@ Short micro-benchmarks, each stored in the calibration:
 - a gloo all-reduce between two processes of this machine (16 MB and 4 bytes): the link
   bandwidth and the latency per ring step;
 - a few real training steps (the trainer's model, loss, clipping and LAMB on random tokens, one
-  process) at three points: the config itself, a quarter of its micro-batch, and that at half
-  its depth. What the micro-benchmarks do not explain is split, by solving for the three
-  points, into elementwise work at a fitted rate per byte (kernels that compute rather than
-  stream) and a dispatch cost per layer and per micro-batch (Python and operator dispatch,
-  whatever a tensor's size), so that the model reproduces all three measured steps. A cost per
+  process) at four points: the config's micro-batch and a quarter of it, at the config's depth
+  and at half of it. What the micro-benchmarks do not explain is split, by non-negative least
+  squares over the four points, into elementwise work at a fitted rate per byte (kernels that
+  compute rather than stream) and a dispatch cost per layer and per micro-batch (Python and
+  operator dispatch, whatever a tensor's size). A cost per
   byte alone over-predicted a larger model (base from tiny: +51%) and under-predicted tp 2,
   whose ranks dispatch as many operators on halved tensors (-29%).
 
@@ -243,11 +243,11 @@ _NO_FIT = {
 def fit_elementwise(
     calibration: Calibration, points: list[tuple[ModelShape, Layout]], seconds: list[float]
 ) -> dict[str, float]:
-    """What the micro-benchmarks do not explain of three measured steps, as a rate per byte of
+    """What the micro-benchmarks do not explain of the measured steps, as a rate per byte of
     elementwise work (the optimizer's included) and a dispatch cost per layer and per
-    micro-batch: the linear system  rest = bytes / rate + layers x per_layer + per_micro_batch.
-    Noise can make that solution meaningless (a negative term): then everything goes on the
-    bytes of the config's own step, as a rate alone."""
+    micro-batch: least squares of  rest = bytes / rate + layers x per_layer + per_micro_batch.
+    No term may be negative (a busy machine's noise can ask for one): the best fit over the
+    subsets of the dispatch terms whose terms are all non-negative is taken."""
     rows, rests = [], []
     for (shape, layout), measured in zip(points, seconds, strict=True):
         unit = rates_from(
@@ -257,19 +257,25 @@ def fit_elementwise(
         moved = elementwise_bytes(shape, layout) + optimizer_seconds(shape, layout, unit)
         rests.append(measured - step_time(shape, layout, nothing, 1).total)
         rows.append([moved, shape.layers, 1.0])
-    try:
-        per_byte, per_layer, per_micro_batch = np.linalg.solve(np.array(rows), np.array(rests))
-    except np.linalg.LinAlgError:
-        per_byte = per_layer = per_micro_batch = -1.0
-    if min(per_byte, per_layer, per_micro_batch) >= 0 and per_byte > 0:
-        return {
-            "elementwise_bytes_per_s": 1.0 / per_byte,
-            "dispatch_s_per_layer": float(per_layer),
-            "dispatch_s_per_micro_batch": float(per_micro_batch),
-        }
-    moved, rest = rows[0][0], rests[0]
-    rate = moved / rest if rest > 0 else calibration.memory_bytes_per_s
-    return {"elementwise_bytes_per_s": rate, **_zero_dispatch()}
+    a, b = np.array(rows), np.array(rests)
+    best: tuple[float, np.ndarray] | None = None
+    for columns in ([0, 1, 2], [0, 1], [0, 2], [0]):
+        solution = np.linalg.lstsq(a[:, columns], b, rcond=None)[0]
+        if solution[0] <= 0 or (solution < 0).any():
+            continue
+        full = np.zeros(3)
+        full[columns] = solution
+        residual = float(np.sum((a @ full - b) ** 2))
+        if best is None or residual < best[0] * (1 - 1e-9):
+            best = (residual, full)
+    if best is None:  # the steps ran faster than their matrix products: nothing to fit
+        return {"elementwise_bytes_per_s": calibration.memory_bytes_per_s, **_zero_dispatch()}
+    per_byte, per_layer, per_micro_batch = best[1]
+    return {
+        "elementwise_bytes_per_s": float(1.0 / per_byte),
+        "dispatch_s_per_layer": float(per_layer),
+        "dispatch_s_per_micro_batch": float(per_micro_batch),
+    }
 
 
 def _zero_dispatch() -> dict[str, float]:
@@ -299,13 +305,13 @@ def calibrate(
             link_latency_s=link[1],
             elementwise_bytes_per_s=bandwidth,
         )
-        # Three real steps: the config's, a quarter of its micro-batch, and that at half its
-        # depth; they separate the cost per byte from the cost per operator.
+        # Four real steps: the config's micro-batch and a quarter of it, at the config's depth
+        # and at half of it; they separate the cost per byte from the cost per operator.
         small = replace(layout, micro_batch=max(1, layout.micro_batch // 4))
-        shallow = replace(shape, layers=max(1, shape.layers // 2))
-        points = [(shape, layout), (shape, small), (shallow, small)]
-        if shallow.layers == shape.layers:  # one layer: a deeper model instead
-            points[2] = (replace(shape, layers=2), small)
+        other = replace(shape, layers=max(1, shape.layers // 2))
+        if other.layers == shape.layers:  # one layer: a deeper model instead
+            other = replace(shape, layers=2)
+        points = [(shape, layout), (shape, small), (other, small), (other, layout)]
         seconds = [measure_steps(s, lay, mlm) for s, lay in points]
     finally:
         torch.set_num_threads(previous)
