@@ -8,7 +8,9 @@ Short micro-benchmarks, each stored in the calibration:
 - a memory-bound pass (a 128 MB copy): the memory bandwidth of elementwise work and the
   optimizer;
 - a gloo all-reduce between two processes of this machine (16 MB and 4 bytes): the link
-  bandwidth and the latency per ring step;
+  bandwidth and the latency per ring step; and, when bert-plan --measure is started by a
+  launcher on several nodes (mpirun, srun, torchrun), one over all its ranks first: the network
+  bandwidth and latency across nodes;
 - a few real training steps (the trainer's model, loss, clipping and LAMB on random tokens, one
   process) at four points: the config's micro-batch and a quarter of it, at the config's depth
   and at half of it. What the micro-benchmarks do not explain is split, by non-negative least
@@ -40,12 +42,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from launch.env import LaunchEnv, detect_environment
+from launch.rendezvous import init_distributed
 from pretrain.config import Config, MLMConfig, ModelShape, resolve_model_shape
 from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
 from pretrain.memory import DEFAULT_VOCAB, Layout
 from pretrain.plan_model import Rates, elementwise_bytes, optimizer_seconds, step_time
 
 ALLREDUCE_BYTES = 16 * 1024**2
+LAUNCHED_TIMEOUT_S = 300.0  # rendezvous and collectives of the all-reduce under a launcher
 STEPS = 4  # real steps timed after one warm-up step
 STEP = "one training step (s), model before the fit"
 
@@ -65,6 +70,10 @@ class Calibration:
     dispatch_s_per_layer: float = 0.0
     dispatch_s_per_micro_batch: float = 0.0
     """Fitted on the real steps: operator dispatch per layer and per micro-batch."""
+    network_bytes_per_s: float | None = None
+    network_latency_s: float | None = None
+    """Measured across nodes when --measure ran under a launcher on several nodes; None = the
+    link's figures (one node)."""
 
 
 def calibration_path() -> Path:
@@ -104,9 +113,9 @@ def rates_from(calibration: Calibration, shape: ModelShape) -> Rates:
         efficiency=calibration.efficiency,
         memory_bytes_per_s=calibration.memory_bytes_per_s,
         link_bytes_per_s=calibration.link_bytes_per_s,
-        network_bytes_per_s=calibration.link_bytes_per_s,
+        network_bytes_per_s=calibration.network_bytes_per_s or calibration.link_bytes_per_s,
         link_latency_s=calibration.link_latency_s,
-        network_latency_s=calibration.link_latency_s,
+        network_latency_s=calibration.network_latency_s or calibration.link_latency_s,
         elementwise_bytes_per_s=calibration.elementwise_bytes_per_s,
         dispatch_s_per_layer=calibration.dispatch_s_per_layer,
         dispatch_s_per_micro_batch=calibration.dispatch_s_per_micro_batch,
@@ -157,6 +166,29 @@ def measure_memory_bandwidth() -> float:
     return 2 * source.nbytes / _best_seconds(lambda: target.copy_(source))
 
 
+def _timed_allreduce() -> tuple[float, float]:
+    """Median seconds of a 16 MB and of a 4-byte all-reduce over the default group."""
+    import torch.distributed as dist
+
+    results = []
+    for tensor in (torch.ones(ALLREDUCE_BYTES // 4), torch.ones(1)):
+        times = []
+        for _ in range(8):
+            dist.barrier()
+            begin = time.perf_counter()
+            dist.all_reduce(tensor)
+            times.append(time.perf_counter() - begin)
+        results.append(statistics.median(times[2:]))
+    return results[0], results[1]
+
+
+def _ring_figures(large: float, small: float, members: int) -> tuple[float, float]:
+    """(bus bytes/s, latency per ring step) of a ring all-reduce from its two timings."""
+    latency = small / (2 * (members - 1))
+    bus = 2 * (members - 1) / members * ALLREDUCE_BYTES / max(large - small, 1e-9)
+    return bus, latency
+
+
 def _allreduce_worker(rank: int, port: int, queue: Any) -> None:
     import torch.distributed as dist
 
@@ -164,19 +196,9 @@ def _allreduce_worker(rank: int, port: int, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        large = torch.ones(ALLREDUCE_BYTES // 4)
-        small = torch.ones(1)
-        results = []
-        for tensor in (large, small):
-            times = []
-            for _ in range(8):
-                dist.barrier()
-                begin = time.perf_counter()
-                dist.all_reduce(tensor)
-                times.append(time.perf_counter() - begin)
-            results.append(statistics.median(times[2:]))
+        timings = _timed_allreduce()
         if rank == 0:
-            queue.put(results)
+            queue.put(timings)
     finally:
         dist.destroy_process_group()
 
@@ -191,10 +213,36 @@ def measure_allreduce() -> tuple[float, float]:
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_allreduce_worker, args=(port, queue), nprocs=2, start_method="spawn")
     large, small = queue.get()
-    members = 2
-    latency = small / (2 * (members - 1))
-    bus = 2 * (members - 1) / members * ALLREDUCE_BYTES / max(large - small, 1e-9)
-    return bus, latency
+    return _ring_figures(large, small, 2)
+
+
+@dataclass(frozen=True)
+class LaunchedAllReduce:
+    """A gloo all-reduce over every rank a launcher started (mpirun, srun, torchrun)."""
+
+    bus_bytes_per_s: float
+    latency_s: float
+    ranks: int
+    nodes: int
+
+
+def measure_launched_allreduce(env: LaunchEnv) -> LaunchedAllReduce | None:
+    """Under a launcher with several ranks: the all-reduce over all of them (every rank takes
+    part; the group is left again afterwards). None for one process. The nodes are the ranks
+    over the launcher's ranks per node; a ring over the ranks in order crosses each node
+    boundary once, so across nodes its bus rate stands for one node's network rate."""
+    import torch.distributed as dist
+
+    if env.world_size == 1:
+        return None
+    init_distributed(env, "gloo", LAUNCHED_TIMEOUT_S)
+    try:
+        large, small = _timed_allreduce()
+    finally:
+        dist.destroy_process_group()
+    bus, latency = _ring_figures(large, small, env.world_size)
+    nodes = max(1, env.world_size // max(1, env.local_world_size))
+    return LaunchedAllReduce(bus, latency, env.world_size, nodes)
 
 
 def measure_steps(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> float:
@@ -341,10 +389,28 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
         mask_rate=config.mlm.mask_rate,
         device="cpu",
     )
+    env = detect_environment()
+    launched = measure_launched_allreduce(env)
+    if launched is not None and env.rank != 0:
+        return 0  # the all-reduce needed every rank; rank 0 calibrates its node and stores
+    network = None
+    if launched is not None:
+        where = f"across {launched.nodes} nodes" if launched.nodes > 1 else "on one node"
+        print(
+            f"gloo all-reduce {where}, {launched.ranks} ranks: "
+            f"{launched.bus_bytes_per_s / 1e9:.2f} GB/s bus, {launched.latency_s * 1e6:.0f} us"
+        )
+        if launched.nodes > 1:
+            network = {
+                "network_bytes_per_s": launched.bus_bytes_per_s,
+                "network_latency_s": launched.latency_s,
+            }
     link = measure_allreduce()
     print(f"gloo all-reduce, 2 processes: {link[0] / 1e9:.2f} GB/s bus, {link[1] * 1e6:.0f} us")
     for threads in sorted({1, os.cpu_count() or 1}):
         calibration, report = calibrate(shape, layout, config.mlm, threads, link)
+        if network is not None:
+            calibration = replace(calibration, **network)
         _store(_key(cluster, precision, threads), calibration)
         print(f"threads {threads} ({precision}):")
         for name, (measured, predicted) in report.items():
