@@ -156,6 +156,30 @@ def test_a_damaged_checkpoint_is_detected_and_resume_falls_back(small_dataset, t
         assert torch.equal(tensor, final[name]), name
 
 
+def test_a_checkpoint_without_checksums_or_readable_state_is_skipped(
+    small_dataset, tmp_path, capsys
+):
+    """checksums.json gone and train_state.json cut (a damaged file system): resume falls
+    back to the previous step with one warning. Before, reading the format version raised,
+    and every resume stopped with the same one-line refusal until a human deleted the step."""
+    out = tmp_path / "run"
+    train(_config(small_dataset, out, "train.steps=6"))
+    step6 = out / "checkpoints" / "step_000006"
+    (step6 / "checksums.json").unlink()
+    state = (step6 / "train_state.json").read_text()
+    (step6 / "train_state.json").write_text(state[: len(state) // 2])
+    assert verify_checkpoint(step6) == "checksums.json"
+
+    capsys.readouterr()
+    resumed = train(_config(small_dataset, out, "train.steps=6"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "checksums.json is missing" in warnings[0]
+    assert resumed.step == 6
+    (aside,) = (out / "checkpoints").glob("corrupt-step_000006-*")
+    assert (aside / "train_state.json").read_text() == state[: len(state) // 2]
+    assert verify_checkpoint(out / "checkpoints" / "step_000006") is None
+
+
 def test_a_kill_while_deleting_a_step_leaves_no_half_deleted_step(
     small_dataset, tmp_path, monkeypatch
 ):
