@@ -258,6 +258,12 @@ def test_environment_errors_are_one_line_and_leave_nothing_half_written(small_da
     _one_line(proc, 1, "config.yaml")
     assert (out / "config.yaml").read_text() == config_text  # the previous one, not emptied
 
+    # A fresh run under a 500-byte limit: the sample index cannot be cached (it is kept in
+    # memory, no cut .npy stays) and the run stops at config.yaml in one line.
+    fresh = tmp_path / "fresh"
+    _one_line(_bert_train(*base, f"train.out_dir={fresh}", file_size_limit=500), 1, "config.yaml")
+    assert not list(fresh.rglob("*.npy")) and not (fresh / "config.yaml").exists()
+
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     _one_line(_bert_train(*base, f"train.out_dir={a_file}"), 2, "is not a directory")
