@@ -66,6 +66,7 @@ from data_prep.shard_format import (
     fsync_dir,
     publish_shard,
     read_manifest,
+    save_npy,
     write_json_atomic,
 )
 from data_prep.sources import (
@@ -423,10 +424,7 @@ def _save_hashes(path: Path, parts: list[np.ndarray]) -> None:
     hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            np.save(f, hashes.astype("<u8"))
-            f.flush()
-            os.fsync(f.fileno())
+        save_npy(tmp, hashes.astype("<u8"))
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OSError(exc.errno, exc.strerror or str(exc), str(tmp)) from None

@@ -313,7 +313,6 @@ def train_tokenizer(
     segment = mecab_segmenter() if pretokenize == "mecab" else None
     out = Path(out_dir)
     refuse_out_among_inputs(files, expand_inputs(files, pattern), out)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bert-prep-sample-") as tmp:
         sample = Path(tmp) / "sample.txt"
         sample_info = write_sample(
@@ -326,6 +325,7 @@ def train_tokenizer(
             pattern=pattern,
             segment=segment,
         )
+        out.mkdir(parents=True, exist_ok=True)  # only once the input has been read
         lang = sample_info.lang
         if kind == "wordpiece":
             # Uncased = accent stripping, which turns ガ into カ: only for text without kana.

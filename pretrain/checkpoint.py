@@ -370,7 +370,7 @@ def verify_checkpoint(path: Path, dims: ParallelDims | None = None) -> str | Non
         sums = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
     except FileNotFoundError:
         # Checkpoints of format 1 had no checksums: they load unverified.
-        sums = {} if read_train_state(path).get("format_version", 1) < 2 else {CHECKSUMS: ""}
+        sums = {CHECKSUMS: ""} if _format_version(path) >= 2 else {}
     except (OSError, json.JSONDecodeError):
         sums = {CHECKSUMS: ""}
     names = sorted(sums)
@@ -385,6 +385,15 @@ def verify_checkpoint(path: Path, dims: ParallelDims | None = None) -> str | Non
             break
     first_bad = _first_over_ranks(first_bad, dims)
     return names[first_bad] if first_bad < len(names) else None
+
+
+def _format_version(path: Path) -> int:
+    """The checkpoint format `train_state.json` records; an unreadable one counts as the
+    newest format, whose missing checksums then mark the checkpoint as damaged."""
+    try:
+        return read_train_state(path).get("format_version", 1)
+    except CheckpointError:
+        return FORMAT_VERSION
 
 
 def check_intact(path: Path, dims: ParallelDims | None = None) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.shard_format import IndexedDataset
+from data_prep.shard_format import IndexedDataset, save_npy
 
 INDEX_VERSION = 1
 ARRAYS = ("sentences", "doc_start", "samples")
@@ -193,7 +193,7 @@ def load_or_build(
             shutil.rmtree(temp)
         temp.mkdir(parents=True)
         for name in ARRAYS:
-            np.save(temp / f"{name}.npy", getattr(split, name))
+            save_npy(temp / f"{name}.npy", getattr(split, name))
         (temp / "index.json").write_text(json.dumps(key), encoding="utf-8")
         _replace_dir(temp, directory)
     except OSError as error:  # a full disk or a read-only run directory: train without it

@@ -156,6 +156,30 @@ def test_a_damaged_checkpoint_is_detected_and_resume_falls_back(small_dataset, t
         assert torch.equal(tensor, final[name]), name
 
 
+def test_a_checkpoint_without_checksums_or_readable_state_is_skipped(
+    small_dataset, tmp_path, capsys
+):
+    """checksums.json gone and train_state.json cut (a damaged file system): resume falls
+    back to the previous step with one warning. Before, reading the format version raised,
+    and every resume stopped with the same one-line refusal until a human deleted the step."""
+    out = tmp_path / "run"
+    train(_config(small_dataset, out, "train.steps=6"))
+    step6 = out / "checkpoints" / "step_000006"
+    (step6 / "checksums.json").unlink()
+    state = (step6 / "train_state.json").read_text()
+    (step6 / "train_state.json").write_text(state[: len(state) // 2])
+    assert verify_checkpoint(step6) == "checksums.json"
+
+    capsys.readouterr()
+    resumed = train(_config(small_dataset, out, "train.steps=6"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "checksums.json is missing" in warnings[0]
+    assert resumed.step == 6
+    (aside,) = (out / "checkpoints").glob("corrupt-step_000006-*")
+    assert (aside / "train_state.json").read_text() == state[: len(state) // 2]
+    assert verify_checkpoint(out / "checkpoints" / "step_000006") is None
+
+
 def test_a_kill_while_deleting_a_step_leaves_no_half_deleted_step(
     small_dataset, tmp_path, monkeypatch
 ):
@@ -233,6 +257,12 @@ def test_environment_errors_are_one_line_and_leave_nothing_half_written(small_da
     )
     _one_line(proc, 1, "config.yaml")
     assert (out / "config.yaml").read_text() == config_text  # the previous one, not emptied
+
+    # A fresh run under a 500-byte limit: the sample index cannot be cached (it is kept in
+    # memory, no cut .npy stays) and the run stops at config.yaml in one line.
+    fresh = tmp_path / "fresh"
+    _one_line(_bert_train(*base, f"train.out_dir={fresh}", file_size_limit=500), 1, "config.yaml")
+    assert not list(fresh.rglob("*.npy")) and not (fresh / "config.yaml").exists()
 
     a_file = tmp_path / "a_file"
     a_file.write_text("x")

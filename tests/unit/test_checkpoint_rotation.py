@@ -1,13 +1,17 @@
-"""Checkpoint rotation keeps the newest finite checkpoint.
+"""Checkpoint rotation keeps the newest finite checkpoint; rewriting a step never tears it.
 
 Oracle: directories laid out as `save_checkpoint` writes them (COMPLETE marker and
 train_state.json with the trainer's `finite` flag); what survives `_prune` is listed by hand.
+A step written twice with the old copy's deletion cut short must still be whole.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
+import torch
 
 from pretrain.checkpoint import COMPLETE, _prune, step_dir_name
 
@@ -39,3 +43,35 @@ def test_checkpoints_without_the_flag_count_as_finite(tmp_path):
         _fake_checkpoint(tmp_path, step, None)
     _prune(tmp_path, keep=1)
     assert _left(tmp_path) == ["step_000003"]
+
+
+def test_rewriting_a_step_keeps_a_whole_copy_whatever_the_kill(tmp_path, monkeypatch):
+    """The same step written twice (a resumed run's final save), with the deletion of the old
+    copy cut after one file (as by kill -9). Before, the old copy was deleted in place first:
+    the cut left `step_000001` marked COMPLETE with a weight file missing. Now the old copy is
+    renamed aside first, so the step is the new, whole copy (oracle: its checksums) and only a
+    `.trash-*` name is left for the next run to sweep."""
+    import shutil
+
+    import pretrain.checkpoint as checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    checkpoint.save_checkpoint(tmp_path, 1, model, optimizer, {"finite": True}, keep=2)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    def killed_midway(path, ignore_errors=False):
+        next(Path(path).glob("*.safetensors")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(tmp_path, 1, model, optimizer, {"finite": True}, keep=2)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", shutil.rmtree)
+    step = tmp_path / step_dir_name(1)
+    assert checkpoint.verify_checkpoint(step) is None
+    assert torch.equal(checkpoint.full_model_state(step)["weight"], model.weight)
+    assert [p.name.startswith(".trash-step_000001") for p in tmp_path.glob(".trash-*")] == [True]

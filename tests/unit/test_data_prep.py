@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +25,14 @@ from data_prep.shard_format import (
     IndexedShard,
     ShardWriter,
     dtype_for_vocab,
+    save_npy,
     verify,
     write_json_atomic,
 )
 from data_prep.sources import CORPUS_DIR, iter_documents
 from data_prep.tokenizer import load_tokenizer, train_tokenizer
 
+REPO = Path(__file__).resolve().parents[2]
 SPECIAL_IDS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
 
@@ -349,3 +355,40 @@ def test_a_broken_manifest_is_a_user_error(tmp_path: Path, text: str, message: s
         IndexedDataset(tmp_path)
     with pytest.raises(PrepError, match=message):
         verify(tmp_path)
+
+
+def test_document_hashes_cut_by_a_full_disk_are_an_error(tmp_path: Path) -> None:
+    """Oracle: the kernel refuses writes past RLIMIT_FSIZE (EFBIG, as ENOSPC on a full disk).
+    np.save drops that failure for a small array and left a cut hashes file (500 of 608
+    bytes) under its final name; now it is an OSError naming the file, and nothing stays."""
+    target = tmp_path / "unit_00000.npy"
+    code = (
+        "import resource, signal, sys; from pathlib import Path; import numpy as np; "
+        "from data_prep.encode import _save_hashes; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (500, 500)); "
+        f"_save_hashes(Path({str(target)!r}), [np.arange(60, dtype=np.uint64)])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "File too large" in proc.stderr, proc.stderr
+    assert str(target) in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.arange(60, dtype="<u8"), np.zeros(0, dtype="<i8"), np.arange(12).reshape(3, 4)[:, :2]],
+)
+def test_save_npy_writes_what_np_save_writes(tmp_path: Path, array: np.ndarray) -> None:
+    """Oracle: numpy's own np.save of the same array, byte for byte."""
+    expected = io.BytesIO()
+    np.save(expected, array)
+    save_npy(tmp_path / "a.npy", array)
+    assert (tmp_path / "a.npy").read_bytes() == expected.getvalue()

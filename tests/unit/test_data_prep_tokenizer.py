@@ -258,3 +258,15 @@ def test_training_sample_is_bounded(tmp_path: Path) -> None:
     longest = max(len(s.encode()) for s in _sentences(tmp_path / "in" / "a.txt", "en", 10**6))
     assert 50_000 <= sample.stat().st_size <= 50_000 + 2 * (longest + 1)
     assert info.lang == "en"
+
+
+def test_a_refused_input_leaves_no_tokenizer_directory(tmp_path: Path) -> None:
+    """Oracle: the file system. Shift_JIS text without --encoding is refused (one line in the
+    CLI); before, the refusal came after --out had been created, leaving an empty directory
+    that looked like a tokenizer's."""
+    path = tmp_path / "ja.txt"
+    path.write_bytes((CORPUS_DIR / "akutagawa.txt").read_text(encoding="utf-8").encode("cp932"))
+    out = tmp_path / "tok"
+    with pytest.raises(PrepError, match="--encoding cp932"):
+        train_tokenizer([path], out, "sentencepiece", 1000)
+    assert not out.exists()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,8 @@ from pretrain.blend import parse_data_path
 from pretrain.config import MLMConfig
 from pretrain.data import open_training_data
 from pretrain.sample_index import Shuffle, pack_samples
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _loop_packing(lengths, doc_start, budget, pairs):
@@ -129,3 +134,32 @@ def test_stale_cache_is_rebuilt_with_one_line(small_dataset, tmp_path):
     other_seed = _open(data_dir, cache, lines, seq_len=48, seed=6)
     assert lines == []
     assert _samples(other_seed) != _samples(shorter)
+
+
+def test_a_cache_cut_by_a_full_disk_is_not_used(tmp_path):
+    """Oracle: the kernel refuses writes past RLIMIT_FSIZE (EFBIG, as ENOSPC on a full disk),
+    here 500 bytes, below each 608-byte array file. np.save dropped that failure for arrays
+    this small: the cut cache was renamed into place and mapping it raised ValueError (a
+    traceback in bert-train). Now the index is kept in memory with one warning line."""
+    code = (
+        "import resource, signal; from pathlib import Path; import numpy as np; "
+        "from pretrain.sample_index import Split, load_or_build; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (500, 500)); "
+        "split = Split(np.arange(60), np.ones(60, dtype=bool), np.arange(60).reshape(30, 2)); "
+        f"got = load_or_build(Path({str(tmp_path / 'index')!r}), {{'k': 1}}, lambda: split, "
+        "print); print('samples', np.array_equal(got.samples, split.samples), got.cached)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("warning: sample index not cached") and "too large" in lines[0]
+    assert lines[1:] == ["samples True None"]
+    assert not list(tmp_path.rglob("*.npy"))
