@@ -2,11 +2,13 @@
 and the fitted layouts of the cluster files.
 
     .venv/bin/python -m bench.memory_estimate cpu        # measured vs estimated, ~5 min on 2 cores
+    .venv/bin/python -m bench.memory_estimate cpu --precision bf16   # the same under bf16 autocast
     .venv/bin/python -m bench.memory_estimate megatron   # GPU activations vs Korthikanti et al.
     .venv/bin/python -m bench.memory_estimate layouts configs/cluster/abci2.yaml
 
-`cpu` runs a few real fp32 training steps (the trainer's own pieces: model, recompute, LAMB,
-dense MLM loss, clipping) in a fresh process per shape and recompute mode, with glibc told to
+`cpu` runs a few real training steps (the trainer's own pieces: model, recompute, LAMB, dense
+MLM loss, clipping; fp32, or the forward under CPU bf16 autocast as the trainer runs it, where
+the MLM head's GEMMs are half) in a fresh process per shape and recompute mode, with glibc told to
 serve every allocation above 64 KiB by mmap so that freed tensors leave the resident set. The
 measured peak is the peak of live tensor storage (every op's outputs are counted until their
 storage is freed, like CUDA's max_memory_allocated); beside it, the process's high-water resident
@@ -87,13 +89,14 @@ class TensorPeak(TorchDispatchMode):
 
 
 def measure_worker(
-    layers: int, hidden: int, heads: int, seq: int, batch: int, recompute: str
+    layers: int, hidden: int, heads: int, seq: int, batch: int, recompute: str, precision: str
 ) -> None:
-    """Runs in its own process: a few fp32 training steps; prints the peaks over the baseline."""
+    """Runs in its own process: a few training steps; prints the peaks over the baseline."""
     from pretrain.config import MLMConfig, ModelShape
     from pretrain.model import apply_recompute, build_model
     from pretrain.objectives import pretraining_loss
     from pretrain.optim import build_param_groups, clip_grad_norm_, optimizer_for_groups
+    from pretrain.precision import autocast_context
 
     torch.manual_seed(0)
     vocab = 30522
@@ -118,7 +121,9 @@ def measure_worker(
         )
         params = [p for p in model.parameters() if p.requires_grad]
         for _ in range(STEPS):  # the second step is the first with LAMB's state
-            pretraining_loss(model, data, mlm).loss.backward()
+            with autocast_context(precision, "cpu"):
+                loss = pretraining_loss(model, data, mlm).loss
+            loss.backward()
             clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -127,12 +132,12 @@ def measure_worker(
 
 
 def measure(
-    layers: int, hidden: int, heads: int, seq: int, batch: int, recompute: str
+    layers: int, hidden: int, heads: int, seq: int, batch: int, recompute: str, precision: str
 ) -> dict[str, int]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
     args = [str(a) for a in (layers, hidden, heads, seq, batch)]
     out = subprocess.run(
-        [sys.executable, "-m", "bench.memory_estimate", "_worker", *args, recompute],
+        [sys.executable, "-m", "bench.memory_estimate", "_worker", *args, recompute, precision],
         cwd=REPO,
         env=env,
         check=True,
@@ -142,7 +147,7 @@ def measure(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_table() -> None:
+def cpu_table(precision: str) -> None:
     from pretrain.config import ModelShape
     from pretrain.memory import Layout, estimate_memory
 
@@ -158,11 +163,11 @@ def cpu_table() -> None:
                 seq_len=seq,
                 micro_batch=batch,
                 recompute=recompute,
-                precision="fp32",
+                precision=precision,
                 device="cpu",
             )
             estimated = estimate_memory(shape, layout).total
-            measured = measure(layers, hidden, heads, seq, batch, recompute)
+            measured = measure(layers, hidden, heads, seq, batch, recompute, precision)
             print(
                 f"| {name} | {layers} | {hidden} | {heads} | {seq} | {batch} | {recompute} | "
                 f"{estimated / 1e6:.0f} | {measured['tensor_peak'] / 1e6:.0f} | "
@@ -259,15 +264,18 @@ def layouts_yaml(cluster: Path) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
-        *numbers, recompute = sys.argv[2:]
-        measure_worker(*(int(n) for n in numbers), recompute)
+        *numbers, recompute, precision = sys.argv[2:]
+        measure_worker(*(int(n) for n in numbers), recompute, precision)
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["cpu", "megatron", "layouts"])
     parser.add_argument("cluster", nargs="?", help="layouts: the cluster file")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="cpu: the runs' precision"
+    )
     args = parser.parse_args()
     if args.what == "cpu":
-        cpu_table()
+        cpu_table(args.precision)
     elif args.what == "megatron":
         megatron_table()
     elif args.what == "layouts":
