@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cluster:
             layouts = apply_cluster_defaults(parser, args.cluster, args.scheduler)
             args = parser.parse_args(options)
-            command, note = fit_command(command, layouts, args.nodes, args.cluster)
+            ranks = spec_from_args(args, command).ranks
+            command, note = fit_command(command, layouts, args.nodes, ranks, args.cluster)
             command = with_cluster_key(command, args.cluster)
             if note:
                 print(f"bert-launch: note: {note}", file=sys.stderr)

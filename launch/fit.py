@@ -5,12 +5,12 @@ configs/cluster/, e.g. `abci2`) or a path to the user's own file; `resolve_clust
 place that turns it into a file. A cluster file (configs/cluster/*.yaml) holds bert-launch's
 option defaults for a site, what its nodes are (`hardware:` GPU kind, memory per GPU in GiB, GPUs
 per node, NVLink bandwidth per GPU and inter-node bandwidth per node, in GB/s one way) and, for
-each shipped
-large config at sequence length 128 and 512, the layout that fits its GPUs and the smallest node
-count at which it does (`layouts:`, written by `python -m bench.memory_estimate layouts FILE`
-from pretrain's memory estimator). bert-launch only reads them (it does not import pretrain):
-for a `--config configs/NAME.yaml` with an entry it appends the layout's keys to the training
-command and refuses fewer nodes than the entry names, in one line.
+each shipped large config at sequence length 128 and 512, the layout that fits its GPUs and the
+smallest node count at which it does (`layouts:`, written by `python -m bench.memory_estimate
+layouts FILE` from pretrain's memory estimator). bert-launch only reads them (it does not import
+pretrain): for a `--config configs/NAME.yaml` with an entry it appends the layout's keys to the
+training command and refuses, in one line, fewer nodes than the entry names or a node count at
+which the fitted micro-batch x dp does not divide the global batch.
 """
 
 from __future__ import annotations
@@ -124,17 +124,52 @@ def _training_config(command: list[str]) -> tuple[str | None, dict[str, str]]:
     return config, overrides
 
 
-def _seq_len(config_path: str, overrides: dict[str, str]) -> int:
-    """data.seq_len from the command, else from the config file (128 when neither sets it)."""
-    if "data.seq_len" in overrides:
-        return int(overrides["data.seq_len"])
+def _config_value(config_path: str, overrides: dict[str, str], key: str) -> int | None:
+    """An integer setting such as `data.seq_len` from the command, else from the config file
+    (None when neither sets it)."""
+    if key in overrides:
+        return int(overrides[key])
     import yaml
 
+    section, name = key.split(".")
     try:
         data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
-        return 128
-    return int((data.get("data") or {}).get("seq_len", 128))
+        return None
+    value = (data.get(section) or {}).get(name)
+    return None if value is None else int(value)
+
+
+def _seq_len(config_path: str, overrides: dict[str, str]) -> int:
+    """data.seq_len from the command, else from the config file (128 when neither sets it)."""
+    return _config_value(config_path, overrides, "data.seq_len") or 128
+
+
+def _check_global_batch(
+    name: str, entry: dict[str, Any], global_batch: int, nodes: int, ranks_per_node: int
+) -> None:
+    """LaunchError (one line) when the fitted micro-batch x dp at `nodes` does not divide the
+    global batch (bert-train would refuse it at start-up, after the job has queued), naming the
+    nearest node counts that work."""
+    tp, micro_batch = int(entry["parallel.tp"]), int(entry["train.micro_batch"])
+
+    def divides(n: int) -> bool:
+        ranks = n * ranks_per_node
+        return ranks % tp == 0 and global_batch % (micro_batch * (ranks // tp)) == 0
+
+    if divides(nodes):
+        return
+    need = int(entry["min_nodes"])
+    fewer = [n for n in range(need, nodes) if divides(n)]
+    more = [n for n in range(nodes + 1, 4 * nodes + 1) if divides(n)]
+    nearest = [str(n) for n in (fewer[-1:] + more[:1])]
+    dp = nodes * ranks_per_node // tp
+    raise LaunchError(
+        f"{name} on {nodes} node(s): train.global_batch={global_batch} is not a multiple of the "
+        f"fitted train.micro_batch={micro_batch} x dp_size={dp}: use "
+        + (f"--nodes {' or '.join(nearest)}, or " if nearest else "")
+        + f"a train.global_batch that is a multiple of {micro_batch * dp}"
+    )
 
 
 def with_cluster_key(command: list[str], cluster: str) -> list[str]:
@@ -150,9 +185,15 @@ def with_cluster_key(command: list[str], cluster: str) -> list[str]:
 
 
 def fit_command(
-    command: list[str], layouts: dict[str, Any], nodes: int, cluster: str | None
+    command: list[str],
+    layouts: dict[str, Any],
+    nodes: int,
+    ranks_per_node: int,
+    cluster: str | None,
 ) -> tuple[list[str], str | None]:
     """The training command with the fitted layout's keys appended, and a note for the user.
+    Refuses (LaunchError) fewer nodes than the entry needs, and a node count at which the
+    fitted micro-batch x dp does not divide the global batch.
 
     Unchanged when the config has no entry, or when the command already sets a layout key (the
     user's layout then wins and is not checked here; bert-train checks it at start-up).
@@ -173,5 +214,8 @@ def fit_command(
             f"node(s) on {cluster} to fit in GPU memory (estimated {entry.get('estimate_gib')} "
             f"GiB per GPU): use --nodes {need} or more"
         )
+    global_batch = _config_value(config_path, overrides, "train.global_batch")
+    if global_batch is not None:
+        _check_global_batch(name, entry, global_batch, nodes, ranks_per_node)
     added = [f"{key}={entry[key]}" for key in LAYOUT_KEYS]
     return [*command, *added], f"{name}: fitted layout from {cluster}: {' '.join(added)}"

@@ -7,8 +7,9 @@ prints it; the trainer prints it at start-up and refuses a config that does not 
 
 Peak = parameters + optimizer state
        + max(forward/backward: weight copies + live gradients + activations + head grads
-               + the largest of (one logits chunk, the head grads' scaled copies at the start
-               of backward, one recomputed region),
+               + the largest of (the head's chunk buffers: one fp32 logits chunk, under
+               autocast also half GEMM copies; the head grads' scaled copies at the start
+               of backward; one recomputed region),
              optimizer step: gradients + the step's temporaries)
        + allowance (CUDA context, caching allocator, NCCL buffers; 0 on the CPU)
 
@@ -103,7 +104,7 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         # The dynamic peak is the largest of three moments: the head's forward (its grads and
-        # one logits chunk), the start of backward (the head's grads and their scaled copies),
+        # its chunk buffers), the start of backward (the head's grads and their scaled copies),
         # and a recomputed region in backward (the decoder's .grad exists by then).
         head = self.head_grads + max(self.head_chunk, self.head_grads, self.recompute)
         forward_backward = self.weight_copies + self.live_gradients + self.activations + head
@@ -130,7 +131,7 @@ SOURCES = {
     "activations": "tensors autograd keeps for backward, all layers + embeddings + MLM transform",
     "recompute": "one recomputed layer (full) or attention core (selective) during backward",
     "head_grads": "MLM head grads computed in forward, kept to backward (kernels/cross_entropy.py)",
-    "head_chunk": "MLM head: one [chunk, V_tp] fp32 logits buffer during its forward",
+    "head_chunk": "MLM head's forward: a [chunk, V_tp] fp32 logits buffer (+ half GEMM copies)",
     "step_temporaries": "optimizer step: LAMB's update and denominator (+ ZeRO's flat buffer)",
     "allowance": "CUDA context, NCCL buffers per group, caching-allocator margin (GPU only)",
     "live_gradients": "gradients alive during forward (DDP buckets or accumulation)",
@@ -234,9 +235,18 @@ def head_grad_bytes(shape: ModelShape, layout: Layout) -> int:
 
 
 def head_chunk_bytes(shape: ModelShape, layout: Layout) -> int:
-    """One [chunk, V_tp] fp32 logits buffer, alive while the head's forward runs."""
+    """The MLM head's working buffers while its forward runs (kernels/cross_entropy.py,
+    `_chunked_pass`), besides its grads: one [c, V_tp] fp32 logits chunk. Under autocast the
+    GEMMs run in half precision, which adds the half copy of the decoder weight [V_tp, H] for
+    the whole pass and, at the chunk's peak, either its half [c, V_tp] GEMM output beside the
+    fp32 chunk (6 bytes per element in all) or the half gradient [c, V_tp] beside the chunk's
+    half grad_weight product [V_tp, H]."""
     vocab = padded_vocab(shape.vocab_size, layout.tp) // layout.tp
-    return 4 * min(scored_rows(layout), max(1, _CHUNK_ELEMENTS // vocab)) * vocab
+    chunk = min(scored_rows(layout), max(1, _CHUNK_ELEMENTS // vocab)) * vocab
+    if layout.precision == "fp32":
+        return 4 * chunk
+    weight = vocab * shape.hidden
+    return 2 * weight + max(6 * chunk, 2 * chunk + 2 * weight)
 
 
 def estimate_memory(shape: ModelShape, layout: Layout) -> MemoryEstimate:

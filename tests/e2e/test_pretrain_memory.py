@@ -8,7 +8,10 @@ reports), the estimator's numbers for the same config, and the one-line error co
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import torch
 
 from pretrain.__main__ import main
 from pretrain.config import load_config, resolve_model_shape
@@ -82,3 +85,25 @@ def test_estimate_memory_option(capsys):
     total = estimate_memory(shape, layout).total
     assert f"{total / GiB:8.2f} GiB" in out
     assert main(["--config", config, "--estimate-memory", "--gpu-memory-gib", "16"]) == 1
+
+
+def test_out_of_memory_in_a_step_becomes_one_line(
+    small_dataset: Path, tmp_path: Path, capsys, monkeypatch
+):
+    """A CUDA out-of-memory error raised inside a training step (injected: this machine has no
+    GPU, and the CPU has no out-of-memory exception to trigger) ends bert-train with exit 2 and
+    one line naming the layout keys and the estimate of the running config, no traceback."""
+    from pretrain.objectives import PretrainingLoss
+
+    def out_of_memory(self, batch):  # noqa: ANN001, ANN202
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(PretrainingLoss, "forward", out_of_memory)
+    args = [*TINY, f"data.path={small_dataset}", f"train.out_dir={tmp_path}"]
+    assert main(["--config", str(REPO / "configs" / "tiny.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert "ran out of memory" in err[0]
+    for key in ("train.micro_batch=4", "train.recompute=none", "parallel.tp=1", "parallel.zero=0"):
+        assert key in err[0]
+    assert re.search(r"estimated peak \d+\.\d GiB per rank", err[0])

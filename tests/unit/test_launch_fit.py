@@ -45,6 +45,23 @@ def test_too_few_nodes_is_refused_in_one_line(capsys):
     assert len(err) == 1 and f"--nodes {need}" in err[0]
 
 
+def test_node_count_that_breaks_the_global_batch_is_refused(capsys):
+    """xlarge on 192 V100 nodes (Kasagi et al.'s 768 GPUs): the fitted tp 2 gives dp 384, and
+    micro-batch 16 x 384 = 6144 does not divide the global batch 8192, which bert-train would
+    refuse only once the job runs. bert-launch refuses it in one line (exit 2) with the nearest
+    node counts that divide (128: 4096 per step, 256: 8192), and accepts the same nodes with a
+    global batch that is a multiple of 6144."""
+    entry = _entry("xlarge", 128)
+    assert (entry["parallel.tp"], entry["train.micro_batch"]) == (2, 16)
+    args = ["sge", "--cluster", ABCI2, "--nodes", "192", "--dry-run", "--"]
+    assert cli.main([*args, "bert-train", "--config", XLARGE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.global_batch=8192" in err[0]
+    assert "--nodes 128 or 256" in err[0] and "multiple of 6144" in err[0]
+    assert cli.main([*args, "bert-train", "--config", XLARGE, "train.global_batch=12288"]) == 0
+    assert "train.micro_batch=16" in capsys.readouterr().out
+
+
 def test_user_layout_keys_win(capsys):
     """A command that sets a layout key keeps its own layout; nothing is appended or refused."""
     config = str(REPO / "configs" / "3.9b.yaml")

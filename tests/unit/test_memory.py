@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+import kernels
+from bench.memory_estimate import TensorPeak
 from pretrain.config import MLMConfig, ModelShape, load_config, resolve_model_shape
 from pretrain.distributed import ParallelDims
 from pretrain.memory import (
@@ -21,6 +23,7 @@ from pretrain.memory import (
     Layout,
     estimate_memory,
     fit_layout,
+    head_chunk_bytes,
     head_grad_bytes,
     layout_for,
     parameter_counts,
@@ -32,18 +35,27 @@ from pretrain.parallel.parallelize import apply_tensor_parallel
 from pretrain.parallel.zero import assign_owners
 
 REPO = Path(__file__).resolve().parents[2]
-LARGE_CONFIGS = ("large", "xlarge", "3.9b")
-# Cluster files with fitted layouts (a generic site-style file such as gridengine.yaml cannot
-# know its GPUs, and the CPU machine's cpu.yaml is for bert-plan, so they carry none).
+# Every shipped config of BERT-large or larger, found by its model size (a new one must get
+# fitted layouts in every GPU cluster file, or the fit test below fails).
+LARGE_CONFIGS = sorted(
+    path.stem
+    for path in (REPO / "configs").glob("*.yaml")
+    if yaml.safe_load(path.read_text(encoding="utf-8"))["model"].get("size")
+    in ("large", "xlarge", "3.9b")
+)
+# Every cluster file whose hardware section names a GPU (a generic site-style file such as
+# gridengine.yaml cannot know its GPUs, and the CPU machine's cpu.yaml is for bert-plan).
 CLUSTERS = [
     path
     for path in sorted((REPO / "configs" / "cluster").glob("*.yaml"))
-    if "layouts" in yaml.safe_load(path.read_text(encoding="utf-8"))
+    if yaml.safe_load(path.read_text(encoding="utf-8")).get("hardware", {}).get("gpu", "cpu")
+    != "cpu"
 ]
 
 
 def test_the_hardware_cluster_files_are_the_shipped_gpu_kinds():
     assert {p.stem for p in CLUSTERS} == {"abci2", "abci2-a", "abci3", "h100"}
+    assert LARGE_CONFIGS == ["3.9b", "kasagi-dense", "large", "xlarge"]
 
 
 def _shape(norm: str = "post", vocab: int = 131, pair: bool = False) -> ModelShape:
@@ -139,6 +151,38 @@ def test_saved_activations_bf16_autocast(recompute: str):
         assert copies == estimate.weight_copies
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("rows", "vocab", "hidden"),
+    [(4096, 8192, 256), (256, 8192, 1024)],  # two full chunks; one short chunk, wide weight
+)
+def test_head_forward_peak_matches_real_head(precision: str, rows: int, vocab: int, hidden: int):
+    """The MLM head's forward (kernels.linear_cross_entropy, dense: every row scored) holds its
+    grads and its chunk buffers at its peak: `head_grad_bytes + head_chunk_bytes` against the
+    peak of live tensor storage while the real head runs forward on the CPU (fp32, and bf16
+    autocast, whose half GEMMs add a half decoder copy and half [c, V] / [V, H] products).
+    Within 5% (the estimate leaves out [c]-sized row statistics and [c, H] input and gradient
+    chunks: 1-3% here)."""
+    shape = ModelShape(1, hidden, 1, hidden, vocab, 64, "post", 0.0, False)
+    layout = Layout(seq_len=rows, micro_batch=1, precision=precision, device="cpu")
+    tracker = TensorPeak()
+    with tracker:
+        torch.manual_seed(0)
+        # fp32 input, as the MLM transform's LayerNorm gives it under CUDA autocast
+        states = torch.randn(rows, hidden, requires_grad=True)
+        weight = torch.randn(vocab, hidden, requires_grad=True)
+        bias = torch.zeros(vocab, requires_grad=True)
+        target = torch.randint(0, vocab, (rows,))
+        before = tracker.live
+        tracker.peak = before
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = kernels.linear_cross_entropy(states, weight, target, bias=bias)
+        peak = tracker.peak - before
+    assert torch.isfinite(loss)
+    estimate = head_grad_bytes(shape, layout) + head_chunk_bytes(shape, layout)
+    assert abs(estimate - peak) / peak < 0.05
+
+
 @pytest.mark.parametrize("tp", [1, 2, 3])
 @pytest.mark.parametrize("pair", [False, True])
 def test_parameter_counts_match_real_shards(tp: int, pair: bool):
@@ -211,8 +255,9 @@ def test_terms_move_the_right_way():
 @pytest.mark.parametrize("seq_len", [128, 512])
 def test_shipped_configs_fit_every_cluster(cluster: Path, size: str, seq_len: int):
     """Every shipped large config, with the layout its cluster file names, leaves >= 10% of the
-    GPU free at the file's node count (through the estimator), and no layout fits on fewer
-    nodes (the file is what `python -m bench.memory_estimate layouts` computes)."""
+    GPU free at the file's node count (through the estimator), no layout fits on fewer nodes,
+    and the entry is the one `python -m bench.memory_estimate layouts` computes today (layout
+    and estimate), so a change to a config or to the estimator cannot leave a stale file."""
     data = yaml.safe_load(cluster.read_text(encoding="utf-8"))
     hardware, entry = data["hardware"], data["layouts"][size][f"seq{seq_len}"]
     overrides = [f"{k}={entry[k]}" for k in entry if k not in ("min_nodes", "estimate_gib")]
@@ -233,6 +278,10 @@ def test_shipped_configs_fit_every_cluster(cluster: Path, size: str, seq_len: in
         config.train.global_batch,
     )
     assert fitted is not None and fitted.nodes == entry["min_nodes"]
+    assert fitted.overrides() == {
+        k: v for k, v in entry.items() if k.startswith(("parallel.", "train."))
+    }
+    assert entry["estimate_gib"] == round(fitted.estimate.total / 1024**3, 1)
 
 
 def test_refusal_and_oom_lines_name_the_layout():
