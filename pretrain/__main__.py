@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except OSError as error:  # a full disk, an unwritable directory, a missing file
-        print(f"bert-train: error: {describe_os_error(error)}", file=sys.stderr)
+        print(f"{tag}bert-train: error: {describe_os_error(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{tag}bert-train: interrupted", file=sys.stderr)

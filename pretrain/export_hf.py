@@ -15,10 +15,10 @@ HF's separate query/key/value projections, and fused again on import.
 
 Files of an export: model.safetensors (HF names, in `--dtype`, fp32 by default; a model larger
 than `--max-shard-size` is split into model-00001-of-0000N.safetensors shards with the
-model.safetensors.index.json that transformers reads, a line printed per shard), config.json, the
-tokenizer files
-(tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.txt or the
-SentencePiece model, and our bert_tokenizer.json), and pretrain_config.yaml (the run config
+model.safetensors.index.json that transformers reads; a progress line is printed as the
+checkpoint is verified and loaded and as each file of weights is written), config.json, the
+tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.txt or
+the SentencePiece model, and our bert_tokenizer.json), and pretrain_config.yaml (the run config
 stored in the checkpoint). The directory is written under a temporary name and renamed.
 
 `load_hf_weights` is the reverse, for `train.init_from=<HF dir>`: continue pre-training an
@@ -311,6 +311,9 @@ def write_hf_model(
     # metadata format=pt: transformers refuses safetensors files without it.
     if len(shards) == 1:
         save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        if progress is not None:
+            written = sum(_nbytes(t) for t in tensors.values()) / 1e9
+            progress(f"wrote {WEIGHTS_FILE} ({written:.2f} GB)")
     else:
         weight_map: dict[str, str] = {}
         for number, names in enumerate(shards, start=1):
@@ -417,6 +420,10 @@ def export_checkpoint(
     stage. Returns `out_dir`. Raises CheckpointError (a ConfigError) on user mistakes.
     """
     path = resolve_checkpoint(checkpoint)
+    if progress is not None:  # hashing every file of a 3.9B checkpoint takes minutes
+        files = [f for f in path.rglob("*") if f.is_file()]
+        size = sum(f.stat().st_size for f in files) / 1e9
+        progress(f"verifying {path} ({len(files)} files, {size:.2f} GB)")
     check_intact(path)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, path, force)

@@ -63,11 +63,23 @@ def test_progress_fields_mfu_and_summary(small_dataset, tmp_path, capsys):
         assert r["loss_scale"] == 1.0  # fp32: no loss scaling
         assert r["eta_s"] >= 0
         assert f"train step {r['step']}/8 |" in printed
-    # Evaluations at 3, 6, 8 and checkpoints at 4, 8 are timed: from step 4 on the ETA
-    # includes the mean evaluation time for each evaluation still due.
-    assert train_records[1]["eta_s"] > 4 * train_records[1]["ms_per_step"] / 1000
-
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+
+    # The ETA's parts, worked out from the schedule: logs at 2, 4, 6, 8 (each before that
+    # step's own evaluation and checkpoint), evaluations at 3, 6, 8 (e3, e6, e8), checkpoints
+    # at 4, 8 (c4, c8). eta(2) = 6 steps; eta(4) = 4 steps + 2 evaluations x e3;
+    # eta(6) = 2 steps + 2 x e3 + 1 checkpoint x c4; eta(8) = mean(e3, e6) + c4. Solving for
+    # e3, c4 and e6 from the logged ETAs, each must be a real duration, and with the final
+    # evaluation and checkpoint they must add up to the summary's evaluation and checkpoint time.
+    eta = {r["step"]: r["eta_s"] for r in train_records}
+    ms = {r["step"]: r["ms_per_step"] / 1000 for r in train_records}
+    assert eta[2] == pytest.approx(6 * ms[2], rel=1e-9)
+    e3 = (eta[4] - 4 * ms[4]) / 2
+    c4 = eta[6] - 2 * ms[6] - 2 * e3
+    e6 = 2 * (eta[8] - c4) - e3
+    assert e3 > 1e-6 and c4 > 1e-6 and e6 > 1e-6, (e3, c4, e6)
+    assert summary["eval_s"] - e3 - e6 > 1e-6  # e8
+    assert summary["checkpoint_s"] - c4 > 1e-6  # c8
     assert summary == result.summary
     assert summary["steps"] == 8
     assert summary["train_s"] == pytest.approx(sum(r["elapsed_s"] for r in train_records))

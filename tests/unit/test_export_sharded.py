@@ -150,10 +150,21 @@ def test_cli_prints_a_line_per_shard(tmp_path, capsys):
     files = sorted(
         set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
     )
-    assert err[0].startswith("bert-export: loading ") and "parameters" in err[0]
-    assert [line.split(":")[1].strip() for line in err[1:]] == [
+    # Hashing every file comes first and takes minutes on a large model: it is announced.
+    assert err[0].startswith("bert-export: verifying ") and " files, " in err[0]
+    assert err[1].startswith("bert-export: loading ") and "parameters" in err[1]
+    assert [line.split(":")[1].strip() for line in err[2:]] == [
         f"wrote shard {k}/{len(files)}" for k in range(1, len(files) + 1)
     ]
+    # One file (under the default 5GB): its line too.
+    single = tmp_path / "hf-single"
+    assert (
+        export_hf.main(["--checkpoint", str(tmp_path / "checkpoints"), "--out", str(single)]) == 0
+    )
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("bert-export: verifying ") and len(err) == 3
+    assert err[2].startswith("bert-export: wrote model.safetensors (")
+    assert (single / "model.safetensors").is_file()
     assert export_hf.main([*argv, "--force", "--max-shard-size", "lots"]) == 2
     assert capsys.readouterr().err == (
         "bert-export: error: --max-shard-size 'lots': give a size such as 5GB, 500MB or 2GiB\n"
