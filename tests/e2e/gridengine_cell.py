@@ -327,10 +327,18 @@ def start_cell(root: Path) -> Iterator[GridEngineCell]:
     except AssertionError as error:
         raise AssertionError(f"{error}\n{cell.logs()}") from None
     finally:
-        cell.run("qdel", "-u", "*", check=False)
-        cell.run("qconf", "-kej", cell.host, check=False)
-        cell.run("qconf", "-km", check=False)
+        _shutdown(cell)
         _stop([qmaster_spool / "qmaster.pid", *(cell.spool / "execd").glob("*/execd.pid")])
+
+
+def _shutdown(cell: GridEngineCell) -> None:
+    """Ask the cell to delete its jobs and stop its daemons. A request that cannot run or does
+    not answer (a hung qmaster: cell.run's timeout) must not keep `_stop` from running."""
+    for request in (("qdel", "-u", "*"), ("qconf", "-kej", cell.host), ("qconf", "-km")):
+        try:
+            cell.run(*request, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
 
 
 def _queues_up(cell: GridEngineCell) -> bool:

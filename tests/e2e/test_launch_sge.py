@@ -200,7 +200,8 @@ def test_abci_style_stops_before_h_rt(on_cell, small_dataset, reference, tmp_pat
     for number, job_id in enumerate(segments):
         log = job_log("abci", job_id)
         accounting = on_cell.accounting(job_id)
-        # exit 0 and not failed: the script ended by itself (a kill at h_rt is failed=100, 137)
+        # exit 0 and not failed: the script ended by itself (a kill at h_rt is exit 137 and
+        # failed 37, test_h_rt_kills_a_job_that_overruns)
         assert (accounting["exit_status"], accounting["failed"]) == ("0", "0"), log
         assert accounting["account"] == "gabc" and accounting["qname"] == "rtf.q", accounting
         assert f"segment {number}" in log and f"master {on_cell.host}:" in log, log
@@ -209,6 +210,19 @@ def test_abci_style_stops_before_h_rt(on_cell, small_dataset, reference, tmp_pat
         else:
             assert "resubmitted" not in log, log
     assert_losses_match(out, reference)  # the same losses, resumed or not
+
+
+def test_h_rt_kills_a_job_that_overruns(on_cell, tmp_path):
+    """The h_rt test's oracle: in this cell, on the same queue, a job that runs past its h_rt is
+    killed by Grid Engine and qacct says so (exit 137, failed 37 "qmaster enforced h_rt"), so a
+    segment with exit 0 and failed 0 ended by itself before its h_rt."""
+    script = tmp_path / "overrun.sh"
+    script.write_text("#!/bin/sh\n#$ -cwd\n#$ -j y\n#$ -l rt_F=1\n#$ -l h_rt=0:0:5\nsleep 300\n")
+    job_id = re.search(r"Your job (\d+)", on_cell.run("qsub", str(script))).group(1)
+    on_cell.wait_finished(job_id, 240)
+    accounting = on_cell.accounting(job_id)
+    assert accounting["exit_status"].split()[0] == "137", accounting
+    assert accounting["failed"].split()[0] != "0" and accounting["qname"] == "rtf.q", accounting
 
 
 def test_failing_rank_is_reported_and_not_resubmitted(on_cell, small_dataset, tmp_path, capfd):

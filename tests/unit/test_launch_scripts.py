@@ -293,6 +293,27 @@ def test_sge_script_runs(tmp_path: Path):
     assert calls[2] == f"qsub -g gabc -hold_jid 777 -v BERT_RESUBMITS=1 {script}"
 
 
+def test_sge_generic_site_script_reads_pe_hostfile(tmp_path: Path):
+    """A generic site's job on two hosts: $PE_HOSTFILE lines are "host slots queue processors"
+    (sge_pe(5)), one per host and queue, so a host can appear twice. mpirun gets each host once
+    with ranks_per_node slots, the first host is the master, and the resubmission has no -g."""
+    job = spec("sge", group=None, parallel_environment="mpi", modules=())
+    script = write(job, tmp_path / "job.sh")
+    pe_hostfile = tmp_path / "pe_hostfile"
+    pe_hostfile.write_text(
+        "g0007 4 gpu.q@g0007 UNDEFINED\n"
+        "g0003 2 gpu.q@g0003 UNDEFINED\n"
+        "g0003 2 long.q@g0003 UNDEFINED\n"
+    )
+    environ = {"JOB_ID": "777", "PE_HOSTFILE": str(pe_hostfile)}
+    result, calls = run_with_stubs(script, tmp_path, environ, exit_code=75)
+    assert result.returncode == 0, result.stderr
+    assert calls[0].startswith(f"mpirun -np 8 -hostfile {tmp_path}/bert-hosts.")
+    assert (tmp_path / "hosts.log").read_text() == "HOSTFILE 600 g0007 slots=4;g0003 slots=4;\n"
+    assert calls[1] == "MASTER=g0007:10777 OMP=2 RANK="
+    assert calls[2] == f"qsub -hold_jid 777 -v BERT_RESUBMITS=1 {script}"
+
+
 def test_slurm_script_runs(tmp_path: Path):
     script = write(spec("slurm", modules=()), tmp_path / "job.sh")
     environ = {
