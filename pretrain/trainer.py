@@ -429,14 +429,11 @@ def _start_logging(run: _Run, precision_reason: str, started: float) -> None:
         f"dp {dims.dp_size} x tp {dims.tp_size}, device {device}, {t.precision}, "
         f"mlm {config.mlm.mode}, {run.accumulation} micro-batch(es) per step"
     )
-    wire = config.parallel.grad_reduce_dtype
-    if dims.dp_size == 1:
-        reduction = "no dp reduction"
-    elif config.parallel.zero:
-        reduction = f"reduced to their ZeRO-1 owner over dp {dims.dp_size} in {wire}"
-    else:
-        reduction = f"all-reduced over dp {dims.dp_size} in {wire}"
-    say(f"{dtype_summary(t.precision, device.type, reduction)} ({precision_reason})")
+    parallel = config.parallel
+    dtypes = dtype_summary(
+        t.precision, device.type, dims.dp_size, bool(parallel.zero), parallel.grad_reduce_dtype
+    )
+    say(f"{dtypes} ({precision_reason})")
     scaler = run.scaler
     if scaler.enabled:
         say(
