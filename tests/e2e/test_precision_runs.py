@@ -78,6 +78,26 @@ def test_auto_is_resolved_once_and_recorded(small_dataset, tmp_path, capsys):
     assert result.history[-1]["loss_scale"] in (256.0, 128.0)  # 128 if step 3 overflowed
 
 
+def test_loss_scale_keys_reach_the_scaler(small_dataset, tmp_path):
+    """train.loss_scale_init and train.loss_scale_window as a user sets them: the logged scale
+    (the one each step used) starts at 256 and doubles after every 2 clean steps, the
+    DynamicLossScaler rule; a tiny model at these scales does not overflow in fp16."""
+    result = train(
+        _config(
+            small_dataset,
+            tmp_path / "run",
+            "train.precision=fp16",
+            "train.loss_scale_init=256",
+            "train.loss_scale_window=2",
+            "train.steps=5",
+            "checkpoint.every=5",
+        )
+    )
+    assert result.exit_code == 0
+    assert not any(r.get("skipped") for r in result.history)
+    assert [r["loss_scale"] for r in result.history] == [256.0, 256.0, 512.0, 512.0, 1024.0]
+
+
 def test_bert_train_refuses_bf16_on_a_capability_7_gpu(
     small_dataset, tmp_path, capsys, monkeypatch
 ):
