@@ -28,6 +28,7 @@ from pretrain.checkpoint import (
     checkpoint_group,
     load_checkpoint,
     load_model_weights,
+    newest_finite_checkpoint,
     newest_intact_checkpoint,
     read_train_state,
     resolve_checkpoint,
@@ -537,12 +538,15 @@ def _stop_early(run: _Run, stop: StopRequest, diverged: str | None, last: bool) 
     """Save and return the exit code when the run diverged or any rank was asked to stop."""
     if diverged is not None:
         _save(run)
-        held = (
-            "holds the last finite state"
-            if _params_finite(run.model, run.dims)
-            else "has non-finite weights (an applied step overflowed them); rotation kept "
-            "the newest finite checkpoint"
-        )
+        if _params_finite(run.model, run.dims):
+            held = "holds the last finite state"
+        else:  # `latest` names non-finite weights: say where the finite ones are
+            finite = newest_finite_checkpoint(run.config.checkpoint_dir)
+            held = "has non-finite weights (an applied step overflowed them); " + (
+                f"resume from the newest finite one with train.resume={finite}"
+                if finite is not None
+                else "no finite checkpoint is left"
+            )
         run.say(
             f"stopping at step {run.step} (exit code {EXIT_DIVERGED}): {diverged}; no such "
             f"step was applied, {run.result.checkpoint} {held}"
