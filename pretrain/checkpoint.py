@@ -451,11 +451,17 @@ def _prune(root: Path, keep: int) -> None:
     steps = [path for _, path in complete_steps(root)]
     kept = steps[-keep:]
     if not any(_is_finite(path) for path in kept):
-        finite = [path for path in steps if _is_finite(path)]
-        kept += finite[-1:]
+        newest_finite = newest_finite_checkpoint(root)
+        kept += [newest_finite] if newest_finite is not None else []
     for path in steps:
         if path not in kept:
             remove_dir(path)
+
+
+def newest_finite_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint whose weights the trainer recorded as finite, or None."""
+    finite = [path for _, path in complete_steps(root) if _is_finite(path)]
+    return finite[-1] if finite else None
 
 
 def _is_finite(path: Path) -> bool:

@@ -86,15 +86,25 @@ def resolve_precision(setting: str, device: torch.device) -> tuple[Precision, st
     return setting, "as configured"  # type: ignore[return-value]
 
 
-def dtype_summary(precision: Precision, device_type: str, grad_reduction: str) -> str:
-    """One line saying what runs in which dtype (for the start-up log)."""
+def dtype_summary(
+    precision: Precision, device_type: str, dp_size: int, zero: bool, grad_reduce_dtype: str
+) -> str:
+    """One line saying what runs in which dtype (for the start-up log): autocast, master
+    weights, optimizer state, the MLM head, and the dtype gradients are reduced in over dp
+    (`parallel.grad_reduce_dtype`, resolved), to every rank (DDP) or to their ZeRO-1 owner."""
     compute = {"fp32": "fp32 (no autocast)", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
     scaling = "dynamic loss scaling" if precision == "fp16" else "no loss scaling"
+    if dp_size == 1:
+        reduction = "no dp reduction"
+    elif zero:
+        reduction = f"reduced to their ZeRO-1 owner over dp {dp_size} in {grad_reduce_dtype}"
+    else:
+        reduction = f"all-reduced over dp {dp_size} in {grad_reduce_dtype}"
     return (
         f"precision {precision}: matmuls in {compute[precision]} on {device_type}; master "
         f"weights fp32; optimizer state fp32; MLM head (decoder + cross-entropy) GEMMs in "
         f"{precision}, softmax and loss fp32 in kernels.linear_cross_entropy; gradients fp32, "
-        f"{grad_reduction}; {scaling}"
+        f"{reduction}; {scaling}"
     )
 
 

@@ -28,6 +28,7 @@ from pretrain.checkpoint import (
     checkpoint_group,
     load_checkpoint,
     load_model_weights,
+    newest_finite_checkpoint,
     newest_intact_checkpoint,
     read_train_state,
     resolve_checkpoint,
@@ -433,14 +434,11 @@ def _start_logging(run: _Run, precision_reason: str, started: float) -> None:
         f"dp {dims.dp_size} x tp {dims.tp_size}, device {device}, {t.precision}, "
         f"mlm {config.mlm.mode}, {run.accumulation} micro-batch(es) per step"
     )
-    wire = config.parallel.grad_reduce_dtype
-    if dims.dp_size == 1:
-        reduction = "no dp reduction"
-    elif config.parallel.zero:
-        reduction = f"reduced to their ZeRO-1 owner over dp {dims.dp_size} in {wire}"
-    else:
-        reduction = f"all-reduced over dp {dims.dp_size} in {wire}"
-    say(f"{dtype_summary(t.precision, device.type, reduction)} ({precision_reason})")
+    parallel = config.parallel
+    dtypes = dtype_summary(
+        t.precision, device.type, dims.dp_size, bool(parallel.zero), parallel.grad_reduce_dtype
+    )
+    say(f"{dtypes} ({precision_reason})")
     scaler = run.scaler
     if scaler.enabled:
         say(
@@ -545,12 +543,15 @@ def _stop_early(run: _Run, stop: StopRequest, diverged: str | None, last: bool) 
     """Save and return the exit code when the run diverged or any rank was asked to stop."""
     if diverged is not None:
         _save(run)
-        held = (
-            "holds the last finite state"
-            if _params_finite(run.model, run.dims)
-            else "has non-finite weights (an applied step overflowed them); rotation kept "
-            "the newest finite checkpoint"
-        )
+        if _params_finite(run.model, run.dims):
+            held = "holds the last finite state"
+        else:  # `latest` names non-finite weights: say where the finite ones are
+            finite = newest_finite_checkpoint(run.config.checkpoint_dir)
+            held = "has non-finite weights (an applied step overflowed them); " + (
+                f"resume from the newest finite one with train.resume={finite}"
+                if finite is not None
+                else "no finite checkpoint is left"
+            )
         run.say(
             f"stopping at step {run.step} (exit code {EXIT_DIVERGED}): {diverged}; no such "
             f"step was applied, {run.result.checkpoint} {held}"

@@ -78,6 +78,26 @@ def test_auto_is_resolved_once_and_recorded(small_dataset, tmp_path, capsys):
     assert result.history[-1]["loss_scale"] in (256.0, 128.0)  # 128 if step 3 overflowed
 
 
+def test_loss_scale_keys_reach_the_scaler(small_dataset, tmp_path):
+    """train.loss_scale_init and train.loss_scale_window as a user sets them: the logged scale
+    (the one each step used) starts at 256 and doubles after every 2 clean steps, the
+    DynamicLossScaler rule; a tiny model at these scales does not overflow in fp16."""
+    result = train(
+        _config(
+            small_dataset,
+            tmp_path / "run",
+            "train.precision=fp16",
+            "train.loss_scale_init=256",
+            "train.loss_scale_window=2",
+            "train.steps=5",
+            "checkpoint.every=5",
+        )
+    )
+    assert result.exit_code == 0
+    assert not any(r.get("skipped") for r in result.history)
+    assert [r["loss_scale"] for r in result.history] == [256.0, 256.0, 512.0, 512.0, 1024.0]
+
+
 def test_bert_train_refuses_bf16_on_a_capability_7_gpu(
     small_dataset, tmp_path, capsys, monkeypatch
 ):
@@ -134,6 +154,45 @@ def test_diverging_fp32_run_stops_and_keeps_a_finite_checkpoint(small_dataset, t
     weights = load_file(str(newest / "model_tp00.safetensors"))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((newest / "train_state.json").read_text())["finite"] is True
+
+
+def test_a_step_that_overflows_the_weights_leaves_a_finite_checkpoint_named(
+    small_dataset, tmp_path, capsys
+):
+    """A finite step can still overflow the weights: resumed at optim.lr=1e39, step 3's
+    gradients are finite, so it is applied and the weights become inf; the later steps are
+    non-finite and the run stops (max_bad_steps=2) with a checkpoint that is not finite.
+    Oracle: the checkpoints read back. Rotation (keep=1) kept step 2, the newest finite one,
+    and the stop line names it for train.resume, since `latest` names the non-finite one."""
+    out = tmp_path / "run"
+    assert train(_config(small_dataset, out, "train.steps=2", "checkpoint.every=2")).exit_code == 0
+    capsys.readouterr()
+    result = train(
+        _config(
+            small_dataset,
+            out,
+            "train.precision=fp32",
+            "optim.lr=1e39",
+            "train.resume_changes=allow",
+            "train.steps=20",
+            "train.max_bad_steps=2",
+            "checkpoint.every=1",
+            "checkpoint.keep=1",
+        )
+    )
+    assert result.exit_code == EXIT_DIVERGED
+    finite = out / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [
+        finite.name,
+        result.checkpoint.name,
+    ]
+    assert json.loads((result.checkpoint / "train_state.json").read_text())["finite"] is False
+    assert json.loads((finite / "train_state.json").read_text())["finite"] is True
+    weights = load_file(str(finite / "model_tp00.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    stops = [line for line in capsys.readouterr().out.splitlines() if "exit code 3" in line]
+    assert len(stops) == 1
+    assert stops[0].endswith(f"resume from the newest finite one with train.resume={finite}")
 
 
 def test_fp16_overflow_at_the_scale_floor_stops_the_run(small_dataset, tmp_path, capsys):

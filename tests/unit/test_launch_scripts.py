@@ -279,6 +279,10 @@ def test_pbs_script_runs(tmp_path: Path):
     assert result.returncode == 75 and len(calls) == 2  # --max-resubmits reached
     assert "resubmit by hand" in result.stderr
 
+    result, calls = run_with_stubs(script, tmp_path, environ, exit_code=3)  # diverged
+    assert result.returncode == 3 and not any(c.startswith("qsub") for c in calls)
+    assert "not resubmitted" in result.stderr
+
 
 def test_sge_script_runs(tmp_path: Path):
     script = write(spec("sge", modules=()), tmp_path / "job.sh")
@@ -291,6 +295,9 @@ def test_sge_script_runs(tmp_path: Path):
     assert (tmp_path / "hosts.log").read_text() == "HOSTFILE 600 g0101 slots=4;g0102 slots=4;\n"
     assert calls[1] == "MASTER=g0101:10777 OMP=2 RANK="
     assert calls[2] == f"qsub -g gabc -hold_jid 777 -v BERT_RESUBMITS=1 {script}"
+    result, calls = run_with_stubs(script, tmp_path, environ, exit_code=3)  # diverged
+    assert result.returncode == 3 and not any(c.startswith("qsub") for c in calls)
+    assert "not resubmitted" in result.stderr
 
 
 def test_sge_generic_site_script_reads_pe_hostfile(tmp_path: Path):

@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from pretrain import precision
 from pretrain.precision import (
     DynamicLossScaler,
     autocast_context,
     choose_precision,
     cpu_flags,
+    dtype_summary,
     resolve_precision,
 )
 
@@ -139,6 +141,35 @@ def test_bf16_refused_below_capability_8(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert resolve_precision("bf16", gpu)[0] == "bf16"
     assert resolve_precision("auto", gpu)[0] == "bf16"
+
+
+def test_auto_on_the_cpu_follows_its_bf16_support(monkeypatch) -> None:
+    """Both answers of the CPU rule through `resolve_precision`, on simulated /proc/cpuinfo
+    flags: an AVX2-only CPU (bf16 products 8-10x slower than fp32 there) gets fp32, one with
+    AVX512_BF16 gets bf16, and the reason names what decided."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    assert resolve_precision("auto", cpu) == ("fp32", "auto: CPU without native bf16")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert resolve_precision("auto", cpu) == ("bf16", "auto: CPU with avx512_bf16")
+
+
+def test_dtype_summary_names_every_dtype() -> None:
+    """Oracle: the issue's list for the start-up line (autocast, master weights, optimizer
+    state, the MLM head's GEMMs in the autocast dtype, the gradient reduction and its
+    `parallel.grad_reduce_dtype`), for each kind of dp reduction."""
+    assert dtype_summary("fp16", "cuda", 8, True, "fp16") == (
+        "precision fp16: matmuls in fp16 autocast on cuda; master weights fp32; optimizer state "
+        "fp32; MLM head (decoder + cross-entropy) GEMMs in fp16, softmax and loss fp32 in "
+        "kernels.linear_cross_entropy; gradients fp32, reduced to their ZeRO-1 owner over dp 8 "
+        "in fp16; dynamic loss scaling"
+    )
+    bf16 = dtype_summary("bf16", "cpu", 2, False, "bf16")
+    assert "GEMMs in bf16," in bf16
+    assert bf16.endswith("gradients fp32, all-reduced over dp 2 in bf16; no loss scaling")
+    fp32 = dtype_summary("fp32", "cpu", 1, False, "fp32")
+    assert "matmuls in fp32 (no autocast) on cpu" in fp32 and "GEMMs in fp32," in fp32
+    assert fp32.endswith("gradients fp32, no dp reduction; no loss scaling")
 
 
 def test_state_round_trip_through_json() -> None:
