@@ -252,7 +252,23 @@ def why_lost(plan: Plan, item: Costed) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms" if seconds < 10 else f"{seconds:.3g} s"
+    """Milliseconds below 10 s ("0.838 ms", "639 ms", "3,020 ms"), seconds above ("40.7 s")."""
+    ms = seconds * 1e3
+    if seconds >= 10:
+        return f"{seconds:.3g} s"
+    return f"{ms:.3g} ms" if ms < 1000 else f"{ms:,.0f} ms"
+
+
+def _ms_cell(seconds: float) -> str:
+    """Six characters of milliseconds without exponents: "  0.26", " 6.427", " 40712"."""
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:6.0f}"
+    return f"{ms:6.2f}" if ms >= 1 else f"{ms:6.3f}"
+
+
+def _hours_cell(hours: float) -> str:
+    return f"{hours:8,.0f}" if hours >= 100 else f"{hours:8.3g}"
 
 
 def _duration(seconds: float) -> str:
@@ -295,7 +311,8 @@ def format_plan(plan: Plan, top: int) -> str:
     lines.append("")
     lines.append(
         "   tp   dp zero recompute   mb   acc | GiB: param  grad optim  copy activ  head alloc"
-        "  total | ms: compute     tp     dp    opt   step |  tokens/s   MFU   train   GPU-h | why"
+        "  total | ms: compute     tp     dp    opt   step |   tokens/s   MFU   train    GPU-h"
+        " | why"
     )
     shown = plan.costed if top <= 0 else plan.costed[:top]
     for item in shown:
@@ -318,8 +335,9 @@ def format_plan(plan: Plan, top: int) -> str:
             f"{lay.micro_batch:4d} {lay.accumulation:5d} |     "
             + " ".join(f"{value / GiB:5.1f}" for value in gib)
             + " |    "
-            + " ".join(f"{value * 1e3:6.4g}" for value in ms)
-            + f" | {item.tokens_per_s:9.4g} {item.mfu:5.1%} {train:>7} {plan.gpu_hours(item):7.4g}"
+            + " ".join(_ms_cell(value) for value in ms)
+            + f" | {item.tokens_per_s:10,.0f} {item.mfu:5.1%} {train:>7} "
+            f"{_hours_cell(plan.gpu_hours(item))}"
             f" | {why_lost(plan, item)}"
         )
     hidden = len(plan.costed) - len(shown)
@@ -336,7 +354,7 @@ def summary_lines(plan: Plan, walltime_s: int | None) -> list[str]:
     train_s = plan.train_seconds(best)
     lines = [
         f"best: {keys} (dp {best.layout.dp}, {best.layout.accumulation} micro-batch(es) per "
-        f"step): {_ms(best.time.total)} per step, {best.tokens_per_s:.4g} tokens/s, MFU "
+        f"step): {_ms(best.time.total)} per step, {best.tokens_per_s:,.0f} tokens/s, MFU "
         f"{best.mfu:.0%}, {best.memory.total / GiB:.1f} GiB per rank; {_duration(train_s)} for "
         f"{plan.tokens:.3g} tokens on {plan.world} ranks = {plan.gpu_hours(best):.4g} GPU-hours",
     ]
