@@ -210,6 +210,30 @@ def test_a_kill_while_deleting_a_step_leaves_no_half_deleted_step(
     assert not list(root.glob(".trash-*"))
 
 
+def test_a_corpus_too_small_to_hold_out_says_there_is_no_evaluation(
+    small_dataset, tmp_path, capsys
+):
+    """A one-document corpus with data.valid_fraction=0.05 trains (it raised IndexError once)
+    but can hold nothing out. Before, the run silently skipped every evaluation; now one
+    warning line says so. Oracle: metrics.jsonl holds no evaluation line."""
+    from data_prep.encode import encode_corpus
+
+    text = tmp_path / "one.txt"
+    text.write_text("The only document has one sentence. And then a second one.\n")
+    one = tmp_path / "one"
+    encode_corpus([text], small_dataset / "tokenizer", one, lang="en")
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert train(_config(one, out, "train.steps=3", "train.micro_batch=1")).step == 3
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warnings == [
+        "warning: data.valid_fraction=0.05 holds out no sample (too few documents to split a "
+        "valid set off): this run has no evaluation"
+    ]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    assert not [r for r in records if "split" in r]
+
+
 def _bert_train(*args: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
     def limit() -> None:  # a full disk, simulated: writes beyond the limit fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
