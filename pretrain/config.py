@@ -123,7 +123,8 @@ class DataConfig:
     seq_len: int = ranged(128, 8)
     """Tokens per sample, [CLS] and [SEP] included (at most model.max_seq_len)."""
     valid_fraction: float = ranged(0.01, 0.0, 1.0, high_open=True)
-    """Fraction of documents held out for evaluation; 0 = no evaluation."""
+    """Fraction of documents held out for evaluation; 0 = no evaluation (also, with a warning,
+    when the corpus has too few documents to hold any out)."""
     workers: int = ranged(1, 0)
     """DataLoader worker processes that assemble and mask batches."""
 

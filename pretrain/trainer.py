@@ -449,6 +449,11 @@ def _start_logging(run: _Run, precision_reason: str, started: float) -> None:
     run.batches = iter(build_loader(run.data.train, sampler, config.data.workers))
     if run.data.valid is not None:
         run.held_out = eval_batches(run.data.valid, t.micro_batch, t.eval_batches)
+    elif config.data.valid_fraction > 0:
+        say(
+            f"warning: data.valid_fraction={config.data.valid_fraction:g} holds out no sample "
+            "(too few documents to split a valid set off): this run has no evaluation"
+        )
     for batch in run.held_out:
         check_token_ids(batch, run.data.dataset.vocab_size, config.data.path)
     peak = peak_flops(device, t.precision)

@@ -8,6 +8,7 @@ same steps).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def _resume_run(data: str, out: str, steps: int) -> list[float]:
 @pytest.mark.slow
 def test_resume_is_exact(small_dataset, tmp_path):
     """dp=2, two micro-batches per rank and step (no_sync on the first): 4 steps in one go, and
-    2 steps resumed from the step-2 checkpoint (each rank's own optimizer file), agree exactly."""
-    from pretrain.checkpoint import full_model_state
+    2 steps resumed from the step-2 checkpoint (each rank's own optimizer file), agree exactly.
+    The checkpoint's checksums (oracle: the files in it) cover each rank's optimizer file."""
+    from pretrain.checkpoint import full_model_state, verify_checkpoint
 
     data = str(small_dataset)
     full = run_distributed(_resume_run, 2, data, str(tmp_path / "full"), 4)
@@ -65,6 +67,9 @@ def test_resume_is_exact(small_dataset, tmp_path):
         "optimizer_tp00_dp00.safetensors",
         "optimizer_tp00_dp01.safetensors",
     ]
+    # checksums.json covers every dp rank's own optimizer file (the files the ranks wrote)
+    written = {p.name for p in saved.iterdir()} - {"COMPLETE", "checksums.json"}
+    assert set(json.loads((saved / "checksums.json").read_text())) == written
     shutil.copytree(saved, tmp_path / "resumed" / "checkpoints" / "step_000002")
     resumed = run_distributed(_resume_run, 2, data, str(tmp_path / "resumed"), 4)
     for rank in range(2):
@@ -73,6 +78,13 @@ def test_resume_is_exact(small_dataset, tmp_path):
     again = full_model_state(tmp_path / "resumed" / "checkpoints" / "step_000004")
     for name, tensor in final.items():
         assert torch.equal(tensor, again[name]), name
+
+    # a flipped byte in the file only dp rank 1 wrote is found
+    victim = tmp_path / "full" / "checkpoints" / "step_000004" / "optimizer_tp00_dp01.safetensors"
+    flipped = bytearray(victim.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    victim.write_bytes(bytes(flipped))
+    assert verify_checkpoint(victim.parent) == victim.name
 
 
 INJECT_STEP = 3

@@ -90,6 +90,25 @@ def test_a_run_directory_belongs_to_one_run(small_dataset, tmp_path):
     assert _train_steps(out) == [1, 2, 3, 4]  # the new run continued, not the old one
 
 
+def test_resuming_an_earlier_step_moves_the_newer_ones_aside(small_dataset, tmp_path):
+    """train.resume=<step 3 of this directory> while step 6 exists: step 6 is kept, moved to
+    checkpoints/abandoned-<time>/ (rotation would otherwise compare the new run's steps with
+    it), and the run goes on from step 3. Oracle: the bytes of the old step 6, and the new
+    step 6 equal to it (resume is exact)."""
+    out = tmp_path / "run"
+    train(_config(small_dataset, out, "train.steps=6"))
+    root = out / "checkpoints"
+    old_step = _tree_bytes(root / "step_000006")
+    resumed = train(
+        _config(small_dataset, out, "train.steps=6", f"train.resume={root / 'step_000003'}")
+    )
+    assert resumed.step == 6
+    (aside,) = root.glob("abandoned-*")
+    assert _tree_bytes(aside / "step_000006") == old_step
+    new, old = full_model_state(root / "step_000006"), full_model_state(aside / "step_000006")
+    assert all(torch.equal(new[name], old[name]) for name in old)
+
+
 def test_resume_refuses_another_tokenizer_and_unasked_changes(small_dataset, tmp_path, capsys):
     """Before: data from another tokenizer of the same vocabulary size, or another sequence
     length, optimizer or seed, resumed silently."""
@@ -208,6 +227,30 @@ def test_a_kill_while_deleting_a_step_leaves_no_half_deleted_step(
     monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
     assert train(_config(small_dataset, out, "train.steps=3")).step == 3
     assert not list(root.glob(".trash-*"))
+
+
+def test_a_corpus_too_small_to_hold_out_says_there_is_no_evaluation(
+    small_dataset, tmp_path, capsys
+):
+    """A one-document corpus with data.valid_fraction=0.05 trains (it raised IndexError once)
+    but can hold nothing out. Before, the run silently skipped every evaluation; now one
+    warning line says so. Oracle: metrics.jsonl holds no evaluation line."""
+    from data_prep.encode import encode_corpus
+
+    text = tmp_path / "one.txt"
+    text.write_text("The only document has one sentence. And then a second one.\n")
+    one = tmp_path / "one"
+    encode_corpus([text], small_dataset / "tokenizer", one, lang="en")
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert train(_config(one, out, "train.steps=3", "train.micro_batch=1")).step == 3
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warnings == [
+        "warning: data.valid_fraction=0.05 holds out no sample (too few documents to split a "
+        "valid set off): this run has no evaluation"
+    ]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    assert not [r for r in records if "split" in r]
 
 
 def _bert_train(*args: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
