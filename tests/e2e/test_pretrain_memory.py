@@ -107,3 +107,23 @@ def test_out_of_memory_in_a_step_becomes_one_line(
     for key in ("train.micro_batch=4", "train.recompute=none", "parallel.tp=1", "parallel.zero=0"):
         assert key in err[0]
     assert re.search(r"estimated peak \d+\.\d GiB per rank", err[0])
+
+
+def test_skip_memory_check_starts_a_refused_config(
+    small_dataset: Path, tmp_path: Path, capsys, monkeypatch
+):
+    """`train.skip_memory_check=true` trains a config whose estimate exceeds the device. The
+    device is made smaller than the tiny run's estimate (1 MiB, injected: the host's real memory
+    cannot be shrunk); without the key the same run is refused in one line (exit 2)."""
+    import pretrain.memory
+
+    monkeypatch.setattr(pretrain.memory, "device_memory_bytes", lambda device: 2**20)
+    config = str(REPO / "configs" / "tiny.yaml")
+    args = [*TINY, f"data.path={small_dataset}"]
+    assert main(["--config", config, *args, f"train.out_dir={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exceeds the device's 0.0 GiB" in err[0]
+    skip = [*args, f"train.out_dir={tmp_path / 'b'}", "train.skip_memory_check=true"]
+    assert main(["--config", config, *skip]) == 0
+    records = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len([r for r in records if '"split"' not in r]) == 2
