@@ -6,7 +6,8 @@ over the two micro-batches the ranks take). DDP averages the same per-micro-batc
 the logged loss is averaged over the dp ranks, so every logged loss of the dp=2 run must match
 the one-process run to float rounding (relative 1e-5, fp32, dropout off): both ranks computed
 and agreed on the same losses, which is only possible if rank, world size and master were found
-from Open MPI's variables.
+from Open MPI's variables. The job's output is read as a user reads it: every line the ranks
+print carries the rank tag of the script's `mpirun --tag-output`.
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ def test_mpirun_dp2_matches_one_process(small_dataset, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "launcher openmpi: rank 0/2, local rank 0/2, master 127.0.0.1:" in result.stdout
     assert "dp 2 x tp 1" in result.stdout
+    # The script's `mpirun --tag-output`: every line the ranks print names its rank (the
+    # script's own `bert-launch:` line comes before mpirun starts them).
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("bert-launch: ")]
+    assert lines and all(line.startswith(("[1,0]<stdout>:", "[1,1]<stdout>:")) for line in lines)
+    assert any(line.startswith("[1,0]<stdout>:train step 4/4 |") for line in lines)
 
     from pretrain.config import load_config
     from pretrain.trainer import train

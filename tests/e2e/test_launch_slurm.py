@@ -280,6 +280,10 @@ def test_sbatch_script_two_tasks_completes(slurm, small_dataset, tmp_path):
     assert slurm.job(job_id)["ExitCode"] == "0:0"
     host = socket.gethostname().split(".")[0]
     assert f"launcher slurm: rank 0/2, local rank 0/2, master {host}:" in log
+    # SLURM_LABELIO=1 in the script (srun --label): the ranks' lines start with their rank.
+    lines = log.splitlines()
+    assert any(line.startswith("0: launcher slurm: rank 0/2") for line in lines), log
+    assert any(line.startswith("0: train step 4/4 |") for line in lines), log
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
     assert (out / "checkpoints" / "step_000004").is_dir()
 
