@@ -27,7 +27,8 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,20 @@ def cluster_rates(cluster: Cluster, precision: str, shape: ModelShape) -> tuple[
                 f"bert-plan --config CONFIG --cluster {cluster.name} --measure first"
             )
         return calibration, "measured on this CPU by bert-plan --measure"
+    from pretrain.plan_measure import load_gpu_calibration
+
+    measured = load_gpu_calibration(cluster.name, precision)
+    if measured is not None:
+        rates = _gpu_cluster_rates(cluster, precision)(
+            measured["efficiency"],
+            (measured["network_bytes_per_s"], measured["network_latency_s"])
+            if "network_bytes_per_s" in measured
+            else None,
+        )
+        return rates, (
+            f"efficiency {measured['efficiency']:.2f} of peak, measured on this cluster's GPU "
+            "by bert-plan --measure"
+        )
     efficiency = fitted_efficiency(cluster.kind)
     rates = gpu_rates(
         cluster.kind, precision, hw.nvlink_gb_per_s, hw.internode_gb_per_s, efficiency
@@ -137,6 +152,22 @@ def cluster_rates(cluster: Cluster, precision: str, shape: ModelShape) -> tuple[
         "A100-80GB": "fitted on NVIDIA's BERT-Large phase 1, 8 x A100 (checked against others)",
     }.get(cluster.kind, "the A100's, against this GPU's peak: NOT CHECKED against a measurement")
     return rates, f"efficiency {efficiency:.2f} of peak, {source}"
+
+
+def _gpu_cluster_rates(cluster: Cluster, precision: str) -> Callable[..., Rates]:
+    """rates(efficiency, network) of a GPU cluster: the datasheet's peaks, the cluster file's
+    links, and a measured network (bytes/s, latency per ring step) where there is one."""
+    hw = cluster.hardware
+
+    def rates(efficiency: float, network: tuple[float, float] | None) -> Rates:
+        base = gpu_rates(
+            cluster.kind, precision, hw.nvlink_gb_per_s, hw.internode_gb_per_s, efficiency
+        )
+        if network is None:
+            return base
+        return replace(base, network_bytes_per_s=network[0], network_latency_s=network[1])
+
+    return rates
 
 
 @dataclass(frozen=True)
@@ -646,17 +677,16 @@ def emit_script(args: argparse.Namespace, plan: Plan, launch_options: list[str])
 
 
 def measure(args: argparse.Namespace) -> int:
-    """--measure: calibrate the time model on this CPU node for the config."""
-    from pretrain.plan_measure import measure_and_report
+    """--measure: calibrate the time model on a node of the cluster (its GPU, or this CPU)."""
+    from pretrain.plan_measure import measure_and_report, measure_gpu_and_report
 
     config = load_config(args.config, args.overrides)
     cluster = load_cluster(args.cluster)
-    if cluster.kind != "cpu":
-        raise ConfigError(
-            "--measure calibrates a CPU cluster (such as cpu); on GPU clusters the efficiency "
-            "is fitted on published figures (pretrain/plan_published.py)"
-        )
-    return measure_and_report(config, cluster.name, plan_precision(config.train.precision, "cpu"))
+    precision = plan_precision(config.train.precision, cluster.kind)
+    if cluster.kind == "cpu":
+        return measure_and_report(config, cluster.name, precision)
+    rates = _gpu_cluster_rates(cluster, precision)
+    return measure_gpu_and_report(config, cluster.name, cluster.kind, precision, rates)
 
 
 def main(argv: list[str] | None = None) -> int:

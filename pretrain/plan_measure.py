@@ -1,4 +1,8 @@
-"""`bert-plan --measure`: calibrate the step-time model on the machine at hand (a CPU node).
+"""`bert-plan --measure`: calibrate the step-time model on the machine at hand.
+
+On a GPU node (a cluster file with a GPU): real steps of the config on this rank's GPU give the
+one efficiency constant at which the model reproduces them (instead of the published fit), and
+under a launcher on several nodes an NCCL all-reduce gives the network's figures. On a CPU node:
 
 Short micro-benchmarks, each stored in the calibration:
 
@@ -44,7 +48,7 @@ import torch
 
 from launch.env import LaunchEnv, detect_environment
 from launch.rendezvous import init_distributed
-from pretrain.config import Config, MLMConfig, ModelShape, resolve_model_shape
+from pretrain.config import Config, ConfigError, MLMConfig, ModelShape, resolve_model_shape
 from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
 from pretrain.memory import DEFAULT_VOCAB, Layout
 from pretrain.plan_model import Rates, elementwise_bytes, optimizer_seconds, step_time
@@ -123,12 +127,16 @@ def rates_from(calibration: Calibration, shape: ModelShape) -> Rates:
 
 
 def _store(key: str, calibration: Calibration) -> None:
+    _store_entry(key, asdict(calibration))
+
+
+def _store_entry(key: str, entry: dict[str, Any]) -> None:
     path = calibration_path()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         data = {}
-    data[key] = asdict(calibration)
+    data[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -166,17 +174,20 @@ def measure_memory_bandwidth() -> float:
     return 2 * source.nbytes / _best_seconds(lambda: target.copy_(source))
 
 
-def _timed_allreduce() -> tuple[float, float]:
+def _timed_allreduce(device: torch.device | None = None) -> tuple[float, float]:
     """Median seconds of a 16 MB and of a 4-byte all-reduce over the default group."""
     import torch.distributed as dist
 
+    device = device or torch.device("cpu")
     results = []
-    for tensor in (torch.ones(ALLREDUCE_BYTES // 4), torch.ones(1)):
+    for tensor in (torch.ones(ALLREDUCE_BYTES // 4, device=device), torch.ones(1, device=device)):
         times = []
         for _ in range(8):
             dist.barrier()
+            _synchronize(device)
             begin = time.perf_counter()
             dist.all_reduce(tensor)
+            _synchronize(device)
             times.append(time.perf_counter() - begin)
         results.append(statistics.median(times[2:]))
     return results[0], results[1]
@@ -226,18 +237,22 @@ class LaunchedAllReduce:
     nodes: int
 
 
-def measure_launched_allreduce(env: LaunchEnv) -> LaunchedAllReduce | None:
+def measure_launched_allreduce(
+    env: LaunchEnv, device: torch.device | None = None
+) -> LaunchedAllReduce | None:
     """Under a launcher with several ranks: the all-reduce over all of them (every rank takes
-    part; the group is left again afterwards). None for one process. The nodes are the ranks
+    part; the group is left again afterwards; NCCL on GPUs, gloo on CPUs). None for one
+    process. The nodes are the ranks
     over the launcher's ranks per node; a ring over the ranks in order crosses each node
     boundary once, so across nodes its bus rate stands for one node's network rate."""
     import torch.distributed as dist
 
     if env.world_size == 1:
         return None
-    init_distributed(env, "gloo", LAUNCHED_TIMEOUT_S)
+    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    init_distributed(env, backend, LAUNCHED_TIMEOUT_S)
     try:
-        large, small = _timed_allreduce()
+        large, small = _timed_allreduce(device)
     finally:
         dist.destroy_process_group()
     bus, latency = _ring_figures(large, small, env.world_size)
@@ -245,13 +260,17 @@ def measure_launched_allreduce(env: LaunchEnv) -> LaunchedAllReduce | None:
     return LaunchedAllReduce(bus, latency, env.world_size, nodes)
 
 
-def measure_steps(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> float:
-    """Median seconds of a real training step (one process, random tokens, no data loader)."""
+def measure_steps(
+    shape: ModelShape, layout: Layout, mlm: MLMConfig, device: torch.device | None = None
+) -> float:
+    """Median seconds of a real training step (one process, random tokens, no data loader) on
+    `device` (default the CPU; a GPU is synchronised before each clock reading)."""
     from pretrain.model import apply_recompute, build_model
     from pretrain.objectives import pretraining_loss
     from pretrain.optim import build_param_groups, clip_grad_norm_, optimizer_for_groups
     from pretrain.precision import autocast_context
 
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
     ids = torch.randint(5, shape.vocab_size, (layout.micro_batch, layout.seq_len))
     batch = {
@@ -261,7 +280,8 @@ def measure_steps(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> float:
         "labels": ids.clone(),
         "picked": torch.rand(ids.shape) < layout.mask_rate,
     }
-    model = build_model(shape)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    model = build_model(shape).to(device)
     apply_recompute(model, layout.recompute)
     model.train()
     optimizer = optimizer_for_groups(
@@ -270,15 +290,22 @@ def measure_steps(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     times = []
     for _ in range(STEPS + 1):
+        _synchronize(device)
         begin = time.perf_counter()
-        with autocast_context(layout.precision, "cpu"):
+        with autocast_context(layout.precision, device.type):
             loss = pretraining_loss(model, batch, mlm).loss
         loss.backward()
         clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
         times.append(time.perf_counter() - begin)
     return statistics.median(times[1:])
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 _NO_FIT = {
@@ -422,5 +449,102 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
             f"{calibration.dispatch_s_per_micro_batch * 1e3:.3g} ms per micro-batch"
         )
         print(f"  calibrated step: predicted {predicted:.4g} s, measured {report[STEP][0]:.4g} s")
+    print(f"bert-plan: calibration stored in {calibration_path()}")
+    return 0
+
+
+# --- GPU nodes -------------------------------------------------------------------------------
+
+
+def fit_efficiency(measured: float, predicted_at: Callable[[float], float]) -> float:
+    """The efficiency at which the time model predicts the `measured` step (bisection: the
+    predicted step shrinks as the efficiency grows); the one constant a GPU kind gets, as the
+    published fit (pretrain/plan_published.py) gets it from a published throughput."""
+    low, high = 1e-4, 1.0
+    if predicted_at(high) > measured:  # slower than the model even at the datasheet peak
+        return high
+    for _ in range(60):
+        middle = (low + high) / 2
+        if predicted_at(middle) > measured:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def _gpu_key(cluster: str, precision: str) -> str:
+    return f"{cluster}|gpu|{precision}|torch={torch.__version__}"
+
+
+def load_gpu_calibration(cluster: str, precision: str) -> dict[str, float] | None:
+    """What --measure stored for a GPU cluster: efficiency, and the network when measured."""
+    try:
+        stored = json.loads(calibration_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    entry = stored.get(_gpu_key(cluster, precision))
+    return entry if isinstance(entry, dict) else None
+
+
+def measure_gpu_and_report(
+    config: Config, cluster: str, kind: str, precision: str, rates_at: Callable[..., Rates]
+) -> int:
+    """bert-plan --measure on a GPU node of `cluster`: real steps of the config on this rank's
+    GPU give the efficiency at which the time model reproduces them (stored for the cluster and
+    used instead of the published fit), and under a launcher on several nodes an NCCL
+    all-reduce over every rank gives the network's bandwidth and latency. `rates_at(efficiency,
+    network)` builds the cluster's rates."""
+    from pretrain.devices import gpu_kind
+
+    env = detect_environment()
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--measure for cluster {cluster} runs on one of its {kind} GPUs: start it on a "
+            "node of that cluster (no GPU is visible here)"
+        )
+    device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    here = torch.cuda.get_device_name(device)
+    if gpu_kind(here) != kind:
+        raise ConfigError(f"this node's GPU is {here}, but cluster {cluster} has {kind} GPUs")
+    launched = measure_launched_allreduce(env, device)
+    if launched is not None and env.rank != 0:
+        return 0
+    network = None
+    if launched is not None and launched.nodes > 1:
+        network = (launched.bus_bytes_per_s, launched.latency_s)
+        print(
+            f"NCCL all-reduce across {launched.nodes} nodes, {launched.ranks} ranks: "
+            f"{launched.bus_bytes_per_s / 1e9:.1f} GB/s bus, {launched.latency_s * 1e6:.0f} us"
+        )
+    shape = resolve_model_shape(config, config.model.vocab_size or DEFAULT_VOCAB)
+    layout = Layout(
+        seq_len=config.data.seq_len,
+        micro_batch=config.train.micro_batch,
+        recompute=config.train.recompute,
+        precision=precision,
+        mlm_mode=config.mlm.mode,
+        mask_rate=config.mlm.mask_rate,
+    )
+    try:
+        measured = measure_steps(shape, layout, config.mlm, device)
+    except torch.cuda.OutOfMemoryError:
+        raise ConfigError(
+            f"one step of this config at train.micro_batch={layout.micro_batch} does not fit one "
+            f"{kind} (--measure runs tp 1): measure a smaller config or micro-batch; the "
+            "efficiency it finds is the GPU kind's, for every config"
+        ) from None
+    efficiency = fit_efficiency(
+        measured, lambda e: step_time(shape, layout, rates_at(e, network), 1).total
+    )
+    entry: dict[str, float] = {"efficiency": efficiency, "measured_step_s": measured}
+    if network is not None:
+        entry |= {"network_bytes_per_s": network[0], "network_latency_s": network[1]}
+    _store_entry(_gpu_key(cluster, precision), entry)
+    print(
+        f"one training step on {here} ({precision}, micro-batch {layout.micro_batch}, seq "
+        f"{layout.seq_len}): {measured * 1e3:.1f} ms; the model reproduces it at efficiency "
+        f"{efficiency:.3f} of peak"
+    )
     print(f"bert-plan: calibration stored in {calibration_path()}")
     return 0

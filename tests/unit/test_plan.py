@@ -271,8 +271,60 @@ def test_startup_prediction_for_the_runs_own_layout():
     assert "no prediction" in plan_cli.startup_prediction(config, shape, layout, "cpu").line
 
 
-def test_measure_is_for_cpu_clusters(capsys):
-    _one_line_error(capsys, ["--config", XLARGE, "--cluster", "abci2", "--measure"], "CPU cluster")
+def test_measure_for_a_gpu_cluster_needs_its_gpu(capsys):
+    """--measure for abci2 runs on one of its V100s; here, without a GPU, one line says so."""
+    argv = ["--config", XLARGE, "--cluster", "abci2", "--measure"]
+    _one_line_error(capsys, argv, "runs on one of its V100-SXM2 GPUs")
+
+
+def test_gpu_efficiency_is_fitted_on_a_real_step():
+    """--measure's GPU fit, run on the CPU (the same code with the device it is given): the
+    efficiency found makes the time model reproduce a real measured step of a small config."""
+    import torch
+
+    from pretrain.plan_measure import fit_efficiency, measure_steps
+    from pretrain.plan_published import gpu_rates
+
+    config = load_config(
+        REPO / "configs" / "tiny.yaml", ["data.seq_len=32", "model.vocab_size=203"]
+    )
+    shape = resolve_model_shape(config, 203)
+    layout = Layout(32, 8, precision="fp32", mlm_mode="sparse", mask_rate=0.4)
+    measured = measure_steps(shape, layout, config.mlm, torch.device("cpu"))
+
+    def predicted(efficiency: float) -> float:
+        rates = gpu_rates("V100-SXM2", "fp32", 150, 25, efficiency)
+        return step_time(shape, layout, rates, 1).total
+
+    efficiency = fit_efficiency(measured, predicted)
+    assert 1e-4 < efficiency < 1.0
+    assert predicted(efficiency) == pytest.approx(measured, rel=1e-6)
+
+
+def test_stored_gpu_calibration_replaces_the_published_fit(tmp_path, monkeypatch):
+    """What --measure stored for abci2 (its efficiency and a measured network) is what plans for
+    abci2 then use, and the plan says where its efficiency came from."""
+    from pretrain.plan_measure import _gpu_key, _store_entry
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    argv = ["--config", XLARGE, "--cluster", "abci2", "--nodes", "2"]
+    published, _, _ = plan_cli.make_plan(_args(*argv))
+    entry = {"efficiency": 0.2, "network_bytes_per_s": 3e9, "network_latency_s": 4e-5}
+    _store_entry(_gpu_key("abci2", "fp16"), entry)
+    measured, _, _ = plan_cli.make_plan(_args(*argv))
+    cluster = plan_cli.load_cluster("abci2")
+    rates, source = plan_cli.cluster_rates(cluster, "fp16", measured.shape)
+    assert "measured on this cluster's GPU" in source
+    assert (rates.efficiency, rates.network_bytes_per_s, rates.network_latency_s) == (
+        0.2,
+        3e9,
+        4e-5,
+    )
+    layout = measured.best.layout
+    assert measured.best.time.total == pytest.approx(
+        step_time(measured.shape, layout, rates, 4).total
+    )
+    assert published.best.time.total < measured.best.time.total  # 0.2 is below the fitted 0.47
 
 
 @pytest.mark.slow
