@@ -2,9 +2,9 @@
 
 On a GPU node (a cluster file with a GPU): real steps of the config on this rank's GPU give the
 one efficiency constant at which the model reproduces them (instead of the published fit), and
-under a launcher on several nodes an NCCL all-reduce gives the network's figures. On a CPU node:
+under a launcher on several nodes an NCCL all-reduce gives the network's figures.
 
-Short micro-benchmarks, each stored in the calibration:
+On a CPU node, short micro-benchmarks, each stored in the calibration:
 
 - matrix products at the config's own shapes (QKV, attention-out, MLP in and out at the
   config's micro-batch), in the run's dtype: their FLOP rate over the CPU's measured peak
