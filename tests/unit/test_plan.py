@@ -383,3 +383,18 @@ def test_cpu_fit_separates_bytes_from_dispatch():
     assert min(fitted.values()) >= 0 and fitted["elementwise_bytes_per_s"] > 0
     # Non-negative least squares: no feasible set of terms fits better, the true ones included.
     assert np.sum((made(fitted) - noisy) ** 2) <= np.sum((made(truth) - noisy) ** 2)
+
+
+def test_every_shipped_config_on_every_builtin_gpu_cluster():
+    """bert-plan answers for each pre-training config on each built-in GPU cluster (the fewest
+    nodes that fit): a best layout that fits the GPU, its keys, a positive step time."""
+    from launch.fit import builtin_clusters
+
+    configs = sorted(p for p in (REPO / "configs").glob("*.yaml"))
+    clusters = [c for c in builtin_clusters() if c not in ("cpu", "gridengine")]
+    assert len(configs) >= 6 and {"abci2", "abci2-a", "abci3", "h100"} <= set(clusters)
+    for config in configs:
+        for cluster in clusters:
+            plan, _, _ = plan_cli.make_plan(_args("--config", str(config), "--cluster", cluster))
+            assert plan.best is not None and plan.best.fits, (config.name, cluster)
+            assert plan.best.time.total > 0 and plan.best.tokens_per_s > 0
