@@ -456,10 +456,20 @@ def _no_layout_error(plan: Plan) -> ConfigError:
         )
         step = dps[0]
         nearest = max(step, round(plan.global_batch / step) * step)
+        tps = [tp for tp in range(1, gpus + 1) if plan.world % tp == 0 and plan.world // tp in dps]
+        nodes = [
+            n
+            for n in range(1, 4 * plan.nodes + 1)
+            if any(plan.global_batch % (n * gpus // tp) == 0 for tp in tps)
+        ]
+        fewer = [n for n in nodes if n < plan.nodes]
+        more = [n for n in nodes if n > plan.nodes]
+        others = " or ".join(str(n) for n in (fewer[-1:] + more[:1]))
         return ConfigError(
             f"train.global_batch={plan.global_batch} is not a multiple of micro-batch x dp for "
             f"any layout on {plan.world} ranks (dp = {', '.join(map(str, dps))}): use a "
             f"multiple of {step}, e.g. train.global_batch={nearest}"
+            + (f", or --nodes {others}" if others else "")
         )
     smallest = min(plan.costed, key=lambda item: item.memory.total)
     keys = ", ".join(f"{k}={v}" for k, v in layout_keys(smallest.layout).items())

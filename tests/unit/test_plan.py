@@ -230,8 +230,12 @@ def test_model_that_fits_nowhere_names_the_smallest_need(capsys):
 
 
 def test_global_batch_no_layout_divides(capsys):
+    """xlarge's 8,192 sequences on 192 V100 nodes (dp 192/384/768): the nearest batch that
+    divides, and the nearest node counts at which 8,192 divides (dp 128 x 4 / 256 x 4 ...)."""
     argv = ["--config", XLARGE, "--cluster", "abci2", "--nodes", "192"]
-    _one_line_error(capsys, argv, "use a multiple of 192")
+    _one_line_error(
+        capsys, argv, "use a multiple of 192, e.g. train.global_batch=8256, or --nodes 128 or 256"
+    )
 
 
 def test_walltime_shorter_than_a_checkpoint_interval(capsys):
