@@ -163,7 +163,7 @@ def train_samples(common: list[str]) -> int:
 
     config = load_config(CONFIG, common)
     d = config.data
-    data = open_training_data(d.path, d.tokenizer, d.seq_len, d.valid_fraction, config.mlm, 0)
+    data = open_training_data(d.sources, d.tokenizer, d.seq_len, d.valid_fraction, config.mlm, 0)
     return len(data.train)
 
 
@@ -191,7 +191,7 @@ def time_steps(
     for name in variants:
         config = load_config(CONFIG, [*common, *VARIANTS[name]])
         t, d = config.train, config.data
-        data = open_training_data(d.path, d.tokenizer, d.seq_len, 0.0, config.mlm, 1234)
+        data = open_training_data(d.sources, d.tokenizer, d.seq_len, 0.0, config.mlm, 1234)
         micro = t.micro_batch
         batches = [
             collate([data.train[i] for i in range(k * micro, (k + 1) * micro)], d.seq_len)
@@ -237,7 +237,9 @@ def split_eval(run: dict[str, Any], common: list[str]) -> dict[str, dict[str, fl
 
     config = load_config(CONFIG, [*common, *run["overrides"]])
     t, d = config.train, config.data
-    data = open_training_data(d.path, d.tokenizer, d.seq_len, d.valid_fraction, config.mlm, t.seed)
+    data = open_training_data(
+        d.sources, d.tokenizer, d.seq_len, d.valid_fraction, config.mlm, t.seed
+    )
     model = build_model(resolve_model_shape(config, data.dataset.vocab_size), "cpu")
     load_model_weights(Path(run["checkpoint"]), model)
     model.eval()
