@@ -42,10 +42,17 @@ class StopRequest:
         self.start_time = time.monotonic() if start_time is None else start_time
         self.walltime_s = walltime_s
         self.signal_name: str | None = None
+        self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def uninstall(self) -> None:
+        """Put back the handlers `install` replaced: after training, SIGTERM ends the program
+        that called the trainer again, instead of only setting a flag nobody reads."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum: int, _frame: object) -> None:
         self.signal_name = signal.Signals(signum).name

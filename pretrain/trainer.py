@@ -277,9 +277,12 @@ def _train(
     say(launch_line)
     stop = StopRequest(config.train.walltime_s)
     stop.install()
-    run = _build(config, dims, precision_reason, memory, say)
-    _start_logging(run, precision_reason, started)
-    return _loop(run, stop)
+    try:
+        run = _build(config, dims, precision_reason, memory, say)
+        _start_logging(run, precision_reason, started)
+        return _loop(run, stop)
+    finally:
+        stop.uninstall()
 
 
 def _build(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -38,13 +39,23 @@ STEPS = 4
 pytestmark = pytest.mark.slow
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+
 @pytest.fixture(scope="session")
 def gridengine(tmp_path_factory) -> Iterator[GridEngineCell]:
+    """The cell for the session. A SIGTERM to the test run (a CI job's timeout) interrupts it
+    as Ctrl-C does, so the cell's daemons are stopped instead of outliving it."""
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
-    with start_cell(tmp_path_factory.mktemp("gridengine")) as cell:
-        yield cell
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with start_cell(tmp_path_factory.mktemp("gridengine")) as cell:
+            yield cell
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture

@@ -109,6 +109,18 @@ def test_resuming_an_earlier_step_moves_the_newer_ones_aside(small_dataset, tmp_
     assert all(torch.equal(new[name], old[name]) for name in old)
 
 
+def test_training_gives_back_the_stop_signals(small_dataset, tmp_path):
+    """train() takes SIGTERM/SIGUSR1 to stop cleanly; once it returns (or raises), the caller's
+    handlers are back. Before, a test session that had trained in-process ignored SIGTERM, so a
+    CI timeout could not end it."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    train(_config(small_dataset, tmp_path / "run", "train.steps=1"))
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    with pytest.raises(ConfigError):
+        train(_config(small_dataset, tmp_path / "run", "train.steps=1", "train.resume=none"))
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_resume_refuses_another_tokenizer_and_unasked_changes(small_dataset, tmp_path, capsys):
     """Before: data from another tokenizer of the same vocabulary size, or another sequence
     length, optimizer or seed, resumed silently."""
