@@ -50,6 +50,7 @@ from launch.env import LaunchEnv, detect_environment
 from launch.rendezvous import init_distributed
 from pretrain.config import Config, ConfigError, MLMConfig, ModelShape, resolve_model_shape
 from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
+from pretrain.masking import IGNORE
 from pretrain.memory import DEFAULT_VOCAB, Layout
 from pretrain.plan_model import Rates, elementwise_bytes, optimizer_seconds, step_time
 
@@ -74,6 +75,8 @@ class Calibration:
     dispatch_s_per_layer: float = 0.0
     dispatch_s_per_micro_batch: float = 0.0
     """Fitted on the real steps: operator dispatch per layer and per micro-batch."""
+    optimizer_bytes_per_s: float | None = None
+    """Timed: clipping and a LAMB step over 8 M parameters, per byte of its state traffic."""
     network_bytes_per_s: float | None = None
     network_latency_s: float | None = None
     """Measured across nodes when --measure ran under a launcher on several nodes; None = the
@@ -121,6 +124,7 @@ def rates_from(calibration: Calibration, shape: ModelShape) -> Rates:
         link_latency_s=calibration.link_latency_s,
         network_latency_s=calibration.network_latency_s or calibration.link_latency_s,
         elementwise_bytes_per_s=calibration.elementwise_bytes_per_s,
+        optimizer_bytes_per_s=calibration.optimizer_bytes_per_s,
         dispatch_s_per_layer=calibration.dispatch_s_per_layer,
         dispatch_s_per_micro_batch=calibration.dispatch_s_per_micro_batch,
     )
@@ -172,6 +176,33 @@ def measure_memory_bandwidth() -> float:
     source = torch.ones(32 * 1024**2)
     target = torch.empty_like(source)
     return 2 * source.nbytes / _best_seconds(lambda: target.copy_(source))
+
+
+OPTIMIZER_ELEMENTS = 8 * 1024**2
+
+
+def measure_optimizer() -> float:
+    """Bytes/s of the optimizer's pass as the time model counts it (13 fp32 accesses per
+    parameter: clipping's reads, LAMB's reads and writes), timed on 8 M parameters in 32
+    tensors with gradients: clip_grad_norm_ then a LAMB step."""
+    from pretrain.optim import clip_grad_norm_, optimizer_for_groups
+
+    generator = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(OPTIMIZER_ELEMENTS // 32, generator=generator))
+        for _ in range(32)
+    ]
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator) * 1e-3
+    optimizer = optimizer_for_groups(
+        [{"params": params, "weight_decay": 0.01}], "lamb", 1e-3, (0.9, 0.999), 1e-6, None
+    )
+
+    def step() -> None:
+        clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    return 4 * 13 * OPTIMIZER_ELEMENTS / _best_seconds(step)
 
 
 def _timed_allreduce(device: torch.device | None = None) -> tuple[float, float]:
@@ -273,12 +304,15 @@ def measure_steps(
     device = device or torch.device("cpu")
     torch.manual_seed(0)
     ids = torch.randint(5, shape.vocab_size, (layout.micro_batch, layout.seq_len))
+    picked = torch.rand(ids.shape) < layout.mask_rate
+    # As the data pipeline labels them: sparse MLM only the picked positions, dense every one.
+    labels = ids.clone() if mlm.mode == "dense" else torch.where(picked, ids, IGNORE)
     batch = {
         "input_ids": ids,
         "token_type_ids": torch.zeros_like(ids),
         "attention_mask": torch.ones_like(ids),
-        "labels": ids.clone(),
-        "picked": torch.rand(ids.shape) < layout.mask_rate,
+        "labels": labels,
+        "picked": picked,
     }
     batch = {key: value.to(device) for key, value in batch.items()}
     model = build_model(shape).to(device)
@@ -325,11 +359,13 @@ def fit_elementwise(
     subsets of the dispatch terms whose terms are all non-negative is taken."""
     rows, rests = [], []
     for (shape, layout), measured in zip(points, seconds, strict=True):
-        unit = rates_from(
-            replace(calibration, elementwise_bytes_per_s=1.0, **_zero_dispatch()), shape
-        )
+        # Matrix products and a timed optimizer are known; the rest is fitted (an untimed
+        # optimizer goes at the fitted elementwise rate).
         nothing = rates_from(replace(calibration, **_NO_FIT), shape)
-        moved = elementwise_bytes(shape, layout) + optimizer_seconds(shape, layout, unit)
+        moved = elementwise_bytes(shape, layout)
+        if calibration.optimizer_bytes_per_s is None:
+            unit = replace(calibration, elementwise_bytes_per_s=1.0, **_zero_dispatch())
+            moved += optimizer_seconds(shape, layout, rates_from(unit, shape))
         rests.append(measured - step_time(shape, layout, nothing, 1).total)
         rows.append([moved, shape.layers, 1.0])
     a, b = np.array(rows), np.array(rests)
@@ -368,6 +404,7 @@ def calibrate(
         peak = cpu_peak_flops(dtype)
         gemm_rate = measure_gemms(shape, layout)
         bandwidth = measure_memory_bandwidth()
+        optimizer_rate = measure_optimizer()
         # A busy machine can measure the square-GEMM peak below what the model's shapes then
         # reach: the peak is then at least the rate just measured.
         peak = max(peak, gemm_rate)
@@ -379,6 +416,7 @@ def calibrate(
             link_bytes_per_s=link[0],
             link_latency_s=link[1],
             elementwise_bytes_per_s=bandwidth,
+            optimizer_bytes_per_s=optimizer_rate,
         )
         # Four real steps: the config's micro-batch and a quarter of it, at the config's depth
         # and at half of it; they separate the cost per byte from the cost per operator.
@@ -398,6 +436,7 @@ def calibrate(
     report = {
         "matrix products (FLOP/s)": (gemm_rate, peak),
         "memory copy (bytes/s)": (bandwidth, bandwidth),
+        "clipping + LAMB (bytes/s of state traffic)": (optimizer_rate, bandwidth),
         STEP: (measured, without),
     }
     return calibration, report

@@ -64,6 +64,9 @@ class Rates:
     """Rate of the elementwise work; None = the memory bandwidth (GPUs). A CPU computes its
     elementwise kernels (GELU, softmax, LayerNorm, dropout, casts) far below its copy
     bandwidth: --measure fits this rate on real steps."""
+    optimizer_bytes_per_s: float | None = None
+    """Rate of the optimizer's pass; None = the elementwise rate. A CPU's LAMB streams large
+    tensors far faster than a small model's elementwise kernels go: --measure times it."""
     dispatch_s_per_layer: float = 0.0
     dispatch_s_per_micro_batch: float = 0.0
     """A CPU's Python and operator dispatch, per layer and per micro-batch (forward + backward):
@@ -249,9 +252,9 @@ def optimizer_seconds(shape: ModelShape, layout: Layout, rates: Rates) -> float:
     trained = parameter_counts(shape, layout.tp)[1]
     owned = math.ceil(trained / layout.dp) if layout.zero and layout.dp > 1 else trained
     accesses = 3 * trained + 10 * owned + (2 * owned if layout.zero and layout.dp > 1 else 0)
-    # Elementwise kernels like the rest (LAMB's square roots and divisions): on a GPU they
-    # stream at the memory bandwidth, on a CPU at the elementwise rate --measure fits.
-    return 4 * accesses / (rates.elementwise_bytes_per_s or rates.memory_bytes_per_s)
+    # On a GPU it streams at the memory bandwidth; on a CPU at the rate --measure times.
+    rate = rates.optimizer_bytes_per_s or rates.elementwise_bytes_per_s or rates.memory_bytes_per_s
+    return 4 * accesses / rate
 
 
 def step_time(shape: ModelShape, layout: Layout, rates: Rates, gpus_per_node: int) -> StepTime:
