@@ -442,9 +442,8 @@ def calibrate(
     return calibration, report
 
 
-def measure_and_report(config: Config, cluster: str, precision: str) -> int:
-    """bert-plan --measure: calibrate at one thread and at all cores, print measured against
-    the model, store the calibration under `cluster`."""
+def _measured_layout(config: Config, precision: str, device: str) -> tuple[ModelShape, Layout]:
+    """The config's shape and its one-process layout, as --measure times it."""
     shape = resolve_model_shape(config, config.model.vocab_size or DEFAULT_VOCAB)
     layout = Layout(
         seq_len=config.data.seq_len,
@@ -453,8 +452,15 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
         precision=precision,
         mlm_mode=config.mlm.mode,
         mask_rate=config.mlm.mask_rate,
-        device="cpu",
+        device=device,
     )
+    return shape, layout
+
+
+def measure_and_report(config: Config, cluster: str, precision: str) -> int:
+    """bert-plan --measure: calibrate at one thread and at all cores, print measured against
+    the model, store the calibration under `cluster`."""
+    shape, layout = _measured_layout(config, precision, "cpu")
     env = detect_environment()
     launched = measure_launched_allreduce(env)
     if launched is not None and env.rank != 0:
@@ -556,15 +562,7 @@ def measure_gpu_and_report(
             f"NCCL all-reduce across {launched.nodes} nodes, {launched.ranks} ranks: "
             f"{launched.bus_bytes_per_s / 1e9:.1f} GB/s bus, {launched.latency_s * 1e6:.0f} us"
         )
-    shape = resolve_model_shape(config, config.model.vocab_size or DEFAULT_VOCAB)
-    layout = Layout(
-        seq_len=config.data.seq_len,
-        micro_batch=config.train.micro_batch,
-        recompute=config.train.recompute,
-        precision=precision,
-        mlm_mode=config.mlm.mode,
-        mask_rate=config.mlm.mask_rate,
-    )
+    shape, layout = _measured_layout(config, precision, "cuda")
     try:
         measured = measure_steps(shape, layout, config.mlm, device)
     except torch.cuda.OutOfMemoryError:
