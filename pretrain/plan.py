@@ -143,9 +143,7 @@ def cluster_rates(cluster: Cluster, precision: str, shape: ModelShape) -> tuple[
             "by bert-plan --measure"
         )
     efficiency = fitted_efficiency(cluster.kind)
-    rates = gpu_rates(
-        cluster.kind, precision, hw.nvlink_gb_per_s, hw.internode_gb_per_s, efficiency
-    )
+    rates = _gpu_cluster_rates(cluster, precision)(efficiency, None)
     source = {
         "V100-SXM2": "fitted on NVIDIA's BERT-Large phase 1, 8 x V100 (checked against others)",
         "A100-40GB": "fitted on NVIDIA's BERT-Large phase 1, 8 x A100 (checked against others)",
