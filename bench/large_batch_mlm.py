@@ -38,7 +38,9 @@ Stages:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import platform
 import statistics
 import sys
@@ -444,15 +446,26 @@ def main(argv: list[str] | None = None) -> int:
     if results_path.is_file():
         results = json.loads(results_path.read_text(encoding="utf-8"))
 
-    def save() -> None:
-        results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        results["machine"] = (
-            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads"
-        )
-        partial = results_path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(results, indent=1), encoding="utf-8")
-        partial.replace(results_path)
+    def save(*path: str) -> None:
+        """Store results[path] in results.json, merged under a lock with what other processes
+        of this benchmark stored meanwhile (stages and seeds can run side by side)."""
+        with open(cache / "results.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            disk = {"runs": {}}
+            if results_path.is_file():
+                disk = json.loads(results_path.read_text(encoding="utf-8"))
+            target, source = disk, results
+            for part in path[:-1]:
+                target, source = target.setdefault(part, {}), source[part]
+            target[path[-1]] = source[path[-1]]
+            disk["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            disk["machine"] = (
+                f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads"
+            )
+            partial = results_path.with_suffix(f".json.partial-{os.getpid()}")
+            partial.write_text(json.dumps(disk, indent=1), encoding="utf-8")
+            partial.replace(results_path)
 
     def run(variant: str, lr: float, seed: int, steps: int) -> None:
         key = run_key(variant, lr, seed, steps)
@@ -462,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{key}: reusing the stored run")
             return
         results["runs"][key] = train_run(key, variant, lr, seed, steps, common, cache)
-        save()
+        save("runs", key)
 
     sweep = {x: run_key("sparse15", x, seeds[0], args.lr_steps) for x in lrs}
     lr = args.lr or choose_lr(results["runs"], sweep)
@@ -483,10 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                 key = run_key(variant, lr, seed, args.steps)
                 results["runs"][key]["split"] = split_eval(results["runs"][key], common)
                 log(f"{key}: {results['runs'][key]['split']}")
-        save()
+                save("runs", key, "split")
     elif args.stage == "time":
-        import os
-
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         log(f"timing {', '.join(variants)}: {args.timing_rounds} rounds, load {load}")
         seconds = time_steps(variants, common, args.timing_rounds, args.timing_micro_batches)
@@ -500,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": seconds,
             "xlarge_flop_ratio": xlarge_flop_ratios(),
         }
-        save()
+        save("timing")
     elif args.stage == "finetune":
         from bench.finetune_downstream import finetune, finetune_argv
 
@@ -518,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"fine-tune {key} on NCBI-disease, seed {ft_seed}")
                 done[ft_seed] = finetune(ft_argv)
                 log(f"  dev {done[ft_seed]['dev']}")
-                save()
+                save("finetune", key, ft_seed)
     main_keys = [run_key(v, lr, s, args.steps) for s in seeds for v in variants] if lr else []
     samples = train_samples(common) if results["runs"] else None
     print(report(results, list(sweep.values()), main_keys, samples))

@@ -206,7 +206,8 @@ def measure_optimizer() -> float:
 
 
 def _timed_allreduce(device: torch.device | None = None) -> tuple[float, float]:
-    """Median seconds of a 16 MB and of a 4-byte all-reduce over the default group."""
+    """Median seconds of a 16 MB and of a 4-byte all-reduce over the default group, each right
+    after a barrier."""
     import torch.distributed as dist
 
     device = device or torch.device("cpu")
@@ -224,9 +225,43 @@ def _timed_allreduce(device: torch.device | None = None) -> tuple[float, float]:
     return results[0], results[1]
 
 
-def _ring_figures(large: float, small: float, members: int) -> tuple[float, float]:
-    """(bus bytes/s, latency per ring step) of a ring all-reduce from its two timings."""
-    latency = small / (2 * (members - 1))
+def _collective_in_a_step(small: torch.Tensor, calls: int = 48) -> float:
+    """Seconds one small all-reduce adds to a CPU step whose ranks compute between collectives:
+    a loop of (matrix products, all-reduce) against the same matrix products alone.
+
+    It pays for ranks that arrive apart and for waking a rank that slept in the wait: 1.3-3.8
+    ms a call on this 2-vCPU VM against 0.25 ms right after a barrier, and in training the
+    ranks of a CPU node share its cores. (A GPU's NCCL call is queued behind the step's
+    kernels: there the bare timing stands.)"""
+    import torch.distributed as dist
+
+    a = torch.randn(192, 192)
+
+    def burst() -> None:  # about 5 ms on one core of this machine
+        for _ in range(64):
+            a @ a
+
+    burst()
+    alone = []
+    for _ in range(calls):
+        begin = time.perf_counter()
+        burst()
+        alone.append(time.perf_counter() - begin)
+    dist.barrier()
+    begin = time.perf_counter()
+    for _ in range(calls):
+        burst()
+        dist.all_reduce(small)
+    together = (time.perf_counter() - begin) / calls
+    return max(together - statistics.median(alone), 0.0)
+
+
+def _ring_figures(
+    large: float, small: float, members: int, per_call: float | None = None
+) -> tuple[float, float]:
+    """(bus bytes/s, latency per ring step) of a ring all-reduce from its two timings; the
+    latency from `per_call` (a small call's cost inside a step) where it was measured."""
+    latency = (small if per_call is None else per_call) / (2 * (members - 1))
     bus = 2 * (members - 1) / members * ALLREDUCE_BYTES / max(large - small, 1e-9)
     return bus, latency
 
@@ -238,7 +273,7 @@ def _allreduce_worker(rank: int, port: int, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        timings = _timed_allreduce()
+        timings = (*_timed_allreduce(), _collective_in_a_step(torch.ones(1)))
         if rank == 0:
             queue.put(timings)
     finally:
@@ -254,8 +289,8 @@ def measure_allreduce() -> tuple[float, float]:
         port = sock.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_allreduce_worker, args=(port, queue), nprocs=2, start_method="spawn")
-    large, small = queue.get()
-    return _ring_figures(large, small, 2)
+    large, small, per_call = queue.get()
+    return _ring_figures(large, small, 2, per_call)
 
 
 @dataclass(frozen=True)
@@ -284,9 +319,11 @@ def measure_launched_allreduce(
     init_distributed(env, backend, LAUNCHED_TIMEOUT_S)
     try:
         large, small = _timed_allreduce(device)
+        on_cpu = device is None or device.type == "cpu"
+        per_call = _collective_in_a_step(torch.ones(1)) if on_cpu else None
     finally:
         dist.destroy_process_group()
-    bus, latency = _ring_figures(large, small, env.world_size)
+    bus, latency = _ring_figures(large, small, env.world_size, per_call)
     nodes = max(1, env.world_size // max(1, env.local_world_size))
     return LaunchedAllReduce(bus, latency, env.world_size, nodes)
 

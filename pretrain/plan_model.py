@@ -10,15 +10,17 @@ per rank and per optimizer step (`accumulation` micro-batches of `micro_batch` s
                 MLM head's fp32 logit chunks (written, read, their gradient written) and autocast's
                 half weight copies (made once per forward); on a CPU at a rate --measure fits,
                 plus the CPU's operator dispatch per layer and per micro-batch (fitted too)
-    tp comm   = ring all-reduce of the tensor-parallel messages (`comm_stats.analytic_bytes`,
-                which train.comm_stats proves equal to the real traffic) over NVLink:
-                2 (p-1)/p x bytes / bandwidth + 2 (p-1) x latency per call
+    tp comm   = ring all-reduce of the tensor-parallel messages (`comm_stats.analytic_bytes`
+                and `analytic_calls`, which train.comm_stats proves equal to the real
+                traffic) over NVLink: 2 (p-1)/p x bytes / bandwidth + 2 (p-1) x latency per
+                call (on a CPU the latency is a small call's measured cost inside a step)
     dp comm   = ring all-reduce of the fp32 gradients over the dp group. Inside a node it runs at
                 the NVLink bandwidth; across nodes every node sends 2 (p-1)/p of all tp groups'
                 gradients through its network adapters. DDP overlaps it with the backward of the
                 last micro-batch (the others run under no_sync); the last 25 MiB bucket
-                (DDP's bucket_cap_mb) never hides. ZeRO-1 then broadcasts the updated
-                parameters (not overlapped).
+                (DDP's bucket_cap_mb) never hides; on a CPU nothing hides (the ranks' own
+                cores run the backward). Every call (a bucket, ZeRO-1's reduces) pays its
+                latency. ZeRO-1 then broadcasts the updated parameters (not overlapped).
     optimizer = a memory-bound pass: the loss scaler's check, the gradient norm and clipping
                 read the fp32 gradients; LAMB reads parameter, gradient and two moments and
                 writes the update, the moments and the parameter (~10 fp32 accesses per element
@@ -38,9 +40,7 @@ from pretrain.config import ModelShape
 from pretrain.memory import Layout, padded_vocab, parameter_counts, saved_activation_bytes
 from pretrain.memory import scored_rows as scored_rows_per_micro_batch
 from pretrain.model import flops_per_step
-from pretrain.parallel.comm_stats import analytic_bytes
-
-DDP_BUCKET_BYTES = 25 * 1024**2  # torch DistributedDataParallel's default bucket_cap_mb=25
+from pretrain.parallel.comm_stats import DDP_BUCKET_BYTES, analytic_bytes, analytic_calls
 
 
 @dataclass(frozen=True)
@@ -183,22 +183,35 @@ def _ring_all_reduce(size: float, members: int, bandwidth: float, latency: float
 
 
 def tp_comm_seconds(shape: ModelShape, layout: Layout, rates: Rates) -> float:
-    """Tensor-parallel all-reduces and all-gathers of one step (never overlapped)."""
+    """Tensor-parallel all-reduces and all-gathers of one step (never overlapped), each call
+    paying its latency (`comm_stats.analytic_calls`), plus the skip flag over all ranks."""
+    flag = _calls(shape, layout).get("world.all_reduce", 0) * 2 * (layout.tp * layout.dp - 1)
     if layout.tp == 1:
-        return 0.0
+        return flag * rates.link_latency_s
     elem = 4 if layout.precision == "fp32" else 2
     moved = _tp_bytes(shape, layout)
-    calls_per_micro_batch = 4 * shape.layers + 3  # 4 per layer, embedding, decoder, loss
+    calls = _calls(shape, layout)
+    tp_calls = calls["tp.all_reduce"] + calls["tp.all_gather"]
     extra = 0
     if layout.recompute == "full":  # the rerun forward all-reduces again
         extra = 2 * shape.layers * layout.micro_batch * layout.seq_len * shape.hidden * elem
-        calls_per_micro_batch += 2 * shape.layers
+        tp_calls += layout.accumulation * 2 * shape.layers
     total_reduce = moved["tp.all_reduce"] + layout.accumulation * extra
-    calls = layout.accumulation * calls_per_micro_batch
     p = layout.tp
     reduce = 2 * (p - 1) / p * total_reduce / rates.link_bytes_per_s
     gather = (p - 1) / p * moved.get("tp.all_gather", 0) / rates.link_bytes_per_s
-    return reduce + gather + calls * 2 * (p - 1) * rates.link_latency_s
+    return reduce + gather + (tp_calls * 2 * (p - 1) + flag) * rates.link_latency_s
+
+
+def _calls(shape: ModelShape, layout: Layout) -> dict[str, int]:
+    return analytic_calls(
+        shape.layers,
+        micro_batches=layout.accumulation,
+        tp=layout.tp,
+        dp=layout.dp,
+        zero=layout.zero,
+        gradient_bytes=4 * parameter_counts(shape, layout.tp)[1],
+    )
 
 
 def _tp_bytes(shape: ModelShape, layout: Layout) -> dict[str, int]:
@@ -231,20 +244,21 @@ def dp_comm_seconds(
         return 0.0, 0.0
     grads = 4 * parameter_counts(shape, layout.tp)[1]
     spans_nodes = layout.tp * p > gpus_per_node
-    whole = _ring_all_reduce(grads, p, rates.link_bytes_per_s, 0.0)
     latency = rates.network_latency_s if spans_nodes else rates.link_latency_s
-    whole += 2 * (p - 1) * latency
+    calls = sum(v for k, v in _calls(shape, layout).items() if k.startswith("dp."))
+    whole = _ring_all_reduce(grads, p, rates.link_bytes_per_s, 0.0)
     if spans_nodes:  # every node's adapters carry 2(p-1)/p of each of its tp groups' gradients
-        network = layout.tp * 2 * (p - 1) / p * grads / rates.network_bytes_per_s
-        whole = max(whole, network + 2 * (p - 1) * latency)
-    last_bucket = whole * min(1.0, DDP_BUCKET_BYTES / grads)
-    exposed = max(whole - backward_s, last_bucket)
+        whole = max(whole, layout.tp * 2 * (p - 1) / p * grads / rates.network_bytes_per_s)
+    # Each call pays its latency: DDP's buckets, or ZeRO-1's reduces, broadcasts and norm.
+    whole += calls * 2 * (p - 1) * latency
+    broadcast = 0.0
     if layout.zero:  # each owner broadcasts its updated tensors: an all-gather's worth
         bandwidth = rates.network_bytes_per_s / layout.tp if spans_nodes else rates.link_bytes_per_s
-        bandwidth = min(bandwidth, rates.link_bytes_per_s)
-        calls = _tensor_count(shape) * math.ceil(math.log2(p))
-        exposed += (p - 1) / p * grads / bandwidth + calls * latency
-    return exposed, whole
+        broadcast = (p - 1) / p * grads / min(bandwidth, rates.link_bytes_per_s)
+    if layout.device == "cpu":  # the ranks' own cores run the backward: nothing hides
+        return whole + broadcast, whole
+    last_bucket = whole * min(1.0, DDP_BUCKET_BYTES / grads)
+    return max(whole - backward_s, last_bucket) + broadcast, whole
 
 
 def optimizer_seconds(shape: ModelShape, layout: Layout, rates: Rates) -> float:

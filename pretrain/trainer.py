@@ -718,6 +718,7 @@ class _Interval:
         self.start = time.perf_counter()
         self.comm = comm
         self.comm_before = Counter(comm.bytes) if comm is not None else Counter()
+        self.calls_before = Counter(comm.calls) if comm is not None else Counter()
         # loss sum, masked loss sum, correct, masked count (float64, on the device)
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.steps = 0
@@ -774,6 +775,8 @@ class _Interval:
             record["comm_bytes"] = {k: v // steps for k, v in sorted(moved.items())}
             minimum = self.comm.minimum(encoded=self.encoded, scored=self.scored)
             record["comm_bytes_min"] = {k: v // steps for k, v in sorted(minimum.items())}
+            calls = self.comm.calls - self.calls_before
+            record["comm_calls"] = {k: v // steps for k, v in sorted(calls.items())}
         if self.skipped:
             record["skipped"] = True
         return record

@@ -135,6 +135,40 @@ def analytic_bytes(
     return out
 
 
+DDP_FIRST_BUCKET_BYTES = 1024**2  # torch DDP's first bucket (dist._DEFAULT_FIRST_BUCKET_BYTES)
+DDP_BUCKET_BYTES = 25 * 1024**2  # and the others' cap, bucket_cap_mb=25
+
+
+def analytic_calls(
+    layers: int, *, micro_batches: int, tp: int, dp: int, zero: bool, gradient_bytes: int
+) -> dict[str, int]:
+    """Collective calls per optimizer step on one rank, by "group.kind" (what CommCounter
+    counts; tests/distributed/test_comm_stats.py holds them equal). Each call pays a latency
+    whatever its size, which on a CPU node is most of what a small collective costs.
+
+    TP, per micro-batch: the four all-reduces of every layer, the embedding's, the decoder's and
+    the cross-entropy's three, and its two all-gathers (the best logit and its index); per step
+    three all-reduces (LAMB's norms and the gradient norm's square among them). DP: one
+    all-reduce per DDP bucket of the `gradient_bytes` (a first bucket of 1 MiB, then 25 MiB
+    each); ZeRO-1 a reduce to and a broadcast from each of the dp owners and the gradient
+    norm's square. World: the skip flag.
+    """
+    out: dict[str, int] = {}
+    if tp > 1:
+        out["tp.all_reduce"] = micro_batches * (4 * layers + 5) + 3
+        out["tp.all_gather"] = micro_batches * 2
+    if dp > 1 and zero:
+        out["dp.reduce"] = dp
+        out["dp.broadcast"] = dp
+        out["dp.all_reduce"] = 1
+    elif dp > 1:
+        rest = max(0, gradient_bytes - DDP_FIRST_BUCKET_BYTES)
+        out["dp.all_reduce"] = 1 + -(-rest // DDP_BUCKET_BYTES)
+    if tp * dp > 1:
+        out["world.all_reduce"] = 1
+    return out
+
+
 def wire_bytes(payload: dict[str, int], sizes: dict[str, int]) -> dict[str, float]:
     """Bytes each rank's link carries for `payload` ("group.kind" -> bytes), on average, with
     `sizes` the ranks in each group ({"tp": 2, "dp": 2, "world": 4}): 2(p-1)/p of an

@@ -59,9 +59,13 @@ def test_counted_bytes_equal_the_analytic_minimum(
 ):
     """dp=2 x tp=2, two micro-batches per step: every step moves exactly the minimum, except
     DDP's one-time broadcast of its rebuilt bucket order at step 2 (a few hundred bytes; ZeRO-1
-    has no such set-up). bf16 gradient reduction halves the gradients' bytes."""
+    has no such set-up), in exactly the calls the plan's time model counts (`analytic_calls`;
+    the broadcast's two calls aside). bf16 gradient reduction halves the gradients' bytes."""
+    from pretrain.parallel.comm_stats import analytic_calls
+
     args = (str(small_dataset), str(tmp_path), mode, zero, precision, reduce)
     ranks = run_distributed(_train, 4, *args)
+    reduce_bytes = 2 if reduce == "bf16" else 4
     expected_kinds = {"tp.all_reduce", "tp.all_gather", "dp.all_reduce", "world.all_reduce"} | (
         {"dp.broadcast", "dp.reduce"} if zero else set()
     )
@@ -76,6 +80,14 @@ def test_counted_bytes_equal_the_analytic_minimum(
                 measured = {**measured, "dp.broadcast": minimum.get("dp.broadcast", 0)}
                 measured = {k: v for k, v in measured.items() if v}
             assert measured == minimum
+            gradient_bytes = minimum["dp.reduce" if zero else "dp.all_reduce"] * 4 // reduce_bytes
+            calls = analytic_calls(
+                2, micro_batches=2, tp=2, dp=2, zero=bool(zero), gradient_bytes=gradient_bytes
+            )
+            counted = record["comm_calls"]
+            if record["step"] == 2 and not zero:
+                counted = {k: v for k, v in counted.items() if k != "dp.broadcast"}
+            assert counted == calls
 
 
 @pytest.mark.slow
