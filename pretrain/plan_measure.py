@@ -49,6 +49,7 @@ import torch
 from launch.env import LaunchEnv, detect_environment
 from launch.rendezvous import init_distributed
 from pretrain.config import Config, ConfigError, MLMConfig, ModelShape, resolve_model_shape
+from pretrain.cpu_memory import keep_freed_memory
 from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
 from pretrain.masking import IGNORE
 from pretrain.memory import DEFAULT_VOCAB, Layout
@@ -436,6 +437,7 @@ def calibrate(
     """Measure at `threads` threads; (the calibration, measured vs predicted per term)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as bert-train runs on a CPU
     try:
         dtype = "fp32" if layout.precision == "fp32" else "bf16"
         peak = cpu_peak_flops(dtype)

@@ -43,6 +43,7 @@ from pretrain.config import (
     resolve_model_shape,
     save_config,
 )
+from pretrain.cpu_memory import keep_freed_memory
 from pretrain.data import (
     EVAL_MLM,
     StreamBatches,
@@ -190,6 +191,8 @@ def train(config: Config) -> TrainResult:
     kernels.set_enabled(config.kernels.enabled)  # false: PyTorch references everywhere (debug)
     env, dims, device = setup_parallel(config)
     configure_tf32(device, config.train.allow_tf32)  # before any matrix product
+    if device.type == "cpu":
+        keep_freed_memory()  # each step reuses the last one's memory: no page faults
     memory = MemoryPlan()
     try:
         try:
