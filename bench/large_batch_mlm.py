@@ -179,8 +179,13 @@ def time_steps(
     clipped LAMB step, and a step's time is the round's time per micro-batch times the
     micro-batches of a global batch (the optimizer step of 1.5 M parameters is a few ms).
     Round 0 warms up and is not counted; the median over rounds is reported, with min and max.
+    Freed memory is kept, as bert-train keeps it on a CPU.
     """
     import torch
+
+    from pretrain.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()
 
     from pretrain.config import load_config, resolve_model_shape
     from pretrain.data import collate, open_training_data
