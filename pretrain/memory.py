@@ -46,6 +46,7 @@ from pretrain.config import (
     check_batch_layout,
     resolve_model_shape,
 )
+from pretrain.objectives import SCORED_ROW_MULTIPLE
 from pretrain.parallel.parallelize import padded_vocab_size
 
 GiB = 1024**3
@@ -220,11 +221,13 @@ def recompute_bytes(shape: ModelShape, layout: Layout) -> int:
 
 def scored_rows(layout: Layout) -> int:
     """Rows the MLM head runs on: every position (dense; an upper bound, since [CLS], [SEP] and
-    padding are not scored) or the picked ones (sparse)."""
+    padding are not scored) or the picked ones (sparse), rounded up to the head's row multiple
+    (pretrain/objectives.py)."""
     tokens = layout.micro_batch * layout.seq_len
-    if layout.mlm_mode == "dense":
-        return tokens
-    return int(tokens * layout.mask_rate) + layout.micro_batch
+    rows = tokens if layout.mlm_mode == "dense" else int(tokens * layout.mask_rate)
+    if layout.mlm_mode == "sparse":
+        rows += layout.micro_batch
+    return -(-rows // SCORED_ROW_MULTIPLE) * SCORED_ROW_MULTIPLE
 
 
 def head_grad_bytes(shape: ModelShape, layout: Layout) -> int:

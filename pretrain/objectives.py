@@ -22,6 +22,15 @@ from pretrain.model import Bert
 from pretrain.parallel.collectives import tp_collectives
 from pretrain.parallel.mappings import copy_to_tp_region
 
+SCORED_ROW_MULTIPLE = 64
+"""The MLM head runs on a multiple of this many rows: the scored positions, then unscored
+filler rows. A batch's scored count varies (padding, sparse MLM's random picks), and oneDNN
+(PyTorch's CPU matrix products) compiles a kernel for every new shape: on an AMX CPU the tiny
+model's steps on real batches took 150 ms against 131 ms on one batch repeated, thousands of
+page faults a step from the compiler. Rounded up, a run meets a few shapes and compiles each
+once; GPUs' tensor cores also prefer M a multiple of 64. Fixed-size prediction slots are what
+BERT's own data format does (max_predictions_per_seq)."""
+
 
 @dataclass
 class LossOutput:
@@ -29,7 +38,7 @@ class LossOutput:
     masked_loss_sum: torch.Tensor  # CE summed over picked positions (detached, fp32)
     masked_correct: torch.Tensor  # correct predictions at picked positions (detached)
     masked_count: torch.Tensor  # number of picked positions scored
-    scored_count: int  # positions the MLM head ran on (for the FLOP count)
+    scored_count: int  # rows the MLM head ran on, filler included (for the FLOP count)
 
 
 def pretraining_loss(
@@ -49,9 +58,13 @@ def pretraining_loss(
     labels = batch["labels"].reshape(-1)
     picked = batch["picked"].reshape(-1)
     scored = labels != IGNORE  # sparse batches only carry labels on picked positions
-    rows = hidden.reshape(-1, hidden.shape[-1])[scored]  # [N, H]
-    targets = labels[scored]
-    picked_rows = picked[scored]
+    index = scored.nonzero().squeeze(1)  # [N]
+    count = index.numel()
+    filler = -count % SCORED_ROW_MULTIPLE  # rows that re-read position 0 and are not scored
+    index = F.pad(index, (0, filler))
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # [N + filler, H]
+    targets = F.pad(labels[index[:count]], (0, filler), value=IGNORE)
+    picked_rows = F.pad(picked[index[:count]], (0, filler), value=False)
     weight = None
     if mlm.mode == "dense":
         weight = torch.where(picked_rows, 1.0, mlm.visible_weight).to(torch.float32)

@@ -54,6 +54,7 @@ from pretrain.devices import _cpu_model_name, cache_path, cpu_peak_flops
 from pretrain.masking import IGNORE
 from pretrain.memory import DEFAULT_VOCAB, Layout
 from pretrain.plan_model import Rates, elementwise_bytes, optimizer_seconds, step_time
+from pretrain.precision import unscale_and_find_nonfinite
 
 ALLREDUCE_BYTES = 16 * 1024**2
 LAUNCHED_TIMEOUT_S = 300.0  # rendezvous and collectives of the all-reduce under a launcher
@@ -184,8 +185,9 @@ OPTIMIZER_ELEMENTS = 8 * 1024**2
 
 def measure_optimizer() -> float:
     """Bytes/s of the optimizer's pass as the time model counts it (13 fp32 accesses per
-    parameter: clipping's reads, LAMB's reads and writes), timed on 8 M parameters in 32
-    tensors with gradients: clip_grad_norm_ then a LAMB step."""
+    parameter: the finiteness check's and clipping's reads, LAMB's reads and writes), timed on
+    8 M parameters in 32 tensors with gradients as bert-train's step ends: the loss scaler's
+    check, clip_grad_norm_, then a LAMB step."""
     from pretrain.optim import clip_grad_norm_, optimizer_for_groups
 
     generator = torch.Generator().manual_seed(0)
@@ -200,6 +202,7 @@ def measure_optimizer() -> float:
     )
 
     def step() -> None:
+        unscale_and_find_nonfinite([p.grad for p in params], 1.0)
         clip_grad_norm_(params, 1.0)
         optimizer.step()
 
@@ -367,6 +370,7 @@ def measure_steps(
         with autocast_context(layout.precision, device.type):
             loss = pretraining_loss(model, batch, mlm).loss
         loss.backward()
+        unscale_and_find_nonfinite([p.grad for p in params], 1.0)  # bert-train's check
         clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

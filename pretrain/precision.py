@@ -123,15 +123,22 @@ def unscale_and_find_nonfinite(grads: list[Tensor], inv_scale: float) -> Tensor:
     """Multiply every gradient by `inv_scale` in place (skipped for 1.0) and return a float
     flag of shape [1] on the first gradient's device, > 0 if any gradient holds inf or NaN.
 
-    Public per-tensor ops (torch's fused `_amp_foreach_non_finite_check_and_unscale_` is
-    private): two small kernels per parameter tensor, a few hundred per step for BERT, and no
-    CPU-GPU sync here."""
+    The check is one fp32 L2 norm per tensor by the multi-tensor kernels clip_grad_norm_ uses
+    (torch's fused `_amp_foreach_non_finite_check_and_unscale_` is private): an inf or NaN makes
+    its tensor's norm non-finite, and so does a finite gradient so large (about 1e19) that its
+    squares overflow, which no step should apply either. Per-tensor `isfinite(g).any()` wrote a
+    bool copy of every gradient: 437 ms against 34 ms for base's 110 M gradients on one core
+    here. No CPU-GPU sync."""
     device = grads[0].device if grads else torch.device("cpu")
     found = torch.zeros(1, dtype=torch.float32, device=device)
+    by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for device_grads in by_device.values():
         if inv_scale != 1.0:
-            g.mul_(inv_scale)
-        found += (~torch.isfinite(g)).any().to(device=device, dtype=torch.float32)
+            torch._foreach_mul_(device_grads, inv_scale)
+        norms = torch.stack(torch._foreach_norm(device_grads, 2, dtype=torch.float32))
+        found += (~torch.isfinite(norms)).any().to(device=device, dtype=torch.float32)
     return found
 
 

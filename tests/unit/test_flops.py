@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from pretrain.config import MLMConfig, ModelShape
 from pretrain.model import build_model, flops_per_step
-from pretrain.objectives import IGNORE, pretraining_loss
+from pretrain.objectives import IGNORE, SCORED_ROW_MULTIPLE, pretraining_loss
 
 aten = torch.ops.aten
 
@@ -107,5 +107,37 @@ def test_flops_per_step_matches_flop_counter(
     counted = counter.get_total_flops()
     ours = flops_per_step(shape, seq_len, sequences, out.scored_count)
     assert ours == pytest.approx(counted, rel=1e-9)
-    # The head term is what separates dense from sparse: it must be in there.
-    assert (batch["labels"] != IGNORE).sum() == out.scored_count
+    # The head term is what separates dense from sparse: it must be in there (its rows rounded
+    # up to the head's row multiple with unscored filler).
+    labelled = int((batch["labels"] != IGNORE).sum())
+    assert out.scored_count == -(-labelled // SCORED_ROW_MULTIPLE) * SCORED_ROW_MULTIPLE
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_filler_rows_change_neither_loss_nor_gradients(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Oracle: the same step with no filler (a row multiple of 1, the head on exactly the
+    labelled rows): loss, masked statistics and every gradient equal."""
+    import pretrain.objectives as objectives
+
+    shape = _shape("post", pair_head=False)
+    batch = _batch(mode, sequences=3, seq_len=24, pair=False, padded=True)
+    results = []
+    for multiple in (1, SCORED_ROW_MULTIPLE):
+        monkeypatch.setattr(objectives, "SCORED_ROW_MULTIPLE", multiple)
+        torch.manual_seed(0)
+        model = build_model(shape)
+        out = pretraining_loss(model, batch, MLMConfig(mode=mode, visible_weight=0.1))
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        results.append((out, grads))
+    (plain, plain_grads), (filled, filled_grads) = results
+    assert filled.scored_count % SCORED_ROW_MULTIPLE == 0
+    assert filled.scored_count > plain.scored_count
+    torch.testing.assert_close(filled.loss, plain.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(filled.masked_loss_sum, plain.masked_loss_sum)
+    assert torch.equal(filled.masked_correct, plain.masked_correct)
+    assert torch.equal(filled.masked_count, plain.masked_count)
+    for a, b in zip(filled_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

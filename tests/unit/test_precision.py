@@ -107,6 +107,17 @@ def test_disabled_scaler_only_checks_finiteness() -> None:
     assert torch.isinf(p.grad).all()
 
 
+def test_the_check_reads_half_gradients_in_fp32_and_flags_overflowing_ones() -> None:
+    """Oracle: float arithmetic. An fp16 gradient of 300 is finite though its square is not in
+    fp16 (the norm must be taken in fp32); an fp32 gradient of 1e20 is finite but its square
+    overflows fp32, and such a step is skipped like a non-finite one."""
+    scaler = DynamicLossScaler(enabled=False)
+    half = _param_with_grad(torch.full((64,), 300.0).half())
+    assert scaler.unscale_and_check([half]) is False
+    huge = _param_with_grad(torch.tensor([1e20, 1.0]))
+    assert scaler.unscale_and_check([half, huge]) is True
+
+
 def test_auto_precision_rule() -> None:
     """Oracle: the rule of the issue — fp16 below compute capability 8.0, bf16 from 8.0; on the
     CPU bf16 only with native bf16 instructions (AVX512_BF16 or AMX), fp32 on AVX2-only CPUs."""
