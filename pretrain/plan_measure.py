@@ -24,21 +24,25 @@ On a CPU node, short micro-benchmarks, each stored in the calibration:
   byte alone over-predicted a larger model (base from tiny: +51%) and under-predicted tp 2,
   whose ranks dispatch as many operators on halved tensors (-29%).
 
-Measured at one thread per rank and at all cores (what one process uses); the plan takes the
-calibration for the number of threads each of its ranks gets (torchrun gives each of several
-ranks one thread). Stored in `$XDG_CACHE_HOME/bert-pretrain/plan_calibration.json` by cluster
-name, CPU model, threads, dtype and torch version; later plans for that cluster use it.
+Measured at one thread per rank and at all cores (what one process uses), and at one thread
+with the node's other cores each training the same step in a neighbour process (a rank among
+busy ranks: they share the memory bandwidth and caches); the plan takes the calibration for the
+number of threads each of its ranks gets (torchrun gives each of several ranks one thread) and,
+with several ranks per node, the one measured among busy ranks. Stored in
+`$XDG_CACHE_HOME/bert-pretrain/plan_calibration.json` by cluster name, CPU model, threads, busy
+ranks, dtype and torch version; later plans for that cluster use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -89,9 +93,16 @@ def calibration_path() -> Path:
     return cache_path().with_name("plan_calibration.json")
 
 
-def _key(cluster: str, precision: str, threads: int) -> str:
+def _key(cluster: str, precision: str, threads: int, ranks: int = 1) -> str:
+    """A calibration's name; `ranks` > 1: measured with that many ranks busy on the node."""
     cpu = _cpu_model_name() or "cpu"
-    return f"{cluster}|{cpu}|threads={threads}|{precision}|torch={torch.__version__}"
+    busy = f"|ranks={ranks}" if ranks > 1 else ""
+    return f"{cluster}|{cpu}|threads={threads}{busy}|{precision}|torch={torch.__version__}"
+
+
+def busy_ranks(threads: int) -> int:
+    """Ranks of `threads` threads that fill this node's cores (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // threads)
 
 
 def threads_per_rank(ranks_per_node: int) -> int:
@@ -105,12 +116,18 @@ def threads_per_rank(ranks_per_node: int) -> int:
 def load_calibration(
     cluster: str, precision: str, ranks_per_node: int, shape: ModelShape
 ) -> Rates | None:
-    """The time model's rates from a stored calibration, or None when there is none."""
+    """The time model's rates from a stored calibration, or None when there is none: the one
+    measured with as many ranks busy on the node as the plan puts there (at most as many as
+    fill its cores; one stored before such calibrations existed stands in for it)."""
     try:
         stored = json.loads(calibration_path().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    entry = stored.get(_key(cluster, precision, threads_per_rank(ranks_per_node)))
+    threads = threads_per_rank(ranks_per_node)
+    ranks = min(ranks_per_node, busy_ranks(threads))
+    entry = stored.get(_key(cluster, precision, threads, ranks))
+    if not isinstance(entry, dict):
+        entry = stored.get(_key(cluster, precision, threads))
     if not isinstance(entry, dict):
         return None
     return rates_from(Calibration(**entry), shape)
@@ -332,17 +349,16 @@ def measure_launched_allreduce(
     return LaunchedAllReduce(bus, latency, env.world_size, nodes)
 
 
-def measure_steps(
-    shape: ModelShape, layout: Layout, mlm: MLMConfig, device: torch.device | None = None
-) -> float:
-    """Median seconds of a real training step (one process, random tokens, no data loader) on
-    `device` (default the CPU; a GPU is synchronised before each clock reading)."""
+def _step_runner(
+    shape: ModelShape, layout: Layout, mlm: MLMConfig, device: torch.device
+) -> Callable[[], None]:
+    """One real training step of `shape` at `layout` on random tokens, as a function: forward
+    and backward under the run's autocast, bert-train's finiteness check, clipping and LAMB."""
     from pretrain.model import apply_recompute, build_model
     from pretrain.objectives import pretraining_loss
     from pretrain.optim import build_param_groups, clip_grad_norm_, optimizer_for_groups
     from pretrain.precision import autocast_context
 
-    device = device or torch.device("cpu")
     torch.manual_seed(0)
     ids = torch.randint(5, shape.vocab_size, (layout.micro_batch, layout.seq_len))
     picked = torch.rand(ids.shape) < layout.mask_rate
@@ -363,10 +379,8 @@ def measure_steps(
         build_param_groups(model, 0.01), "lamb", 1e-3, (0.9, 0.999), 1e-6, None
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    times = []
-    for _ in range(STEPS + 1):
-        _synchronize(device)
-        begin = time.perf_counter()
+
+    def step() -> None:
         with autocast_context(layout.precision, device.type):
             loss = pretraining_loss(model, batch, mlm).loss
         loss.backward()
@@ -374,9 +388,74 @@ def measure_steps(
         clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure_steps(
+    shape: ModelShape, layout: Layout, mlm: MLMConfig, device: torch.device | None = None
+) -> float:
+    """Median seconds of a real training step (one process, random tokens, no data loader) on
+    `device` (default the CPU; a GPU is synchronised before each clock reading)."""
+    device = device or torch.device("cpu")
+    step = _step_runner(shape, layout, mlm, device)
+    times = []
+    for _ in range(STEPS + 1):
+        _synchronize(device)
+        begin = time.perf_counter()
+        step()
         _synchronize(device)
         times.append(time.perf_counter() - begin)
     return statistics.median(times[1:])
+
+
+def _neighbour(
+    shape: ModelShape, layout: Layout, mlm: MLMConfig, threads: int, ready: Any, stop: Any
+) -> None:
+    """A rank's neighbour on the node: trains the same step over and over until `stop`."""
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    step = _step_runner(shape, layout, mlm, torch.device("cpu"))
+    step()
+    ready.set()
+    while not stop.is_set():
+        step()
+
+
+@contextlib.contextmanager
+def _busy_neighbours(
+    count: int, shape: ModelShape, layout: Layout, mlm: MLMConfig, threads: int
+) -> Iterator[None]:
+    """`count` processes training the config's step beside this one while the block runs, as
+    the other ranks of a node do: they share its memory bandwidth and caches."""
+    if count == 0:
+        yield
+        return
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    ready = [context.Event() for _ in range(count)]
+    stop = context.Event()
+    workers = [
+        context.Process(target=_neighbour, args=(shape, layout, mlm, threads, r, stop))
+        for r in ready
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for event, worker in zip(ready, workers, strict=True):
+            while not event.wait(1.0):
+                if not worker.is_alive():
+                    raise RuntimeError(
+                        "a neighbour process of --measure died before its first step"
+                    )
+        yield
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=120)
+            if worker.is_alive():
+                worker.kill()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -436,53 +515,76 @@ def _zero_dispatch() -> dict[str, float]:
 
 
 def calibrate(
-    shape: ModelShape, layout: Layout, mlm: MLMConfig, threads: int, link: tuple[float, float]
+    shape: ModelShape,
+    layout: Layout,
+    mlm: MLMConfig,
+    threads: int,
+    link: tuple[float, float],
+    neighbours: int = 0,
 ) -> tuple[Calibration, dict[str, tuple[float, float]]]:
-    """Measure at `threads` threads; (the calibration, measured vs predicted per term)."""
+    """Measure at `threads` threads, with `neighbours` processes training the same step beside
+    this one (a node whose every core has a rank); (the calibration, measured vs predicted per
+    term)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     keep_freed_memory()  # as bert-train runs on a CPU
     try:
-        dtype = "fp32" if layout.precision == "fp32" else "bf16"
-        peak = cpu_peak_flops(dtype)
-        gemm_rate = measure_gemms(shape, layout)
-        bandwidth = measure_memory_bandwidth()
-        optimizer_rate = measure_optimizer()
-        # A busy machine can measure the square-GEMM peak below what the model's shapes then
-        # reach: the peak is then at least the rate just measured.
-        peak = max(peak, gemm_rate)
-        calibration = Calibration(
-            threads=threads,
-            peak_flops=peak,
-            efficiency=gemm_rate / peak,
-            memory_bytes_per_s=bandwidth,
-            link_bytes_per_s=link[0],
-            link_latency_s=link[1],
-            elementwise_bytes_per_s=bandwidth,
-            optimizer_bytes_per_s=optimizer_rate,
-        )
-        # Four real steps: the config's micro-batch and a quarter of it, at the config's depth
-        # and at half of it; they separate the cost per byte from the cost per operator.
-        small = replace(layout, micro_batch=max(1, layout.micro_batch // 4))
-        other = replace(shape, layers=max(1, shape.layers // 2))
-        if other.layers == shape.layers:  # one layer: a deeper model instead
-            other = replace(shape, layers=2)
-        points = [(shape, layout), (shape, small), (other, small), (other, layout)]
-        seconds = [measure_steps(s, lay, mlm) for s, lay in points]
+        with _busy_neighbours(neighbours, shape, layout, mlm, threads):
+            calibration, points, seconds = _measure_all(shape, layout, mlm, threads, link)
     finally:
         torch.set_num_threads(previous)
     measured = seconds[0]
+    bandwidth = calibration.memory_bytes_per_s
     fit = fit_elementwise(calibration, points, seconds)
     calibration = replace(calibration, **fit)
     before = replace(calibration, elementwise_bytes_per_s=bandwidth, **_zero_dispatch())
     without = step_time(shape, layout, rates_from(before, shape), 1).total
     report = {
-        "matrix products (FLOP/s)": (gemm_rate, peak),
+        "matrix products (FLOP/s)": (
+            calibration.efficiency * calibration.peak_flops,
+            calibration.peak_flops,
+        ),
         "memory copy (bytes/s)": (bandwidth, bandwidth),
-        "clipping + LAMB (bytes/s of state traffic)": (optimizer_rate, bandwidth),
+        "clipping + LAMB (bytes/s of state traffic)": (
+            calibration.optimizer_bytes_per_s,
+            bandwidth,
+        ),
         STEP: (measured, without),
     }
     return calibration, report
+
+
+def _measure_all(
+    shape: ModelShape, layout: Layout, mlm: MLMConfig, threads: int, link: tuple[float, float]
+) -> tuple[Calibration, list[tuple[ModelShape, Layout]], list[float]]:
+    """The micro-benchmarks and the four real steps (before the fit)."""
+    dtype = "fp32" if layout.precision == "fp32" else "bf16"
+    peak = cpu_peak_flops(dtype)
+    gemm_rate = measure_gemms(shape, layout)
+    bandwidth = measure_memory_bandwidth()
+    optimizer_rate = measure_optimizer()
+    # A busy machine can measure the square-GEMM peak below what the model's shapes then
+    # reach: the peak is then at least the rate just measured.
+    peak = max(peak, gemm_rate)
+    calibration = Calibration(
+        threads=threads,
+        peak_flops=peak,
+        efficiency=gemm_rate / peak,
+        memory_bytes_per_s=bandwidth,
+        link_bytes_per_s=link[0],
+        link_latency_s=link[1],
+        elementwise_bytes_per_s=bandwidth,
+        optimizer_bytes_per_s=optimizer_rate,
+    )
+    # Four real steps: the config's micro-batch and a quarter of it, at the config's depth
+    # and at half of it; they separate the cost per byte from the cost per operator.
+    small = replace(layout, micro_batch=max(1, layout.micro_batch // 4))
+    other = replace(shape, layers=max(1, shape.layers // 2))
+    if other.layers == shape.layers:  # one layer: a deeper model instead
+        other = replace(shape, layers=2)
+    points = [(shape, layout), (shape, small), (other, small), (other, layout)]
+    seconds = [measure_steps(s, lay, mlm) for s, lay in points]
+    return calibration, points, seconds
 
 
 def _measured_layout(config: Config, precision: str, device: str) -> tuple[ModelShape, Layout]:
@@ -522,12 +624,19 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
             }
     link = measure_allreduce()
     print(f"gloo all-reduce, 2 processes: {link[0] / 1e9:.2f} GB/s bus, {link[1] * 1e6:.0f} us")
-    for threads in sorted({1, os.cpu_count() or 1}):
-        calibration, report = calibrate(shape, layout, config.mlm, threads, link)
+    # One rank alone at one thread and at all cores; and, where one-thread ranks can fill the
+    # node, one rank among them (bert-train's ranks on a CPU node share its memory bandwidth
+    # and caches, and a tp or dp step waits for the slowest of them).
+    cases = [(threads, 1) for threads in sorted({1, os.cpu_count() or 1})]
+    if busy_ranks(1) > 1:
+        cases.append((1, busy_ranks(1)))
+    for threads, ranks in cases:
+        calibration, report = calibrate(shape, layout, config.mlm, threads, link, ranks - 1)
         if network is not None:
             calibration = replace(calibration, **network)
-        _store(_key(cluster, precision, threads), calibration)
-        print(f"threads {threads} ({precision}):")
+        _store(_key(cluster, precision, threads, ranks), calibration)
+        beside = f", beside {ranks - 1} rank(s) training the same step" if ranks > 1 else ""
+        print(f"threads {threads}{beside} ({precision}):")
         for name, (measured, predicted) in report.items():
             print(f"  {name:<48} measured {measured:10.4g}  model/peak {predicted:10.4g}")
         predicted = step_time(shape, layout, rates_from(calibration, shape), 1).total

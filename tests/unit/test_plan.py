@@ -10,6 +10,7 @@ for --emit; the arguments themselves for the error messages.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from pretrain.memory import (
     parameter_counts,
     saved_activation_bytes,
 )
+from pretrain.plan_measure import calibration_path
 from pretrain.plan_model import (
     Rates,
     _forward_gemms,
@@ -370,6 +372,31 @@ def test_measure_then_plan_on_the_cpu(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["world_size"] == 2 and any(item["best"] for item in data["layouts"])
     assert "measured on this CPU" in data["time_model"]
+    if (os.cpu_count() or 1) >= 2:  # a rank among busy ranks was measured too, and stored
+        assert "beside 1 rank(s) training the same step" in out
+        stored = json.loads(calibration_path().read_text(encoding="utf-8"))
+        assert any("|threads=1|ranks=2|" in key for key in stored)
+
+
+def test_plans_take_the_calibration_measured_with_their_ranks_beside(tmp_path, monkeypatch):
+    """Oracle: the stored entries. One rank per node takes the calibration measured alone; two
+    one-thread ranks on a 2-core node the one measured beside a busy rank; four (more than
+    the cores) that one too; without it the one measured alone stands in."""
+    from dataclasses import asdict
+
+    from pretrain.plan_measure import Calibration, _key, _store_entry, load_calibration
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    shape = resolve_model_shape(load_config(REPO / "configs" / "tiny.yaml", []), 1000)
+    alone = Calibration(1, 1e11, 0.8, 2e10, 1e9, 1e-4, 3e9)
+    _store_entry(_key("cpu", "bf16", 1), asdict(alone))
+    assert load_calibration("cpu", "bf16", 2, shape).elementwise_bytes_per_s == 3e9
+    _store_entry(_key("cpu", "bf16", 1, 2), asdict(alone) | {"elementwise_bytes_per_s": 2e9})
+    assert load_calibration("cpu", "bf16", 1, shape).elementwise_bytes_per_s == 3e9
+    assert load_calibration("cpu", "bf16", 2, shape).elementwise_bytes_per_s == 2e9
+    assert load_calibration("cpu", "bf16", 4, shape).elementwise_bytes_per_s == 2e9
 
 
 def test_cpu_fit_separates_bytes_from_dispatch():
