@@ -18,6 +18,7 @@ run.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -139,6 +140,15 @@ def resolve_grad_reduce_dtype(setting: str, precision: str) -> str:
     return setting
 
 
+# The one buffer, the vocabulary mask, is built alike on every rank: DDP need not broadcast it
+# before each forward. torch 2.13 renamed the switch and warns on the old name on every rank.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def apply_data_parallel(
     module: nn.Module, dims: ParallelDims, reduce_dtype: torch.dtype = torch.float32
 ) -> nn.Module:
@@ -152,8 +162,8 @@ def apply_data_parallel(
         module,
         process_group=dims.dp_group,
         device_ids=[dims.device] if dims.device.type == "cuda" else None,
-        broadcast_buffers=False,  # the one buffer, the vocabulary mask, is built alike
         gradient_as_bucket_view=True,
+        **_NO_BUFFER_SYNC,
     )
     if reduce_dtype != torch.float32:
         ddp.register_comm_hook(dims.dp_group, _all_reduce_in(reduce_dtype))

@@ -13,7 +13,9 @@ from torch import nn
 from tests.distributed.harness import run_distributed
 
 
-def _grads_and_storages(steps: int) -> tuple[list[torch.Tensor], int, int]:
+def _grads_and_storages(steps: int) -> tuple[list[torch.Tensor], int, int, list[str]]:
+    import warnings
+
     import torch.distributed as dist
 
     from pretrain.distributed import build_dims
@@ -24,7 +26,9 @@ def _grads_and_storages(steps: int) -> tuple[list[torch.Tensor], int, int]:
     dims = build_dims(2, rank, 1, torch.device("cpu"))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 5), nn.GELU(), nn.Linear(5, 3))
-    wrapped = apply_data_parallel(model, dims)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = apply_data_parallel(model, dims)
     for _ in range(steps):  # set_to_none between steps, as the trainer does
         for p in model.parameters():
             p.grad = None
@@ -36,6 +40,7 @@ def _grads_and_storages(steps: int) -> tuple[list[torch.Tensor], int, int]:
         [p.grad.clone() for p in model.parameters()],
         len(storages),
         len(list(model.parameters())),
+        [str(w.message) for w in caught if issubclass(w.category, FutureWarning)],
     )
 
 
@@ -49,10 +54,12 @@ def _local_grads(rank: int) -> list[torch.Tensor]:
 
 def test_gradients_are_bucket_views_and_averaged():
     """After two steps, every .grad of the small model shares one bucket's storage on each rank,
-    and equals the mean of the two ranks' own gradients."""
+    and equals the mean of the two ranks' own gradients; building DDP warns of nothing
+    deprecated (torch 2.13 deprecated broadcast_buffers)."""
     results = run_distributed(_grads_and_storages, 2, 2)
     expected = [(a + b) / 2 for a, b in zip(_local_grads(0), _local_grads(1), strict=True)]
-    for grads, storages, n_params in results:
+    for grads, storages, n_params, future_warnings in results:
         assert n_params == 4 and storages == 1
+        assert future_warnings == []
         for got, want in zip(grads, expected, strict=True):
             torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-5, atol=1e-6)
