@@ -51,16 +51,29 @@ def lock_run_dir(out_dir: Path) -> IO[str]:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"train.out_dir={out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(out_dir / LOCK_FILE, "a+", encoding="utf-8")
+    return _take_lock(out_dir / LOCK_FILE, f"train.out_dir={out_dir}")
+
+
+def lock_checkpoint_dir(checkpoint_dir: Path) -> IO[str]:
+    """Take the lock of a checkpoint.dir outside train.out_dir: a file beside it, so that
+    start_over can move the directory aside while the lock stays."""
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = checkpoint_dir.with_name(f".{checkpoint_dir.name}.{LOCK_FILE}")
+    return _take_lock(lock, f"checkpoint.dir={checkpoint_dir}")
+
+
+def _take_lock(path: Path, setting: str) -> IO[str]:
+    handle = open(path, "a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
+        key = setting.split("=", 1)[0]
         raise ConfigError(
-            f"train.out_dir={out_dir} is in use by another bert-train ({owner}): "
-            "wait for it to end or choose another train.out_dir"
+            f"{setting} is in use by another bert-train ({owner}): "
+            f"wait for it to end or choose another {key}"
         ) from None
     handle.seek(0)
     handle.truncate()
@@ -96,11 +109,15 @@ def move_run_aside(out_dir: Path, checkpoint_dir: Path) -> list[Path]:
 def claim_run_dir(config: Config, dims: ParallelDims, say: Callable[[str], None]) -> Iterator[None]:
     """Hold OUT_DIR's lock for the block (main rank); every rank fails alike if it cannot."""
     out_dir = Path(config.train.out_dir)
-    handle = None
+    handles: list[IO[str]] = []
     error: Exception | None = None
     if dims.is_main:
         try:
-            handle = lock_run_dir(out_dir)
+            handles.append(lock_run_dir(out_dir))
+            if not config.checkpoint_dir.resolve().is_relative_to(out_dir.resolve()):
+                # checkpoint.dir elsewhere: two runs of different out_dirs must not share it,
+                # or each one's rotation deletes the other's checkpoints.
+                handles.append(lock_checkpoint_dir(config.checkpoint_dir))
             swept = sweep_leftovers(config.checkpoint_dir)
             if swept:
                 say(f"tidied {len(swept)} leftover(s) of a killed run: {', '.join(swept)}")
@@ -110,7 +127,7 @@ def claim_run_dir(config: Config, dims: ParallelDims, say: Callable[[str], None]
         except (OSError, ConfigError) as caught:
             error = caught
     if any_rank(error is not None, dims):
-        if handle is not None:
+        for handle in handles:
             handle.close()
         if error is not None:
             raise error
@@ -118,7 +135,7 @@ def claim_run_dir(config: Config, dims: ParallelDims, say: Callable[[str], None]
     try:
         yield
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.close()
 
 

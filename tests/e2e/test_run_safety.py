@@ -90,6 +90,40 @@ def test_a_run_directory_belongs_to_one_run(small_dataset, tmp_path):
     assert _train_steps(out) == [1, 2, 3, 4]  # the new run continued, not the old one
 
 
+def test_a_checkpoint_dir_outside_out_dir_belongs_to_one_running_trainer(small_dataset, tmp_path):
+    """Before: two trainers of different train.out_dir sharing one checkpoint.dir both started
+    (neither saw the other's steps yet) and each one's rotation deleted the other's checkpoints.
+    Now the second is refused while the first runs; start_over still moves the directory aside
+    (the lock is a file beside it)."""
+    from pretrain.run_dir import lock_checkpoint_dir
+
+    shared = tmp_path / "ckpt"
+    holder = lock_checkpoint_dir(shared)  # a running trainer's lock, as claim_run_dir takes it
+    try:
+        with pytest.raises(ConfigError, match="checkpoint.dir=.*is in use by another bert-train"):
+            train(
+                _config(small_dataset, tmp_path / "b", "train.steps=3", f"checkpoint.dir={shared}")
+            )
+    finally:
+        holder.close()
+    first = train(
+        _config(small_dataset, tmp_path / "a", "train.steps=3", f"checkpoint.dir={shared}")
+    )
+    assert first.checkpoint == shared / "step_000003"
+    again = train(
+        _config(
+            small_dataset,
+            tmp_path / "a",
+            "train.steps=3",
+            f"checkpoint.dir={shared}",
+            "train.resume=start_over",
+        )
+    )
+    assert again.checkpoint == shared / "step_000003"
+    (moved,) = tmp_path.glob("ckpt.previous-*")
+    assert (moved / "step_000003").is_dir()
+
+
 def test_resuming_an_earlier_step_moves_the_newer_ones_aside(small_dataset, tmp_path):
     """train.resume=<step 3 of this directory> while step 6 exists: step 6 is kept, moved to
     checkpoints/abandoned-<time>/ (rotation would otherwise compare the new run's steps with
