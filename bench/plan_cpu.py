@@ -13,8 +13,8 @@ collective.
    neighbour process training the same step, which the 2-process cells use; what it fits,
    from real steps at two micro-batches and two depths, is the elementwise rate per byte and
    the dispatch cost per layer and per micro-batch; the gloo all-reduce's cost per small call
-   is timed between bursts of matrix products, as a step meets it). The 1-process cells are
-   what it was calibrated on; the 2- and 4-process cells are predictions.
+   is timed inside two processes' real steps of the config, as a step meets it). The
+   1-process cells are what it was calibrated on; the 2- and 4-process cells are predictions.
 3. For tiny and base at 1 process, dp 2 and tp 2 (torchrun, gloo; one thread per process
    everywhere, as the calibration the cells use), and
    for 4 processes (dp 2 x tp 2, oversubscribing 2 cores: reported, not gated), runs bert-train

@@ -11,10 +11,11 @@ On a CPU node, short micro-benchmarks, each stored in the calibration:
   (pretrain/devices.py) is the efficiency;
 - a memory-bound pass (a 128 MB copy): the memory bandwidth of elementwise work and the
   optimizer;
-- a gloo all-reduce between two processes of this machine (16 MB and 4 bytes): the link
-  bandwidth and the latency per ring step; and, when bert-plan --measure is started by a
-  launcher on several nodes (mpirun, srun, torchrun), one over all its ranks first: the network
-  bandwidth and latency across nodes;
+- a gloo all-reduce between two processes of this machine: 16 MB for the link bandwidth, and
+  4 bytes where tensor parallelism communicates inside both processes' real steps of the config
+  for the latency per ring step (what a call costs in training, ranks arriving apart); and,
+  when bert-plan --measure is started by a launcher on several nodes (mpirun, srun, torchrun),
+  one over all its ranks first: the network bandwidth and latency across nodes;
 - a few real training steps (the trainer's model, loss, clipping and LAMB on random tokens, one
   process) at four points: the config's micro-batch and a quarter of it, at the config's depth
   and at half of it. What the micro-benchmarks do not explain is split, by non-negative least
@@ -246,35 +247,41 @@ def _timed_allreduce(device: torch.device | None = None) -> tuple[float, float]:
     return results[0], results[1]
 
 
-def _collective_in_a_step(small: torch.Tensor, calls: int = 48) -> float:
-    """Seconds one small all-reduce adds to a CPU step whose ranks compute between collectives:
-    a loop of (matrix products, all-reduce) against the same matrix products alone.
+def _collective_in_a_step(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> float:
+    """Seconds one small all-reduce adds to a CPU training step: every rank of the default
+    group trains the config's step (one process each), with a 4-byte all-reduce where tensor
+    parallelism puts its collectives (after each layer's attention and MLP, in forward and in
+    backward), against the same steps without them.
 
-    It pays for ranks that arrive apart and for waking a rank that slept in the wait: 1.3-3.8
-    ms a call on this 2-vCPU VM against 0.25 ms right after a barrier, and in training the
-    ranks of a CPU node share its cores. (A GPU's NCCL call is queued behind the step's
-    kernels: there the bare timing stands.)"""
+    It pays for ranks that arrive apart (what each does between two collectives varies) and
+    for waking a rank that slept in the wait: about 1 ms a call on a 2-vCPU VM, where the same
+    call between uniform bursts of matrix products cost 0.1-0.6 ms and a tiny tp 2 step spent
+    2-2.6 ms a call. (A GPU's NCCL call is queued behind the step's kernels: there the bare
+    timing stands.)"""
     import torch.distributed as dist
 
-    a = torch.randn(192, 192)
+    flag = torch.ones(1)
+    synced = [False]
 
-    def burst() -> None:  # about 5 ms on one core of this machine
-        for _ in range(64):
-            a @ a
+    def at_block_edge() -> None:
+        if synced[0]:
+            dist.all_reduce(flag)
 
-    burst()
-    alone = []
-    for _ in range(calls):
-        begin = time.perf_counter()
-        burst()
-        alone.append(time.perf_counter() - begin)
-    dist.barrier()
-    begin = time.perf_counter()
-    for _ in range(calls):
-        burst()
-        dist.all_reduce(small)
-    together = (time.perf_counter() - begin) / calls
-    return max(together - statistics.median(alone), 0.0)
+    step = _step_runner(shape, layout, mlm, torch.device("cpu"), at_block_edge)
+    step()
+    medians: dict[bool, list[float]] = {False: [], True: []}
+    for with_calls in (False, True, False, True):
+        synced[0] = with_calls
+        dist.barrier()
+        times = []
+        for _ in range(STEPS + 1):
+            begin = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - begin)
+        medians[with_calls].append(statistics.median(times[1:]))
+    calls = 4 * shape.layers
+    added = statistics.median(medians[True]) - statistics.median(medians[False])
+    return max(added / calls, 0.0)
 
 
 def _ring_figures(
@@ -287,29 +294,35 @@ def _ring_figures(
     return bus, latency
 
 
-def _allreduce_worker(rank: int, port: int, queue: Any) -> None:
+def _allreduce_worker(
+    rank: int, port: int, queue: Any, step: tuple[ModelShape, Layout, MLMConfig]
+) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # as bert-train runs on a CPU
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        timings = (*_timed_allreduce(), _collective_in_a_step(torch.ones(1)))
+        timings = (*_timed_allreduce(), _collective_in_a_step(*step))
         if rank == 0:
             queue.put(timings)
     finally:
         dist.destroy_process_group()
 
 
-def measure_allreduce() -> tuple[float, float]:
-    """(bus bytes/s, latency per ring step) of a gloo all-reduce between two processes."""
+def measure_allreduce(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> tuple[float, float]:
+    """(bus bytes/s, latency per ring step) of a gloo all-reduce between two processes; the
+    latency as a small call costs inside their training steps of the config."""
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_allreduce_worker, args=(port, queue), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _allreduce_worker, args=(port, queue, (shape, layout, mlm)), nprocs=2, start_method="spawn"
+    )
     large, small, per_call = queue.get()
     return _ring_figures(large, small, 2, per_call)
 
@@ -325,13 +338,17 @@ class LaunchedAllReduce:
 
 
 def measure_launched_allreduce(
-    env: LaunchEnv, device: torch.device | None = None
+    env: LaunchEnv,
+    device: torch.device | None = None,
+    step: tuple[ModelShape, Layout, MLMConfig] | None = None,
 ) -> LaunchedAllReduce | None:
     """Under a launcher with several ranks: the all-reduce over all of them (every rank takes
     part; the group is left again afterwards; NCCL on GPUs, gloo on CPUs). None for one
     process. The nodes are the ranks
     over the launcher's ranks per node; a ring over the ranks in order crosses each node
-    boundary once, so across nodes its bus rate stands for one node's network rate."""
+    boundary once, so across nodes its bus rate stands for one node's network rate. On CPUs,
+    the latency is a small call's cost inside training steps of `step` (the config's shape,
+    one-process layout and MLM settings)."""
     import torch.distributed as dist
 
     if env.world_size == 1:
@@ -341,7 +358,7 @@ def measure_launched_allreduce(
     try:
         large, small = _timed_allreduce(device)
         on_cpu = device is None or device.type == "cpu"
-        per_call = _collective_in_a_step(torch.ones(1)) if on_cpu else None
+        per_call = _collective_in_a_step(*step) if on_cpu and step is not None else None
     finally:
         dist.destroy_process_group()
     bus, latency = _ring_figures(large, small, env.world_size, per_call)
@@ -350,10 +367,16 @@ def measure_launched_allreduce(
 
 
 def _step_runner(
-    shape: ModelShape, layout: Layout, mlm: MLMConfig, device: torch.device
+    shape: ModelShape,
+    layout: Layout,
+    mlm: MLMConfig,
+    device: torch.device,
+    at_block_edge: Callable[[], None] | None = None,
 ) -> Callable[[], None]:
     """One real training step of `shape` at `layout` on random tokens, as a function: forward
-    and backward under the run's autocast, bert-train's finiteness check, clipping and LAMB."""
+    and backward under the run's autocast, bert-train's finiteness check, clipping and LAMB.
+    `at_block_edge` runs where tensor parallelism communicates: after each layer's attention
+    and MLP in forward, and before their backward."""
     from pretrain.model import apply_recompute, build_model
     from pretrain.objectives import pretraining_loss
     from pretrain.optim import build_param_groups, clip_grad_norm_, optimizer_for_groups
@@ -375,6 +398,11 @@ def _step_runner(
     model = build_model(shape).to(device)
     apply_recompute(model, layout.recompute)
     model.train()
+    if at_block_edge is not None:
+        for layer in model.layers:
+            for block in (layer.attention, layer.mlp):
+                block.register_forward_hook(lambda *_: at_block_edge())
+                block.register_full_backward_pre_hook(lambda *_: at_block_edge())
     optimizer = optimizer_for_groups(
         build_param_groups(model, 0.01), "lamb", 1e-3, (0.9, 0.999), 1e-6, None
     )
@@ -607,7 +635,7 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
     the model, store the calibration under `cluster`."""
     shape, layout = _measured_layout(config, precision, "cpu")
     env = detect_environment()
-    launched = measure_launched_allreduce(env)
+    launched = measure_launched_allreduce(env, step=(shape, layout, config.mlm))
     if launched is not None and env.rank != 0:
         return 0  # the all-reduce needed every rank; rank 0 calibrates its node and stores
     network = None
@@ -622,7 +650,7 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
                 "network_bytes_per_s": launched.bus_bytes_per_s,
                 "network_latency_s": launched.latency_s,
             }
-    link = measure_allreduce()
+    link = measure_allreduce(shape, layout, config.mlm)
     print(f"gloo all-reduce, 2 processes: {link[0] / 1e9:.2f} GB/s bus, {link[1] * 1e6:.0f} us")
     # One rank alone at one thread and at all cores; and, where one-thread ranks can fill the
     # node, one rank among them (bert-train's ranks on a CPU node share its memory bandwidth
