@@ -692,7 +692,7 @@ def measure(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster)
     precision = plan_precision(config.train.precision, cluster.kind)
     if cluster.kind == "cpu":
-        return measure_and_report(config, cluster.name, precision)
+        return measure_and_report(config, cluster.name, precision, cluster.hardware.gpus_per_node)
     rates = _gpu_cluster_rates(cluster, precision)
     return measure_gpu_and_report(config, cluster.name, cluster.kind, precision, rates)
 

@@ -474,8 +474,10 @@ def _busy_neighbours(
         for event, worker in zip(ready, workers, strict=True):
             while not event.wait(1.0):
                 if not worker.is_alive():
-                    raise RuntimeError(
-                        "a neighbour process of --measure died before its first step"
+                    raise ConfigError(
+                        f"a neighbour process of --measure died before its first step (exit "
+                        f"code {worker.exitcode}); out of memory for {count + 1} copies of the "
+                        "model? Plan fewer ranks per node"
                     )
         yield
     finally:
@@ -630,9 +632,12 @@ def _measured_layout(config: Config, precision: str, device: str) -> tuple[Model
     return shape, layout
 
 
-def measure_and_report(config: Config, cluster: str, precision: str) -> int:
-    """bert-plan --measure: calibrate at one thread and at all cores, print measured against
-    the model, store the calibration under `cluster`."""
+def measure_and_report(
+    config: Config, cluster: str, precision: str, ranks_per_node: int | None = None
+) -> int:
+    """bert-plan --measure: calibrate at one thread and at all cores, and one-thread ranks among
+    the cluster's `ranks_per_node` (at most one per core; default one per core); print measured
+    against the model, store the calibration under `cluster`."""
     shape, layout = _measured_layout(config, precision, "cpu")
     env = detect_environment()
     launched = measure_launched_allreduce(env, step=(shape, layout, config.mlm))
@@ -656,8 +661,9 @@ def measure_and_report(config: Config, cluster: str, precision: str) -> int:
     # node, one rank among them (bert-train's ranks on a CPU node share its memory bandwidth
     # and caches, and a tp or dp step waits for the slowest of them).
     cases = [(threads, 1) for threads in sorted({1, os.cpu_count() or 1})]
-    if busy_ranks(1) > 1:
-        cases.append((1, busy_ranks(1)))
+    busy = min(ranks_per_node or busy_ranks(1), busy_ranks(1))
+    if busy > 1:
+        cases.append((1, busy))
     for threads, ranks in cases:
         calibration, report = calibrate(shape, layout, config.mlm, threads, link, ranks - 1)
         if network is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pretrain import plan as plan_cli
-from pretrain.config import ModelShape, load_config, resolve_model_shape
+from pretrain.config import ConfigError, ModelShape, load_config, resolve_model_shape
 from pretrain.memory import (
     GiB,
     Layout,
@@ -449,3 +449,19 @@ def test_every_shipped_config_on_every_builtin_gpu_cluster():
             plan, _, _ = plan_cli.make_plan(_args("--config", str(config), "--cluster", cluster))
             assert plan.best is not None and plan.best.fits, (config.name, cluster)
             assert plan.best.time.total > 0 and plan.best.tokens_per_s > 0
+
+
+def test_a_neighbour_that_dies_is_one_line():
+    """--measure's neighbour ranks are real processes: one that fails before its first step
+    (here: a vocabulary too small for its random tokens) ends the calibration in one line
+    instead of leaving the measurement waiting for it."""
+    from dataclasses import replace
+
+    from pretrain.config import MLMConfig
+    from pretrain.plan_measure import _busy_neighbours
+
+    shape = resolve_model_shape(load_config(REPO / "configs" / "tiny.yaml", []), 1000)
+    broken = replace(shape, vocab_size=3)  # random ids from 5 up: none exist
+    with pytest.raises(ConfigError, match="died before its first step"):
+        with _busy_neighbours(1, broken, Layout(32, 4, precision="fp32"), MLMConfig(), 1):
+            pass
