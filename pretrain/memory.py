@@ -224,9 +224,10 @@ def scored_rows(layout: Layout) -> int:
     padding are not scored) or the picked ones (sparse), rounded up to the head's row multiple
     (pretrain/objectives.py)."""
     tokens = layout.micro_batch * layout.seq_len
-    rows = tokens if layout.mlm_mode == "dense" else int(tokens * layout.mask_rate)
-    if layout.mlm_mode == "sparse":
-        rows += layout.micro_batch
+    if layout.mlm_mode == "dense":
+        rows = tokens
+    else:
+        rows = int(tokens * layout.mask_rate) + layout.micro_batch
     return -(-rows // SCORED_ROW_MULTIPLE) * SCORED_ROW_MULTIPLE
 
 

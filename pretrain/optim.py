@@ -256,22 +256,32 @@ def clip_grad_norm_(
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    # Grouped by device for the multi-tensor kernels; norms gathered on the first grad's device.
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    square_of: dict[int, Tensor] = {}
-    for device_grads in by_device.values():
-        norms = torch._foreach_norm(device_grads, 2, dtype=torch.float32)
-        for g, sq in zip(device_grads, torch._foreach_mul(norms, norms), strict=True):
-            square_of[id(g)] = sq.to(grads[0].device)
-    per_tensor = torch.stack([square_of[id(g)] for g in grads])
+    per_tensor = per_tensor_norms(grads).square()
     total_sq = norm_fn(per_tensor) if norm_fn is not None else per_tensor.sum()
     total = total_sq.sqrt()
     if max_norm > 0:
         # Same coefficient as torch.nn.utils.clip_grad_norm_, forced to 1 when non-finite.
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
-        for dev, device_grads in by_device.items():
+        for dev, device_grads in _by_device(grads).items():
             torch._foreach_mul_(device_grads, coef.to(dev))
     return total
+
+
+def per_tensor_norms(tensors: list[Tensor]) -> Tensor:
+    """[len(tensors)] fp32 L2 norm of each tensor, in order, on the first tensor's device: the
+    multi-tensor kernels, one group per device. Also the loss scaler's finiteness check (an inf
+    or NaN makes its tensor's norm non-finite)."""
+    norm_of: dict[int, Tensor] = {}
+    for device_tensors in _by_device(tensors).values():
+        norms = torch._foreach_norm(device_tensors, 2, dtype=torch.float32)
+        for t, norm in zip(device_tensors, norms, strict=True):
+            norm_of[id(t)] = norm.to(tensors[0].device)
+    return torch.stack([norm_of[id(t)] for t in tensors])
+
+
+def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups

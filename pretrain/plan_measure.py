@@ -262,16 +262,19 @@ def _collective_in_a_step(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> 
 
     flag = torch.ones(1)
     synced = [False]
+    calls = [0]
 
     def at_block_edge() -> None:
         if synced[0]:
             dist.all_reduce(flag)
+            calls[0] += 1
 
     step = _step_runner(shape, layout, mlm, torch.device("cpu"), at_block_edge)
     step()
     medians: dict[bool, list[float]] = {False: [], True: []}
     for with_calls in (False, True, False, True):
         synced[0] = with_calls
+        calls[0] = 0
         dist.barrier()
         times = []
         for _ in range(STEPS + 1):
@@ -279,9 +282,9 @@ def _collective_in_a_step(shape: ModelShape, layout: Layout, mlm: MLMConfig) -> 
             step()
             times.append(time.perf_counter() - begin)
         medians[with_calls].append(statistics.median(times[1:]))
-    calls = 4 * shape.layers
+    per_step = calls[0] / (STEPS + 1)  # the last synced round's calls
     added = statistics.median(medians[True]) - statistics.median(medians[False])
-    return max(added / calls, 0.0)
+    return max(added / per_step, 0.0)
 
 
 def _ring_figures(

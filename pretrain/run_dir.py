@@ -51,7 +51,7 @@ def lock_run_dir(out_dir: Path) -> IO[str]:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"train.out_dir={out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _take_lock(out_dir / LOCK_FILE, f"train.out_dir={out_dir}")
+    return _take_lock(out_dir / LOCK_FILE, "train.out_dir", out_dir)
 
 
 def lock_checkpoint_dir(checkpoint_dir: Path) -> IO[str]:
@@ -59,10 +59,11 @@ def lock_checkpoint_dir(checkpoint_dir: Path) -> IO[str]:
     start_over can move the directory aside while the lock stays."""
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     lock = checkpoint_dir.with_name(f".{checkpoint_dir.name}.{LOCK_FILE}")
-    return _take_lock(lock, f"checkpoint.dir={checkpoint_dir}")
+    return _take_lock(lock, "checkpoint.dir", checkpoint_dir)
 
 
-def _take_lock(path: Path, setting: str) -> IO[str]:
+def _take_lock(path: Path, key: str, directory: Path) -> IO[str]:
+    """flock `path` for `directory`, which the setting `key` chose (named in the refusal)."""
     handle = open(path, "a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -70,9 +71,8 @@ def _take_lock(path: Path, setting: str) -> IO[str]:
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
-        key = setting.split("=", 1)[0]
         raise ConfigError(
-            f"{setting} is in use by another bert-train ({owner}): "
+            f"{key}={directory} is in use by another bert-train ({owner}): "
             f"wait for it to end or choose another {key}"
         ) from None
     handle.seek(0)
